@@ -1,0 +1,30 @@
+"""Weight spaces: batches of networks of one architecture as per-layer tensors, and symmetries.
+
+``WeightSpaceSpec`` says which layers a family has and which neuron permutation acts on each axis;
+``WeightSpace`` holds ``B`` networks (weights ``[B, out, in, *kernel]``, biases ``[B, out]``);
+``permute`` / ``relu_scale`` apply the symmetries that leave each network's function unchanged.
+"""
+
+from metanet.weightspace.space import WeightSpace
+from metanet.weightspace.spec import LayerSpec, WeightSpaceError, WeightSpaceSpec
+from metanet.weightspace.symmetry import (
+    identity_permutation,
+    invert_permutation,
+    permute,
+    random_permutation,
+    random_relu_scale,
+    relu_scale,
+)
+
+__all__ = [
+    "LayerSpec",
+    "WeightSpace",
+    "WeightSpaceError",
+    "WeightSpaceSpec",
+    "identity_permutation",
+    "invert_permutation",
+    "permute",
+    "random_permutation",
+    "random_relu_scale",
+    "relu_scale",
+]

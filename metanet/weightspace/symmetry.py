@@ -1,0 +1,126 @@
+"""Symmetries of weight spaces: hidden-neuron permutations and positive scaling of ReLU neurons.
+
+Both act on a :class:`WeightSpace` without changing the function each network computes.
+Permutation ``p`` (of size ``spec.perm_sizes[p]``) reorders every axis the spec marks with ``p``:
+the ``out`` axis (weight dim 1, bias dim 1) of layers whose ``out_perm`` is ``p`` and the ``in``
+axis (weight dim 2, in blocks of ``in_repeat``) of layers whose ``in_perm`` is ``p``.
+Permutations may differ per network: each is ``[n]`` (shared) or ``[B, n]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from metanet.weightspace.space import WeightSpace
+from metanet.weightspace.spec import WeightSpaceError, WeightSpaceSpec
+
+
+def random_permutation(
+    spec: WeightSpaceSpec, generator: torch.Generator | None = None, batch: int | None = None
+) -> list[torch.Tensor]:
+    """A random permutation per neuron permutation of ``spec``: ``[n]`` or ``[batch, n]`` each."""
+    if batch is None:
+        return [torch.randperm(n, generator=generator) for n in spec.perm_sizes]
+    return [
+        torch.stack([torch.randperm(n, generator=generator) for _ in range(batch)])
+        for n in spec.perm_sizes
+    ]
+
+
+def identity_permutation(spec: WeightSpaceSpec) -> list[torch.Tensor]:
+    """The identity element: ``arange(n)`` per neuron permutation."""
+    return [torch.arange(n) for n in spec.perm_sizes]
+
+
+def invert_permutation(perms: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Inverse of each permutation (``[n]`` or ``[B, n]``)."""
+    return [torch.argsort(p, dim=-1) for p in perms]
+
+
+def _take(t: torch.Tensor, perm: torch.Tensor, dim: int, repeat: int = 1) -> torch.Tensor:
+    """``t`` with axis ``dim`` reordered by ``perm`` (``[n]`` or ``[B, n]``), ``repeat``-blocks."""
+    if repeat > 1:
+        offsets = torch.arange(repeat, device=perm.device)
+        perm = (perm.unsqueeze(-1) * repeat + offsets).flatten(-2)
+    perm = perm.to(t.device)
+    if perm.dim() == 1:
+        return t.index_select(dim, perm)
+    if perm.shape[0] != t.shape[0]:
+        raise WeightSpaceError(
+            f"per-network permutation has batch {perm.shape[0]}, not {t.shape[0]}"
+        )
+    shape = [1] * t.dim()
+    shape[0], shape[dim] = t.shape[0], perm.shape[1]
+    index = perm.view(shape).expand(*t.shape[:dim], perm.shape[1], *t.shape[dim + 1 :])
+    return t.gather(dim, index)
+
+
+def _check(spec: WeightSpaceSpec, perms: Sequence[torch.Tensor], what: str) -> None:
+    if len(perms) != spec.num_perms:
+        raise WeightSpaceError(f"expected {spec.num_perms} {what}, got {len(perms)}")
+    for p, (t, n) in enumerate(zip(perms, spec.perm_sizes)):
+        if t.shape[-1] != n:
+            raise WeightSpaceError(f"{what} {p} has size {t.shape[-1]}, expected {n}")
+
+
+def permute(ws: WeightSpace, perms: Sequence[torch.Tensor]) -> WeightSpace:
+    """Apply hidden-neuron permutations: neuron ``perms[p][j]`` moves to position ``j``.
+
+    The permuted networks compute exactly the same function as the originals.
+    """
+    _check(ws.spec, perms, "permutations")
+    weights, biases = [], []
+    for layer, w, b in zip(ws.spec.layers, ws.weights, ws.biases):
+        if layer.out_perm is not None:
+            w = _take(w, perms[layer.out_perm], 1)
+            b = _take(b, perms[layer.out_perm], 1)
+        if layer.in_perm is not None:
+            w = _take(w, perms[layer.in_perm], 2, layer.in_repeat)
+        weights.append(w)
+        biases.append(b)
+    return WeightSpace(ws.spec, weights, biases)
+
+
+def relu_scale(ws: WeightSpace, scales: Sequence[torch.Tensor]) -> WeightSpace:
+    """Positive rescaling of hidden neurons: neuron ``j`` of permutation ``p`` is multiplied by
+    ``scales[p][..., j] > 0`` on its incoming weights and bias, and divided on its outgoing ones.
+
+    Networks whose hidden activations are positively homogeneous (ReLU, LeakyReLU, no norm layer
+    between) compute the same function afterwards. ``scales[p]`` is ``[n]`` or ``[B, n]``.
+    """
+    _check(ws.spec, scales, "scales")
+    if any(bool((s <= 0).any()) for s in scales):
+        raise WeightSpaceError("ReLU scaling factors must be positive")
+    weights, biases = [], []
+    for layer, w, b in zip(ws.spec.layers, ws.weights, ws.biases):
+        extra = w.dim() - 3
+        if layer.out_perm is not None:
+            s = scales[layer.out_perm].to(w)
+            s = s.expand(w.shape[0], -1) if s.dim() == 1 else s
+            w = w * s.reshape(*s.shape, 1, *([1] * extra))
+            b = b * s
+        if layer.in_perm is not None:
+            s = scales[layer.in_perm].to(w)
+            s = s.expand(w.shape[0], -1) if s.dim() == 1 else s
+            s = s.repeat_interleave(layer.in_repeat, dim=-1)
+            w = w / s.reshape(s.shape[0], 1, s.shape[1], *([1] * extra))
+        weights.append(w)
+        biases.append(b)
+    return WeightSpace(ws.spec, weights, biases)
+
+
+def random_relu_scale(
+    spec: WeightSpaceSpec,
+    batch: int,
+    low: float = 0.5,
+    high: float = 2.0,
+    generator: torch.Generator | None = None,
+) -> list[torch.Tensor]:
+    """Log-uniform positive scales in ``[low, high]``, ``[batch, n]`` per neuron permutation."""
+    lo, hi = torch.log(torch.tensor(low)), torch.log(torch.tensor(high))
+    return [
+        torch.exp(lo + (hi - lo) * torch.rand(batch, n, generator=generator))
+        for n in spec.perm_sizes
+    ]
