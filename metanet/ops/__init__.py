@@ -1,0 +1,46 @@
+"""The scatter-kernel core: grouped reductions used by every graph metanetwork.
+
+``scatter`` (any index order), ``segment`` (CSR), ``scatter_softmax``, ``multi_aggregate``
+(PNA aggregators + degree scalers) and its module ``MultiAggregation``. Backends: native
+torch or torch-scatter; "auto" picks the fastest measured kernel per reduction
+(:data:`metanet.ops.backend.AUTO_TABLE`). Select with :func:`set_backend`,
+:func:`use_backend` or ``METANET_SCATTER_BACKEND``.
+"""
+
+from metanet.ops.aggregate import (
+    AGGREGATIONS,
+    SCALERS,
+    MultiAggregation,
+    degree_statistics,
+    multi_aggregate,
+)
+from metanet.ops.backend import (
+    BACKENDS,
+    HAS_TORCH_SCATTER,
+    available_backends,
+    get_backend,
+    set_backend,
+    use_backend,
+)
+from metanet.ops.reduce import REDUCTIONS, index_to_ptr, ptr_to_index, scatter, segment
+from metanet.ops.softmax import scatter_softmax
+
+__all__ = [
+    "AGGREGATIONS",
+    "BACKENDS",
+    "HAS_TORCH_SCATTER",
+    "REDUCTIONS",
+    "SCALERS",
+    "MultiAggregation",
+    "available_backends",
+    "degree_statistics",
+    "get_backend",
+    "index_to_ptr",
+    "multi_aggregate",
+    "ptr_to_index",
+    "scatter",
+    "scatter_softmax",
+    "segment",
+    "set_backend",
+    "use_backend",
+]
