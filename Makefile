@@ -3,6 +3,8 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export OMP_NUM_THREADS ?= 2
+# Idle OpenMP workers must sleep, not spin: spinning halves throughput on a shared 2-core machine.
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: setup demo test test-native bench lint clean
 

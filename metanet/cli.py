@@ -53,6 +53,7 @@ def _usage() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``metanet`` console script."""
+    from_sys_argv = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
@@ -63,7 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         job = getattr(importlib.import_module(module_name), func_name)
         return int(job(argv[1:]) or 0)
     if command in LIGHTNING_SUBCOMMANDS or command.startswith("--"):
-        MetanetCLI(argv)
+        # LightningCLI reads sys.argv itself (and warns when handed a copy of it).
+        MetanetCLI(None if from_sys_argv else argv)
         return 0
     print(f"metanet: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
     return 2

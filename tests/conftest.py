@@ -1,4 +1,4 @@
-"""Shared test settings: deterministic seeds, a quiet matplotlib backend, temp cache folders."""
+"""Shared test settings: deterministic seeds, one torch thread, a quiet matplotlib backend."""
 
 import os
 
@@ -6,6 +6,8 @@ import pytest
 import torch
 
 os.environ.setdefault("MPLBACKEND", "Agg")
+# Tiny tensors: thread pools cost more than they give, and CI machines are shared.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

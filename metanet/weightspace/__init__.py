@@ -2,9 +2,20 @@
 
 ``WeightSpaceSpec`` says which layers a family has and which neuron permutation acts on each axis;
 ``WeightSpace`` holds ``B`` networks (weights ``[B, out, in, *kernel]``, biases ``[B, out]``);
-``permute`` / ``relu_scale`` apply the symmetries that leave each network's function unchanged.
+``permute`` / ``relu_scale`` apply the symmetries that leave each network's function unchanged;
+``weight_matching`` / ``align`` (Git Re-Basin) and the augmentations of ``augment`` build on them.
 """
 
+from metanet.weightspace.align import align, interpolate, loss_barrier, weight_matching
+from metanet.weightspace.augment import (
+    AlignedMixUp,
+    Compose,
+    GaussianNoise,
+    RandomPermutation,
+    ReLUScale,
+    WeightDropout,
+    WeightSpaceTransform,
+)
 from metanet.weightspace.space import WeightSpace
 from metanet.weightspace.spec import LayerSpec, WeightSpaceError, WeightSpaceSpec
 from metanet.weightspace.symmetry import (
@@ -17,6 +28,17 @@ from metanet.weightspace.symmetry import (
 )
 
 __all__ = [
+    "AlignedMixUp",
+    "Compose",
+    "GaussianNoise",
+    "RandomPermutation",
+    "ReLUScale",
+    "WeightDropout",
+    "WeightSpaceTransform",
+    "align",
+    "interpolate",
+    "loss_barrier",
+    "weight_matching",
     "LayerSpec",
     "WeightSpace",
     "WeightSpaceError",
