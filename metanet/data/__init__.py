@@ -1,0 +1,50 @@
+"""Zoo storage (HDF5), readers for public zoo layouts, and LightningDataModules.
+
+* :mod:`metanet.data.zoo_store` - ``Zoo.open(path)``, ``ZooWriter`` (metanet's HDF5 format).
+* :mod:`metanet.data.readers` - ``read_small_cnn_zoo`` (Unterthiner et al. 2020 layout),
+  ``read_checkpoint_folder`` (``*.pt`` files + metrics CSV), ``write_zoo`` (to HDF5).
+* :mod:`metanet.data.datamodules` - ``WeightSpaceDataModule``, ``ParamGraphDataModule``.
+* :mod:`metanet.data.digits` - scikit-learn's digits with metanet's fixed split.
+
+Names are imported lazily, so ``import metanet.data.digits`` does not pull in Lightning or h5py.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Digits": "metanet.data.digits",
+    "load_digits": "metanet.data.digits",
+    "digit_image_coordinates": "metanet.data.digits",
+    "Zoo": "metanet.data.zoo_store",
+    "ZooGroup": "metanet.data.zoo_store",
+    "ZooWriter": "metanet.data.zoo_store",
+    "ZooFormatError": "metanet.data.zoo_store",
+    "InMemoryZoo": "metanet.data.readers",
+    "InMemoryZooGroup": "metanet.data.readers",
+    "ZooReadError": "metanet.data.readers",
+    "read_checkpoint_folder": "metanet.data.readers",
+    "read_small_cnn_zoo": "metanet.data.readers",
+    "write_zoo": "metanet.data.readers",
+    "LayerStats": "metanet.data.datamodules",
+    "ParamGraphDataModule": "metanet.data.datamodules",
+    "WeightSpaceDataModule": "metanet.data.datamodules",
+    "open_zoo": "metanet.data.datamodules",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'metanet.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -1,0 +1,585 @@
+"""LightningDataModules over model zoos: WeightSpace batches and PyG batches of ParamGraphs.
+
+Both modules read any zoo with the ``Zoo`` interface: a metanet HDF5 zoo (path or
+:class:`metanet.data.zoo_store.Zoo`) or a reader's :class:`metanet.data.readers.InMemoryZoo`.
+
+* Splits are by training run: every record (checkpoint) of one ``run_id`` lands in the same split,
+  so no run leaks from train into val/test. The split is a seeded permutation of the runs.
+* Targets: a metric column (``test_acc`` by default); regression targets are standardized with the
+  train split's mean/std (:meth:`normalize_target` / :meth:`denormalize_target`), class targets
+  (``label`` of INR zoos) are long tensors and :attr:`num_classes` is set.
+* :attr:`weight_stats`: mean/std of each layer's weights and biases over the train split, for input
+  normalization (``normalize_weights=True`` applies it to WeightSpace batches).
+* Batches are read from the store one batch at a time (one HDF5 read per group per batch) by a
+  ``BatchSampler``; ``num_workers > 0`` works (the HDF5 file is reopened in every worker).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+
+from metanet.weightspace import WeightSpace
+
+__all__ = ["LayerStats", "ParamGraphDataModule", "WeightSpaceDataModule", "open_zoo"]
+
+SPLITS = ("train", "val", "test")
+
+
+def open_zoo(zoo: Any) -> Any:
+    """A zoo object from a path (metanet HDF5 file or Small-CNN-Zoo folder) or a zoo object."""
+    if isinstance(zoo, (str, os.PathLike)):
+        path = os.fspath(zoo)
+        if os.path.isdir(path):
+            from metanet.data.readers import read_small_cnn_zoo
+
+            return read_small_cnn_zoo(path)
+        from metanet.data.zoo_store import Zoo
+
+        return Zoo.open(path)
+    if hasattr(zoo, "architectures") and hasattr(zoo, "__getitem__"):
+        return zoo
+    if hasattr(zoo, "metrics") and hasattr(zoo, "params"):  # a single group
+        from metanet.data.readers import InMemoryZoo
+
+        return InMemoryZoo([zoo], path=getattr(zoo, "path", ""))
+    raise TypeError(f"expected a zoo path, Zoo or zoo group, got {type(zoo).__name__}")
+
+
+@dataclass
+class LayerStats:
+    """Per-layer statistics of one architecture's weights over the train split.
+
+    ``names[l]`` is the module path of layer ``l`` (state_dict keys ``names[l].weight`` and
+    ``.bias``); every tensor is ``[L]``. Layers without a bias have bias mean 0 and std 1.
+    """
+
+    names: list[str]
+    weight_mean: torch.Tensor
+    weight_std: torch.Tensor
+    bias_mean: torch.Tensor
+    bias_std: torch.Tensor
+
+    def normalize(self, ws: WeightSpace, eps: float = 1e-8) -> WeightSpace:
+        """``(w - mean_l) / std_l`` per layer (biases alike) of a WeightSpace of this arch."""
+        if len(ws.spec.layers) != len(self.names):
+            raise ValueError(
+                f"stats are for {len(self.names)} layers, ws has {len(ws.spec.layers)}"
+            )
+        weights = [
+            (w - self.weight_mean[l].to(w)) / (self.weight_std[l].to(w) + eps)
+            for l, w in enumerate(ws.weights)
+        ]
+        biases = []
+        for l, (layer, b) in enumerate(zip(ws.spec.layers, ws.biases)):
+            if layer.has_bias:
+                b = (b - self.bias_mean[l].to(b)) / (self.bias_std[l].to(b) + eps)
+            biases.append(b)
+        return WeightSpace(ws.spec, weights, biases)
+
+
+def _layer_names(group: Any) -> list[str]:
+    if group.spec is not None:
+        return [layer.name for layer in group.spec.layers]
+    return [k[: -len(".weight")] for k in group.keys if k.endswith(".weight")]
+
+
+def _compute_stats(group: Any, indices: np.ndarray, chunk: int = 512) -> LayerStats:
+    names = _layer_names(group)
+    n_l = len(names)
+    acc = np.zeros((4, n_l, 3))  # [w/b, layer, (count, sum, sumsq)] (rows 2-3 unused)
+    for start in range(0, len(indices), chunk):
+        params = group.params(np.sort(indices[start : start + chunk]))
+        for l, name in enumerate(names):
+            for row, suffix in ((0, ".weight"), (1, ".bias")):
+                t = params.get(f"{name}{suffix}" if name else suffix[1:])
+                if t is None:
+                    continue
+                t = t.double()
+                acc[row, l] += (t.numel(), float(t.sum()), float((t * t).sum()))
+    mean = acc[:2, :, 1] / np.maximum(acc[:2, :, 0], 1)
+    var = acc[:2, :, 2] / np.maximum(acc[:2, :, 0], 1) - mean**2
+    std = np.sqrt(np.maximum(var, 0))
+    std = np.where(acc[:2, :, 0] > 0, std, 1.0)
+    as_t = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
+    return LayerStats(names, as_t(mean[0]), as_t(std[0]), as_t(mean[1]), as_t(std[1]))
+
+
+def _identity(batch: Any) -> Any:
+    return batch
+
+
+@dataclass(frozen=True)
+class _TargetNorm:
+    """Picklable ``y -> (y - mean) / std`` (identity when disabled)."""
+
+    mean: float
+    std: float
+    enabled: bool
+
+    def __call__(self, y: torch.Tensor) -> torch.Tensor:
+        return (y - self.mean) / self.std if self.enabled else y
+
+
+class _ZooDataModule(L.LightningDataModule):
+    """Shared split / target / statistics logic (see the module docstring)."""
+
+    def __init__(
+        self,
+        zoo: Any,
+        groups: str | Sequence[str] | None = None,
+        target: str = "test_acc",
+        task: str | None = None,
+        splits: Sequence[float] = (0.8, 0.1, 0.1),
+        seed: int = 0,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        normalize_target: bool = True,
+        transforms: Callable | None = None,
+        checkpoints: str | int = "all",
+        stats_max_records: int | None = None,
+    ) -> None:
+        super().__init__()
+        if task not in (None, "regression", "classification"):
+            raise ValueError(f"task must be 'regression' or 'classification', got {task!r}")
+        fractions = [float(f) for f in splits]
+        if len(fractions) not in (2, 3) or any(f < 0 for f in fractions):
+            raise ValueError(f"splits must be 2 or 3 non-negative fractions, got {splits}")
+        if abs(sum(fractions) - 1.0) > 1e-6:
+            raise ValueError(f"splits must sum to 1, got {splits} (sum {sum(fractions)})")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not (checkpoints in ("all", "last") or isinstance(checkpoints, int)):
+            raise ValueError(f"checkpoints must be 'all', 'last' or an epoch, got {checkpoints!r}")
+        self.zoo_source = zoo
+        self.group_filter = [groups] if isinstance(groups, str) else groups
+        self.target = target
+        self.task = task or ("classification" if target == "label" else "regression")
+        self.fractions = fractions + [0.0] * (3 - len(fractions))
+        self.seed = seed
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.normalize_target_flag = normalize_target and self.task == "regression"
+        self.transforms = transforms
+        self.checkpoints = checkpoints
+        self.stats_max_records = stats_max_records
+        self.zoo: Any = None
+        self.group_names: list[str] = []
+        self.splits: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.targets: dict[str, torch.Tensor] = {}
+        self.target_mean = 0.0
+        self.target_std = 1.0
+        self.num_classes: int | None = None
+        self._stats: dict[str, LayerStats] | None = None
+
+    # -- which groups ------------------------------------------------------------------------
+    def _select_groups(self, zoo: Any) -> list[str]:
+        names = list(zoo.architectures)
+        if self.group_filter is None:
+            return names
+        unknown = [g for g in self.group_filter if g not in names]
+        if unknown:
+            raise KeyError(f"zoo has no architecture(s) {unknown}; has {names}")
+        return list(self.group_filter)
+
+    # -- setup -----------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        """Open the zoo, split the runs, compute target normalization (idempotent)."""
+        if self.zoo is not None:
+            return
+        zoo = open_zoo(self.zoo_source)
+        names = self._select_groups(zoo)
+        if not names:
+            raise ValueError("no architecture groups selected")
+        gid, rid, run_keys, ys = [], [], [], []
+        for g_i, name in enumerate(names):
+            group = zoo[name]
+            metrics = group.metrics
+            if self.target not in metrics:
+                raise KeyError(
+                    f"{getattr(zoo, 'path', '')}: group '{name}' has no metric '{self.target}'; "
+                    f"has {sorted(metrics)}"
+                )
+            keep = self._keep(metrics, name)
+            idx = np.flatnonzero(keep)
+            run = metrics["run_id"][idx] if "run_id" in metrics else idx
+            gid.append(np.full(len(idx), g_i, dtype=np.int64))
+            rid.append(idx.astype(np.int64))
+            run_keys += [(name, r) for r in np.asarray(run).tolist()]
+            ys.append(np.asarray(metrics[self.target])[idx])
+        gid_a, rid_a, y_all = np.concatenate(gid), np.concatenate(rid), np.concatenate(ys)
+        if len(gid_a) == 0:
+            raise ValueError("the selected zoo groups have no records")
+        if self.task == "classification":
+            if y_all.dtype.kind not in "iu" and not np.all(y_all == np.round(y_all)):
+                raise ValueError(f"target '{self.target}' is not an integer class label")
+            y_t = torch.as_tensor(y_all.astype(np.int64))
+            self.num_classes = int(y_t.max()) + 1
+        else:
+            y_t = torch.as_tensor(y_all.astype(np.float64), dtype=torch.float32)
+            if not torch.isfinite(y_t).all():
+                bad = int((~torch.isfinite(y_t)).nonzero()[0])
+                raise ValueError(
+                    f"target '{self.target}' is NaN/inf for record {int(rid_a[bad])} of group "
+                    f"'{names[int(gid_a[bad])]}'"
+                )
+        assignment = self._split_runs(run_keys)
+        for s_i, split in enumerate(SPLITS):
+            mask = assignment == s_i
+            self.splits[split] = (gid_a[mask], rid_a[mask])
+            self.targets[split] = y_t[torch.from_numpy(mask)]
+        if self.normalize_target_flag and len(self.targets["train"]) > 0:
+            train = self.targets["train"].double()
+            self.target_mean = float(train.mean())
+            std = float(train.std(unbiased=False)) if len(train) > 1 else 0.0
+            self.target_std = std if std > 1e-12 else 1.0
+        self.group_names = names
+        self.zoo = zoo
+        self._check_groups()
+
+    def _check_groups(self) -> None:
+        """Subclass hook: validate the selected groups."""
+
+    def _keep(self, metrics: dict[str, np.ndarray], name: str) -> np.ndarray:
+        n = len(next(iter(metrics.values())))
+        if self.checkpoints == "all":
+            return np.ones(n, dtype=bool)
+        if "epoch" not in metrics:
+            raise KeyError(f"group '{name}' has no 'epoch' metric to select checkpoints by")
+        epoch = np.asarray(metrics["epoch"])
+        if isinstance(self.checkpoints, int) and not isinstance(self.checkpoints, bool):
+            return epoch == self.checkpoints
+        run = np.asarray(metrics["run_id"]) if "run_id" in metrics else np.arange(n)
+        last: dict[Any, Any] = {}
+        for r, e in zip(run.tolist(), epoch.tolist()):
+            last[r] = max(last.get(r, e), e)
+        return np.array([e == last[r] for r, e in zip(run.tolist(), epoch.tolist())])
+
+    def _split_runs(self, run_keys: list[tuple[str, Any]]) -> np.ndarray:
+        """Split index (0 train, 1 val, 2 test) per record; runs are never divided."""
+        uniq = sorted(set(run_keys), key=lambda k: (k[0], str(k[1])))
+        order = np.random.default_rng(self.seed).permutation(len(uniq))
+        n = len(uniq)
+        n_train = int(round(self.fractions[0] * n))
+        n_val = int(round(self.fractions[1] * n))
+        n_val = n - n_train if self.fractions[2] == 0.0 else min(n_val, n - n_train)
+        split_of_run = np.empty(n, dtype=np.int64)
+        split_of_run[order[:n_train]] = 0
+        split_of_run[order[n_train : n_train + n_val]] = 1
+        split_of_run[order[n_train + n_val :]] = 2
+        position = {k: i for i, k in enumerate(uniq)}
+        return np.array([split_of_run[position[k]] for k in run_keys], dtype=np.int64)
+
+    # -- targets ---------------------------------------------------------------------------
+    def normalize_target(self, y: torch.Tensor) -> torch.Tensor:
+        """Raw metric values -> the standardized targets the loaders yield."""
+        return self._target_norm()(y)
+
+    def _target_norm(self) -> _TargetNorm:
+        return _TargetNorm(self.target_mean, self.target_std, self.normalize_target_flag)
+
+    def denormalize_target(self, y: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`normalize_target` (model outputs -> metric units)."""
+        if not self.normalize_target_flag:
+            return y
+        return y * self.target_std + self.target_mean
+
+    # -- statistics ------------------------------------------------------------------------
+    def _group_stats(self) -> dict[str, LayerStats]:
+        if self._stats is None:
+            self.setup()
+            gid, rid = self.splits["train"]
+            stats = {}
+            rng = np.random.default_rng(self.seed)
+            for g_i, name in enumerate(self.group_names):
+                idx = rid[gid == g_i]
+                if idx.size == 0:
+                    idx = np.concatenate([r[g == g_i] for g, r in self.splits.values()])
+                cap = self.stats_max_records
+                if cap is not None and idx.size > cap:
+                    idx = rng.choice(idx, size=cap, replace=False)
+                stats[name] = _compute_stats(self.zoo[name], idx)
+            self._stats = stats
+        return self._stats
+
+    # -- loaders ---------------------------------------------------------------------------
+    def _dataset(self, split: str) -> Dataset:
+        raise NotImplementedError
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        self.setup()
+        ds = self._dataset(split)
+        if shuffle:
+            gen = torch.Generator().manual_seed(self.seed)
+            base = RandomSampler(range(len(ds)), generator=gen)
+        else:
+            base = SequentialSampler(range(len(ds)))
+        return DataLoader(
+            ds,
+            sampler=BatchSampler(base, self.batch_size, drop_last=False),
+            batch_size=None,
+            num_workers=self.num_workers,
+            collate_fn=_identity,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def split_run_ids(self, split: str) -> set[tuple[str, Any]]:
+        """``(group, run_id)`` of every run in ``split`` (for leak checks and reports)."""
+        self.setup()
+        gid, rid = self.splits[split]
+        out = set()
+        for g_i, r in zip(gid.tolist(), rid.tolist()):
+            name = self.group_names[g_i]
+            metrics = self.zoo[name].metrics
+            out.add((name, metrics["run_id"][r].item() if "run_id" in metrics else r))
+        return out
+
+
+# ------------------------------------------------------------------------------------------------
+# WeightSpace batches
+# ------------------------------------------------------------------------------------------------
+class _WeightSpaceBatches(Dataset):
+    """Item = a list of positions; returns ``(WeightSpace [k], target [k])`` read in one go."""
+
+    def __init__(self, zoo, name, records, targets, transform, stats, normalize_target) -> None:
+        self.zoo, self.name, self.records, self.targets = zoo, name, records, targets
+        self.transform, self.stats, self.normalize_target = transform, stats, normalize_target
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, positions: list[int]) -> tuple[WeightSpace, torch.Tensor]:
+        pos = np.asarray(positions, dtype=np.int64)
+        ws = self.zoo[self.name].weight_space(self.records[pos])
+        y = self.normalize_target(self.targets[torch.from_numpy(pos)])
+        if self.transform is not None:
+            ws, y = self.transform(ws, y)
+        if self.stats is not None:
+            ws = self.stats.normalize(ws)
+        return ws, y
+
+
+class WeightSpaceDataModule(_ZooDataModule):
+    """Batches ``(WeightSpace [B], target [B])`` of one architecture group of a zoo.
+
+    Args:
+        zoo: zoo path (HDF5 file, or Small-CNN-Zoo folder), ``Zoo``, ``InMemoryZoo`` or a group.
+        group: architecture group (default: the zoo's only group with a weight space).
+        target: metric to predict (``test_acc``; ``label`` for INR classification).
+        task: ``"regression"`` or ``"classification"`` (default: classification for ``label``).
+        splits: train/val(/test) fractions of the training runs (sum 1).
+        seed: seeds the split and the shuffling.
+        batch_size, num_workers: DataLoader settings.
+        normalize_target: standardize regression targets with the train split's mean/std.
+        transforms: a weight-space transform ``(ws, y) -> (ws, y)`` for training batches
+            (:mod:`metanet.weightspace.augment`).
+        normalize_weights: standardize every layer with :attr:`weight_stats` (after transforms).
+        checkpoints: ``"all"`` records, the ``"last"`` of every run, or one epoch (int).
+        stats_max_records: compute :attr:`weight_stats` on at most this many train records.
+    """
+
+    def __init__(
+        self,
+        zoo: Any,
+        group: str | None = None,
+        target: str = "test_acc",
+        task: str | None = None,
+        splits: Sequence[float] = (0.8, 0.1, 0.1),
+        seed: int = 0,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        normalize_target: bool = True,
+        transforms: Callable | None = None,
+        normalize_weights: bool = False,
+        checkpoints: str | int = "all",
+        stats_max_records: int | None = None,
+    ) -> None:
+        super().__init__(
+            zoo, group, target, task, splits, seed, batch_size, num_workers, normalize_target,
+            transforms, checkpoints, stats_max_records,
+        )  # fmt: skip
+        self.group = group
+        self.normalize_weights = normalize_weights
+
+    def _select_groups(self, zoo: Any) -> list[str]:
+        if self.group is not None:
+            return super()._select_groups(zoo)
+        with_ws = [n for n in zoo.architectures if zoo[n].spec is not None]
+        if len(with_ws) != 1:
+            raise ValueError(
+                f"zoo {getattr(zoo, 'path', '')} has {len(with_ws)} architecture groups with a "
+                f"weight space ({with_ws}); pass group="
+            )
+        return with_ws
+
+    def _check_groups(self) -> None:
+        (name,) = self.group_names
+        if self.zoo[name].spec is None:
+            raise ValueError(
+                f"group '{name}' has no weight space (norm layers / residual blocks); use "
+                "ParamGraphDataModule"
+            )
+        self.group = name
+
+    @property
+    def spec(self):
+        """The :class:`WeightSpaceSpec` of the batches."""
+        self.setup()
+        return self.zoo[self.group].spec
+
+    @property
+    def weight_stats(self) -> LayerStats:
+        """Per-layer mean/std of weights and biases over the train split."""
+        return self._group_stats()[self.group]
+
+    def _dataset(self, split: str) -> Dataset:
+        _, rid = self.splits[split]
+        return _WeightSpaceBatches(
+            self.zoo,
+            self.group,
+            rid,
+            self.targets[split],
+            self.transforms if split == "train" else None,
+            self.weight_stats if self.normalize_weights else None,
+            self._target_norm(),
+        )
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int):
+        """Move ``(WeightSpace, target)`` batches with :meth:`WeightSpace.to` (tensors only; the
+        spec is shared, not copied)."""
+        if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], WeightSpace):
+            return (batch[0].to(device), *(b.to(device) for b in batch[1:]))
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+
+# ------------------------------------------------------------------------------------------------
+# ParamGraph batches
+# ------------------------------------------------------------------------------------------------
+def _example_input(group: Any) -> torch.Tensor | None:
+    shape = getattr(group, "input_shape", None)
+    if shape is None and isinstance(getattr(group, "arch", None), dict):
+        from metanet.zoo.architectures import input_shape
+
+        shape = input_shape(group.arch)
+    return torch.zeros(1, *shape) if shape is not None else None
+
+
+class _GraphBatches(Dataset):
+    """Item = a list of positions; returns ``(torch_geometric Batch, target [k])``.
+
+    The graph structure of every architecture is traced once per process (from the group's first
+    record) and reused: later records only swap the values (``ParamGraph.with_state_dict``).
+    """
+
+    def __init__(self, zoo, names, gid, rid, targets, transform, normalize_target) -> None:
+        self.zoo, self.names, self.gid, self.rid, self.targets = zoo, names, gid, rid, targets
+        self.transform, self.normalize_target = transform, normalize_target
+        self._templates: dict[str, Any] = {}
+        self._warned = False
+
+    def __len__(self) -> int:
+        return len(self.rid)
+
+    def template(self, name: str):
+        if name not in self._templates:
+            from metanet.graph import from_module
+
+            group = self.zoo[name]
+            self._templates[name] = from_module(group.module(0), _example_input(group))
+        return self._templates[name]
+
+    def __getitem__(self, positions: list[int]):
+        from torch_geometric.data import Batch
+
+        pos = np.asarray(positions, dtype=np.int64)
+        y = self.normalize_target(self.targets[torch.from_numpy(pos)])
+        graphs: list[Any] = [None] * len(pos)
+        y_out: list[Any] = [None] * len(pos)
+        gids = self.gid[pos]
+        for g_i in np.unique(gids):
+            where = np.flatnonzero(gids == g_i)
+            name = self.names[int(g_i)]
+            group = self.zoo[name]
+            params = group.params(self.rid[pos[where]])
+            y_sub = y[torch.from_numpy(where)]
+            if self.transform is not None:
+                if group.spec is not None:
+                    ws, y_sub = self.transform(group.weight_space(self.rid[pos[where]]), y_sub)
+                    params = {**params, **ws.stacked_params()}
+                elif not self._warned:
+                    warnings.warn(
+                        f"group '{name}' has no weight space: its graphs are not augmented",
+                        stacklevel=2,
+                    )
+                    self._warned = True
+            template = self.template(name)
+            for j, w in enumerate(where.tolist()):
+                graphs[w] = template.with_state_dict({k: v[j] for k, v in params.items()})
+                y_out[w] = y_sub[j]
+        return Batch.from_data_list(graphs), torch.stack(y_out)
+
+
+class ParamGraphDataModule(_ZooDataModule):
+    """Batches ``(torch_geometric Batch of ParamGraphs, target [B])`` over architecture groups.
+
+    Graphs of different architectures are mixed in one batch. Arguments as for
+    :class:`WeightSpaceDataModule`, except ``groups`` (default: all groups of the zoo);
+    ``transforms`` are weight-space transforms applied to the groups that have a weight space.
+    """
+
+    def __init__(
+        self,
+        zoo: Any,
+        groups: str | Sequence[str] | None = None,
+        target: str = "test_acc",
+        task: str | None = None,
+        splits: Sequence[float] = (0.8, 0.1, 0.1),
+        seed: int = 0,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        normalize_target: bool = True,
+        transforms: Callable | None = None,
+        checkpoints: str | int = "all",
+        stats_max_records: int | None = None,
+    ) -> None:
+        super().__init__(
+            zoo, groups, target, task, splits, seed, batch_size, num_workers, normalize_target,
+            transforms, checkpoints, stats_max_records,
+        )  # fmt: skip
+
+    @property
+    def weight_stats(self) -> dict[str, LayerStats]:
+        """Per group: per-layer mean/std of weights and biases over the train split."""
+        return self._group_stats()
+
+    def _dataset(self, split: str) -> Dataset:
+        gid, rid = self.splits[split]
+        return _GraphBatches(
+            self.zoo,
+            self.group_names,
+            gid,
+            rid,
+            self.targets[split],
+            self.transforms if split == "train" else None,
+            self._target_norm(),
+        )

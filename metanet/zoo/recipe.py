@@ -1,0 +1,383 @@
+"""Zoo recipes: YAML files that say which networks a zoo holds and how each one is trained.
+
+A recipe (see ``datasets/*.yaml``)::
+
+    name: digits-cnn            # zoo name; default output .cache/zoos/<name>.h5
+    kind: classifier            # classifier (digits) | siren (one INR per digit image)
+    seed: 0                     # every network's seed derives from (seed, run_id)
+    data: {split_seed: 0, test_fraction: 0.25}      # + train_images/test_images for siren
+    architectures:              # arch dicts (metanet.zoo.architectures), one HDF5 group each
+      - {type: cnn, channels: [8, 16], kernel: 3}
+    networks_per_arch: 300      # classifier zoos (siren: one network per image)
+    chunk_size: 64              # networks trained together in one torch.func.vmap batch
+    keep_fractions: [0.25, 0.5, 1.0]   # checkpoints kept at round(f * epochs) of each network
+    hparams:                    # per-network samplers: a constant, {uniform: [a, b]},
+      lr: {log_uniform: [1.0e-3, 0.3]}   # {log_uniform: [a, b]}, {int_uniform: [a, b]},
+      optimizer: {choice: [sgd, adam]}   # {choice: [...]}
+
+Unknown keys and impossible values raise :class:`RecipeError` naming the key and the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from metanet.zoo.architectures import ArchError, normalize_arch
+
+KINDS = ("classifier", "siren")
+OPTIMIZERS = ("sgd", "adam")
+INIT_SCHEMES = (
+    "default", "kaiming_uniform", "kaiming_normal", "xavier_uniform", "xavier_normal",
+    "orthogonal", "normal",
+)  # fmt: skip
+
+# hparam -> (default, validator(value) -> error message or None)
+_NUM = (int, float)
+
+
+def _positive(v: Any) -> str | None:
+    ok = isinstance(v, _NUM) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+    return None if ok else "must be a positive number"
+
+
+def _nonneg(v: Any) -> str | None:
+    ok = isinstance(v, _NUM) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+    return None if ok else "must be a number >= 0"
+
+
+def _unit_open(v: Any) -> str | None:  # [0, 1)
+    ok = isinstance(v, _NUM) and not isinstance(v, bool) and 0 <= v < 1
+    return None if ok else "must be in [0, 1)"
+
+
+def _unit_closed(v: Any) -> str | None:  # [0, 1]
+    ok = isinstance(v, _NUM) and not isinstance(v, bool) and 0 <= v <= 1
+    return None if ok else "must be in [0, 1]"
+
+
+def _fraction(v: Any) -> str | None:  # (0, 1]
+    ok = isinstance(v, _NUM) and not isinstance(v, bool) and 0 < v <= 1
+    return None if ok else "must be in (0, 1]"
+
+
+def _pos_int(v: Any) -> str | None:
+    ok = isinstance(v, int) and not isinstance(v, bool) and v > 0
+    return None if ok else "must be a positive integer"
+
+
+def _one_of(options: tuple[str, ...]):
+    def check(v: Any) -> str | None:
+        return None if v in options else f"must be one of {list(options)}"
+
+    return check
+
+
+HPARAMS: dict[str, dict[str, tuple[Any, Any]]] = {
+    "classifier": {
+        "lr": (0.01, _positive),
+        "weight_decay": (0.0, _nonneg),
+        "momentum": (0.9, _unit_open),
+        "dropout": (0.0, _unit_open),
+        "init": ("default", _one_of(INIT_SCHEMES)),
+        "init_scale": (1.0, _positive),
+        "optimizer": ("adam", _one_of(OPTIMIZERS)),
+        "train_fraction": (1.0, _fraction),
+        "label_noise": (0.0, _unit_closed),
+        "batch_size": (32, _pos_int),
+        "epochs": (10, _pos_int),
+    },
+    "siren": {
+        "lr": (1e-3, _positive),
+        "weight_decay": (0.0, _nonneg),
+        "momentum": (0.9, _unit_open),
+        "optimizer": ("adam", _one_of(OPTIMIZERS)),
+        "epochs": (300, _pos_int),
+    },
+}
+_TOP_KEYS = {
+    "name", "kind", "seed", "data", "architectures", "networks_per_arch", "chunk_size",
+    "keep_fractions", "hparams", "description",
+}  # fmt: skip
+_DATA_KEYS = {
+    "classifier": {"split_seed", "test_fraction"},
+    "siren": {"split_seed", "test_fraction", "train_images", "test_images"},
+}
+_SAMPLERS = ("uniform", "log_uniform", "int_uniform", "choice")
+
+
+class RecipeError(ValueError):
+    """A recipe with an unknown key or an impossible value; the message names key and file."""
+
+
+@dataclass(frozen=True)
+class NetworkPlan:
+    """One network of a zoo: its run id, architecture, seed and sampled hyperparameters."""
+
+    run_id: int
+    arch_index: int
+    seed: int
+    hparams: dict[str, Any]
+    image_index: int = -1  # siren zoos: index of the image in its split
+    split: int = -1  # siren zoos: 0 = digits train split, 1 = test split
+
+
+@dataclass
+class Recipe:
+    """A validated recipe (see the module docstring for the YAML keys)."""
+
+    name: str
+    kind: str
+    seed: int
+    data: dict[str, Any]
+    architectures: list[dict[str, Any]]
+    hparams: dict[str, Any]
+    networks_per_arch: int = 0
+    chunk_size: int = 64
+    keep_fractions: list[float] = field(default_factory=lambda: [1.0])
+    description: str = ""
+    source: str = "<dict>"
+
+    # -- loading -------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Recipe:
+        """Read and validate a YAML recipe file."""
+        import yaml
+
+        path = os.fspath(path)
+        try:
+            with open(path) as fh:
+                raw = yaml.safe_load(fh)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"recipe file {path} does not exist") from None
+        except yaml.YAMLError as err:
+            raise RecipeError(f"{path}: not valid YAML: {err}") from None
+        return cls.from_dict(raw, source=path)
+
+    @classmethod
+    def from_dict(cls, raw: Any, source: str = "<dict>") -> Recipe:
+        """Validate a recipe given as a mapping; ``source`` names it in error messages."""
+
+        def fail(key: str, why: str) -> RecipeError:
+            return RecipeError(f"{source}: recipe key '{key}': {why}")
+
+        if not isinstance(raw, Mapping):
+            raise RecipeError(f"{source}: a recipe must be a YAML mapping")
+        unknown = sorted(set(raw) - _TOP_KEYS)
+        if unknown:
+            raise fail(unknown[0], f"unknown key (allowed: {sorted(_TOP_KEYS)})")
+        for key in ("name", "architectures"):
+            if key not in raw:
+                raise fail(key, "missing")
+        name = raw["name"]
+        if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+            raise fail("name", f"must be a plain non-empty string (got {name!r})")
+        kind = raw.get("kind", "classifier")
+        if kind not in KINDS:
+            raise fail("kind", f"must be one of {list(KINDS)} (got {kind!r})")
+        seed = raw.get("seed", 0)
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise fail("seed", f"must be an integer >= 0 (got {seed!r})")
+
+        data = dict(raw.get("data") or {})
+        if not isinstance(raw.get("data", {}), (Mapping, type(None))):
+            raise fail("data", "must be a mapping")
+        bad = sorted(set(data) - _DATA_KEYS[kind])
+        if bad:
+            raise fail(f"data.{bad[0]}", f"unknown key (allowed: {sorted(_DATA_KEYS[kind])})")
+        data.setdefault("split_seed", 0)
+        data.setdefault("test_fraction", 0.25)
+        if not isinstance(data["split_seed"], int) or data["split_seed"] < 0:
+            raise fail("data.split_seed", f"must be an integer >= 0 (got {data['split_seed']!r})")
+        tf = data["test_fraction"]
+        if not isinstance(tf, _NUM) or not 0 < tf < 1:
+            raise fail("data.test_fraction", f"must be in (0, 1) (got {tf!r})")
+        if kind == "siren":
+            for key in ("train_images", "test_images"):
+                data.setdefault(key, 0)
+                v = data[key]
+                if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                    raise fail(f"data.{key}", f"must be an integer >= 0 (got {v!r})")
+            if data["train_images"] + data["test_images"] == 0:
+                raise fail("data.train_images", "a siren zoo needs at least one image")
+        data["dataset"] = "digits"
+
+        archs_raw = raw["architectures"]
+        if not isinstance(archs_raw, list) or not archs_raw:
+            raise fail("architectures", "must be a non-empty list of arch mappings")
+        archs = []
+        for i, arch in enumerate(archs_raw):
+            try:
+                a = normalize_arch(arch)
+            except ArchError as err:
+                raise fail(f"architectures[{i}]", str(err)) from None
+            if (kind == "siren") != (a["type"] == "siren"):
+                raise fail(
+                    f"architectures[{i}].type",
+                    f"a '{kind}' recipe cannot train '{a['type']}' networks",
+                )
+            archs.append(a)
+        if len({json.dumps(a, sort_keys=True) for a in archs}) != len(archs):
+            raise fail("architectures", "lists the same architecture twice")
+
+        npa = raw.get("networks_per_arch", 0 if kind == "siren" else None)
+        if kind == "classifier":
+            if npa is None:
+                raise fail("networks_per_arch", "missing")
+            if not isinstance(npa, int) or isinstance(npa, bool) or npa <= 0:
+                raise fail("networks_per_arch", f"must be a positive integer (got {npa!r})")
+        elif "networks_per_arch" in raw:
+            raise fail("networks_per_arch", "siren zoos fit one network per image (use data.*)")
+        chunk = raw.get("chunk_size", 64)
+        if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk <= 0:
+            raise fail("chunk_size", f"must be a positive integer (got {chunk!r})")
+        keep = raw.get("keep_fractions", [1.0])
+        if (
+            not isinstance(keep, list)
+            or not keep
+            or not all(isinstance(f, _NUM) and 0 < f <= 1 for f in keep)
+        ):
+            raise fail("keep_fractions", f"needs numbers in (0, 1] (got {keep!r})")
+        keep = sorted({float(f) for f in keep})
+
+        hp_raw = raw.get("hparams") or {}
+        if not isinstance(hp_raw, Mapping):
+            raise fail("hparams", "must be a mapping")
+        allowed = HPARAMS[kind]
+        bad = sorted(set(hp_raw) - set(allowed))
+        if bad:
+            raise fail(f"hparams.{bad[0]}", f"unknown hyperparameter (allowed: {sorted(allowed)})")
+        hparams = {}
+        for key, (default, check) in allowed.items():
+            spec = hp_raw.get(key, default)
+            hparams[key] = _validate_sampler(
+                spec, check, lambda why, k=key: fail(f"hparams.{k}", why)
+            )
+        if kind == "classifier" and _may_be_nonzero(hparams["dropout"]):
+            archs = [{**a, "dropout": True} for a in archs]
+        return cls(
+            name=name,
+            kind=kind,
+            seed=seed,
+            data=data,
+            architectures=archs,
+            hparams=hparams,
+            networks_per_arch=int(npa or 0),
+            chunk_size=chunk,
+            keep_fractions=keep,
+            description=str(raw.get("description", "")),
+            source=source,
+        )
+
+    # -- derived -------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """The normalized recipe as plain data (stored in the zoo file)."""
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "seed": self.seed,
+            "data": self.data,
+            "architectures": self.architectures,
+            "networks_per_arch": self.networks_per_arch,
+            "chunk_size": self.chunk_size,
+            "keep_fractions": self.keep_fractions,
+            "hparams": self.hparams,
+            "description": self.description,
+        }
+
+    def fingerprint(self, limit: int | None = None) -> str:
+        """Hash of everything that determines the zoo's content (and ``limit``)."""
+        blob = json.dumps({"recipe": self.to_dict(), "limit": limit, "v": 1}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @property
+    def num_networks(self) -> int:
+        if self.kind == "siren":
+            return len(self.architectures) * (
+                self.data["train_images"] + self.data["test_images"]
+            )
+        return len(self.architectures) * self.networks_per_arch
+
+    def plan(self, limit: int | None = None) -> list[NetworkPlan]:
+        """Every network of the zoo (the first ``limit`` run ids if given), with sampled
+        hyperparameters. Run ids interleave architectures, so a limit keeps all of them."""
+        archs = len(self.architectures)
+        total = self.num_networks if limit is None else min(limit, self.num_networks)
+        images = []
+        if self.kind == "siren":
+            images = [(0, i) for i in range(self.data["train_images"])] + [
+                (1, i) for i in range(self.data["test_images"])
+            ]
+        plans = []
+        for run_id in range(total):
+            j, a = divmod(run_id, archs)
+            seed = int(np.random.SeedSequence([self.seed, run_id]).generate_state(1)[0] >> 1)
+            rng = np.random.default_rng(seed)
+            hp = {k: _sample(spec, rng) for k, spec in self.hparams.items()}
+            split, image = images[j] if images else (-1, -1)
+            plans.append(NetworkPlan(run_id, a, seed, hp, image_index=image, split=split))
+        return plans
+
+
+def _may_be_nonzero(spec: Any) -> bool:
+    if isinstance(spec, Mapping):
+        (kind, args), = spec.items()
+        return any(float(v) != 0 for v in args)
+    return float(spec) != 0
+
+
+def _validate_sampler(spec: Any, check, fail) -> Any:
+    """Check a constant or a sampler mapping; every value it can produce must pass ``check``."""
+    if not isinstance(spec, Mapping):
+        why = check(spec)
+        if why:
+            raise fail(f"{why} (got {spec!r})")
+        return spec
+    if len(spec) != 1 or next(iter(spec)) not in _SAMPLERS:
+        raise fail(f"a sampler is one of {{{', '.join(_SAMPLERS)}: ...}} (got {dict(spec)!r})")
+    (kind, args), = spec.items()
+    if not isinstance(args, list) or not args:
+        raise fail(f"'{kind}' needs a non-empty list (got {args!r})")
+    if kind == "choice":
+        for v in args:
+            why = check(v)
+            if why:
+                raise fail(f"choice {v!r} {why}")
+        return {"choice": list(args)}
+    if len(args) != 2:
+        raise fail(f"'{kind}' needs [low, high] (got {args!r})")
+    low, high = args
+    for v in (low, high):
+        if kind == "int_uniform" and (not isinstance(v, int) or isinstance(v, bool)):
+            raise fail(f"'int_uniform' bounds must be integers (got {args!r})")
+        why = check(v)
+        if why:
+            raise fail(f"bound {v!r} {why}")
+    if not low <= high:
+        raise fail(f"'{kind}' needs low <= high (got {args!r})")
+    if kind == "log_uniform" and low <= 0:
+        raise fail(f"'log_uniform' needs positive bounds (got {args!r})")
+    if kind == "uniform" and isinstance(low, int) and isinstance(high, int):
+        low, high = float(low), float(high)
+    return {kind: [low, high]}
+
+
+def _sample(spec: Any, rng: np.random.Generator) -> Any:
+    if not isinstance(spec, Mapping):
+        return spec
+    (kind, args), = spec.items()
+    if kind == "choice":
+        return args[int(rng.integers(len(args)))]
+    low, high = args
+    if kind == "uniform":
+        return float(rng.uniform(low, high))
+    if kind == "log_uniform":
+        return float(math.exp(rng.uniform(math.log(low), math.log(high))))
+    return int(rng.integers(low, high + 1))

@@ -1,0 +1,515 @@
+"""Train many networks of one architecture at once with ``torch.func`` (vmap over stacked params).
+
+All ``N`` networks of a chunk share one module *structure*; their parameters are stacked
+(``{key: [N, *shape]}``) and one step is ``vmap(grad(loss))`` over ``functional_call``. Everything
+that differs between networks is a batched tensor:
+
+* learning rate, weight decay, momentum, optimizer (SGD with momentum / AdamW) — the update is
+  written functionally on the stacked tensors, both rules are computed and ``torch.where`` picks
+  each network's rule (:class:`FunctionalOptimizer`);
+* dropout rate — a per-network buffer of :class:`~metanet.zoo.architectures.SampledDropout`, masks
+  drawn with ``vmap(randomness="different")``;
+* train fraction and label noise — per-network label tables ``[N, n_train]`` and subset masks;
+* batch size — every network draws its own batch from its own shuffled subset; the batch tensor
+  is ``[N, B_max, ...]`` and a per-sample weight ``[N, B_max]`` (``1/b_n`` on the ``b_n`` real
+  samples, 0 on padding) makes the loss each network's own mean over its own batch;
+* epochs — network ``n`` runs ``epochs_n * ceil(n_sub / b_n)`` steps; once done (or once its
+  loss/gradient is not finite: "diverged") its parameters and optimizer state stop changing.
+
+Chunks are built so networks of similar batch size and step count train together (little padding).
+Checkpoints are snapshots of each network at its kept epochs, evaluated after training in one vmap.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad_and_value, vmap
+
+from metanet.zoo.architectures import SampledDropout, build_module
+from metanet.zoo.recipe import NetworkPlan
+
+
+@dataclass
+class ChunkResult:
+    """Records of a trained chunk: ``params`` ``{key: [R, ...]}``, metrics/hparams ``[R]``."""
+
+    params: dict[str, torch.Tensor]
+    metrics: dict[str, np.ndarray]
+    hparams: dict[str, np.ndarray]
+
+
+# ------------------------------------------------------------------------------------------------
+# initialization
+# ------------------------------------------------------------------------------------------------
+def init_network(arch: dict[str, Any], seed: int, scheme: str = "default", scale: float = 1.0):
+    """A module of ``arch`` initialized from ``seed``: ``scheme`` for Linear/Conv weights (biases
+    zero unless ``"default"``, which keeps PyTorch's/SIREN's init), weights multiplied by
+    ``scale``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        module = build_module(arch)
+        with torch.no_grad():
+            for layer in module.modules():
+                if not isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+                    continue
+                w = layer.weight
+                if scheme != "default":
+                    if scheme == "kaiming_uniform":
+                        nn.init.kaiming_uniform_(w, nonlinearity="relu")
+                    elif scheme == "kaiming_normal":
+                        nn.init.kaiming_normal_(w, nonlinearity="relu")
+                    elif scheme == "xavier_uniform":
+                        nn.init.xavier_uniform_(w)
+                    elif scheme == "xavier_normal":
+                        nn.init.xavier_normal_(w)
+                    elif scheme == "orthogonal":
+                        nn.init.orthogonal_(w)
+                    elif scheme == "normal":
+                        nn.init.normal_(w, std=0.05)
+                    else:
+                        raise ValueError(f"unknown init scheme {scheme!r}")
+                    if layer.bias is not None:
+                        layer.bias.zero_()
+                w.mul_(scale)
+    return module
+
+
+# ------------------------------------------------------------------------------------------------
+# functional optimizer
+# ------------------------------------------------------------------------------------------------
+def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.view(-1, *([1] * (like.dim() - 1)))
+
+
+class FunctionalOptimizer:
+    """SGD with momentum (coupled weight decay) and AdamW, on stacked parameters ``[N, ...]``.
+
+    Per-network hyperparameters are ``[N]`` tensors; ``is_adam`` ``[N]`` bool picks the rule.
+    :meth:`step` updates only networks where ``mask`` ``[N]`` is true.
+    """
+
+    def __init__(
+        self,
+        params: dict[str, torch.Tensor],
+        lr: torch.Tensor,
+        weight_decay: torch.Tensor,
+        momentum: torch.Tensor,
+        is_adam: torch.Tensor,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ) -> None:
+        self.lr, self.wd, self.mom, self.is_adam = lr, weight_decay, momentum, is_adam
+        self.b1, self.b2 = betas
+        self.eps = eps
+        self.any_adam = bool(is_adam.any())
+        self.any_sgd = bool((~is_adam).any())
+        self.buf = {k: torch.zeros_like(p) for k, p in params.items()} if self.any_sgd else {}
+        self.m = {k: torch.zeros_like(p) for k, p in params.items()} if self.any_adam else {}
+        self.v = {k: torch.zeros_like(p) for k, p in params.items()} if self.any_adam else {}
+        self.t = torch.zeros_like(lr)
+
+    def select(self, keep: torch.Tensor) -> None:
+        """Keep only the networks where ``keep`` ``[N]`` is true (drop finished networks)."""
+        self.lr, self.wd, self.mom = self.lr[keep], self.wd[keep], self.mom[keep]
+        self.is_adam, self.t = self.is_adam[keep], self.t[keep]
+        for state in (self.buf, self.m, self.v):
+            for k in list(state):
+                state[k] = state[k][keep]
+
+    def step(
+        self, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], mask: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """New parameters after one step (networks with ``mask == False`` are unchanged)."""
+        self.t = self.t + mask.to(self.t.dtype)
+        t = self.t.clamp_min(1.0)
+        c1 = 1.0 - self.b1**t
+        c2 = 1.0 - self.b2**t
+        out = {}
+        for k, p in params.items():
+            g = grads[k]
+            m_ = _bcast(mask, p)
+            lr = _bcast(self.lr, p)
+            wd = _bcast(self.wd, p)
+            new = p
+            if self.any_sgd:
+                buf = _bcast(self.mom, p) * self.buf[k] + g + wd * p
+                p_sgd = p - lr * buf
+                self.buf[k] = torch.where(m_, buf, self.buf[k])
+                new = p_sgd
+            if self.any_adam:
+                m = self.b1 * self.m[k] + (1 - self.b1) * g
+                v = self.b2 * self.v[k] + (1 - self.b2) * g * g
+                upd = (m / _bcast(c1, p)) / ((v / _bcast(c2, p)).sqrt() + self.eps)
+                p_adam = p - lr * (upd + wd * p)
+                self.m[k] = torch.where(m_, m, self.m[k])
+                self.v[k] = torch.where(m_, v, self.v[k])
+                new = p_adam if not self.any_sgd else torch.where(
+                    _bcast(self.is_adam, p), p_adam, new
+                )
+            out[k] = torch.where(m_, new, p)
+        return out
+
+
+# ------------------------------------------------------------------------------------------------
+# chunk training
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class TaskData:
+    """What a chunk trains on. Classification: ``x_train [n, ...]``, per-network labels
+    ``y_train [N, n]`` (long), subset ``mask [N, n]``, and clean eval sets. Regression (SIREN):
+    ``x_train`` shared coordinates, ``y_train [N, n, out]`` float per-network targets."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    subset: torch.Tensor
+    x_eval: dict[str, torch.Tensor]
+    y_eval: dict[str, torch.Tensor]
+    regression: bool = False
+
+
+def _loss(out: torch.Tensor, y: torch.Tensor, regression: bool) -> torch.Tensor:
+    if regression:
+        return ((out - y) ** 2).mean(dim=-1)
+    return F.cross_entropy(out, y, reduction="none")
+
+
+def train_chunk(
+    arch: dict[str, Any],
+    plans: Sequence[NetworkPlan],
+    data: TaskData,
+    keep_fractions: Sequence[float],
+    device: torch.device | str = "cpu",
+    generator_seed: int = 0,
+    on_step: Callable[[int, int], None] | None = None,
+    eval_batch: int = 512,
+    extra_metrics: dict[str, Sequence[Any]] | None = None,
+) -> ChunkResult:
+    """Train the networks ``plans`` (all of architecture ``arch``) together; return records.
+
+    Each network yields one record per distinct kept epoch ``max(1, round(f * epochs))``.
+    Metrics per record: ``train_loss/train_acc`` and ``test_loss/test_acc`` (classification: on
+    the clean full train / test split; SIREN: MSE and the fraction of pixels within half a gray
+    level (1/32), both on all pixels), ``epoch``, ``run_id``, ``seed``, ``diverged`` (0/1),
+    ``final`` (1 on the last epoch), ``psnr`` for SIRENs, and ``extra_metrics`` (name -> one
+    value per network, e.g. an INR's digit ``label``) copied to each of the network's records.
+    """
+    device = torch.device(device)
+    n = len(plans)
+    hp = [p.hparams for p in plans]
+
+    def col(key: str, default: Any, dtype=torch.float32) -> torch.Tensor:
+        return torch.tensor([h.get(key, default) for h in hp], dtype=dtype, device=device)
+
+    modules = [
+        init_network(arch, p.seed, h.get("init", "default"), float(h.get("init_scale", 1.0)))
+        for p, h in zip(plans, hp)
+    ]
+    template = build_module(arch).to(device)
+    params = {
+        k: torch.stack([dict(m.named_parameters())[k].detach() for m in modules]).to(device)
+        for k, _ in template.named_parameters()
+    }
+    buffers = {
+        k: torch.stack([dict(m.named_buffers())[k].detach() for m in modules]).to(device).clone()
+        for k, _ in template.named_buffers()
+    }
+    drop_keys = [k for k, b in template.named_modules() if isinstance(b, SampledDropout)]
+    dropout = col("dropout", 0.0)
+    for k in drop_keys:
+        buffers[f"{k}.p"] = dropout.clone()
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in template.modules())
+
+    gen = torch.Generator(device="cpu").manual_seed(generator_seed)
+    n_train = data.x_train.shape[0]
+    subset_size = data.subset.sum(1).to(device)  # [N]
+    batch = torch.minimum(col("batch_size", n_train, torch.long), subset_size)
+    steps_per_epoch = (subset_size + batch - 1) // batch
+    epochs = col("epochs", 1, torch.long)
+    total_steps = epochs * steps_per_epoch
+    b_max = int(batch.max())
+    t_max = int(total_steps.max())
+    keep = torch.stack(
+        [(epochs.double() * f).round().clamp_min(1).long() for f in keep_fractions], dim=1
+    )  # [N, K]
+
+    opt = FunctionalOptimizer(
+        params,
+        lr=col("lr", 0.01),
+        weight_decay=col("weight_decay", 0.0),
+        momentum=col("momentum", 0.9),
+        is_adam=torch.tensor([h.get("optimizer", "adam") == "adam" for h in hp], device=device),
+    )
+    snaps = [
+        {k: v.clone() for k, v in {**params, **_persistent(buffers, drop_keys)}.items()}
+        for _ in keep_fractions
+    ]
+    diverged_all = torch.zeros(n, dtype=torch.bool, device=device)
+    regression = data.regression
+    x_train = data.x_train.to(device)
+    # per-network state of the networks still training ("alive"); finished networks are
+    # dropped from the vmap batch, so a chunk costs the sum of its networks' steps
+    alive = torch.arange(n, device=device)
+    st: dict[str, torch.Tensor] = {
+        "y": data.y_train.to(device),
+        "subset": data.subset.to(device),
+        "subset_size": subset_size,
+        "batch": batch,
+        "spe": steps_per_epoch,
+        "total": total_steps,
+        "keep": keep,
+        "diverged": torch.zeros(n, dtype=torch.bool, device=device),
+        "perm": torch.zeros(n, n_train, dtype=torch.long, device=device),
+    }
+    arange_b = torch.arange(b_max, device=device)
+    template.train()
+
+    def loss_fn(p, b, x, y, w):
+        out = functional_call(template, (p, b), (x,))
+        return (_loss(out, y, regression) * w).sum()
+
+    step_fn = vmap(grad_and_value(loss_fn), randomness="different")
+    for t in range(t_max):
+        m = alive.shape[0]
+        pos = t % st["spe"]
+        starts = pos == 0
+        if bool(starts.any()):
+            keys = torch.rand(m, n_train, generator=gen).to(device)
+            keys = keys.masked_fill(~st["subset"], 2.0)
+            st["perm"] = torch.where(starts[:, None], keys.argsort(dim=1), st["perm"])
+        offs = (pos * st["batch"])[:, None] + arange_b[None, :]  # [M, B]
+        valid = (arange_b[None, :] < st["batch"][:, None]) & (offs < st["subset_size"][:, None])
+        idx = st["perm"].gather(1, offs.clamp(max=n_train - 1))
+        xb = x_train[idx]
+        y_all = st["y"]
+        yb = y_all.gather(1, idx) if not regression else torch.gather(
+            y_all, 1, idx[..., None].expand(-1, -1, y_all.shape[-1])
+        )
+        wb = valid.float() / valid.sum(1, keepdim=True).clamp_min(1).float()
+        old_buffers = {k: v.clone() for k, v in buffers.items()} if has_bn else None
+        grads, losses = step_fn(params, buffers, xb, yb, wb)
+        finite = torch.isfinite(losses)
+        for g in grads.values():
+            finite &= torch.isfinite(g.flatten(1)).all(1)
+        upd = ~st["diverged"] & finite
+        st["diverged"] |= ~finite
+        params = opt.step(params, grads, upd)
+        if old_buffers is not None:
+            for k in buffers:
+                if k.endswith(".p"):
+                    continue
+                buffers[k] = torch.where(_bcast(upd, buffers[k]), buffers[k], old_buffers[k])
+        done_epoch = (t + 1) % st["spe"] == 0
+        if bool(done_epoch.any()):
+            epoch_now = (t + 1) // st["spe"]
+            state = {**params, **_persistent(buffers, drop_keys)}
+            for k_slot, snap in enumerate(snaps):
+                hit = done_epoch & (st["keep"][:, k_slot] == epoch_now)
+                if bool(hit.any()):
+                    for key, v in state.items():
+                        snap[key][alive[hit]] = v[hit]
+        if on_step is not None:
+            on_step(t + 1, t_max)
+        finished = st["total"] <= t + 1
+        if bool(finished.any()):
+            diverged_all[alive[finished]] = st["diverged"][finished]
+            left = ~finished
+            alive = alive[left]
+            if alive.numel() == 0:
+                break
+            params = {k: v[left] for k, v in params.items()}
+            buffers = {k: v[left] for k, v in buffers.items()}
+            st = {k: v[left] for k, v in st.items()}
+            opt.select(left)
+    diverged = diverged_all
+    return _evaluate(
+        template, plans, data, snaps, keep, epochs, diverged, drop_keys, device, eval_batch,
+        extra_metrics or {},
+    )
+
+
+def _persistent(buffers: dict[str, torch.Tensor], drop_keys: list[str]) -> dict[str, torch.Tensor]:
+    """Buffers that belong in the state_dict (not the dropout rates)."""
+    skip = {f"{k}.p" for k in drop_keys}
+    return {k: v for k, v in buffers.items() if k not in skip}
+
+
+@torch.no_grad()
+def _evaluate(
+    template: nn.Module,
+    plans: Sequence[NetworkPlan],
+    data: TaskData,
+    snaps: list[dict[str, torch.Tensor]],
+    keep: torch.Tensor,
+    epochs: torch.Tensor,
+    diverged: torch.Tensor,
+    drop_keys: list[str],
+    device: torch.device,
+    eval_batch: int,
+    extra_metrics: dict[str, Sequence[Any]],
+) -> ChunkResult:
+    template.eval()
+    param_keys = {k for k, _ in template.named_parameters()}
+    regression = data.regression
+
+    def forward(p_and_b, x):
+        p = {k: v for k, v in p_and_b.items() if k in param_keys}
+        b = {k: v for k, v in p_and_b.items() if k not in param_keys}
+        return functional_call(template, (p, b), (x,))
+
+    n = len(plans)
+    results: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+    for k_slot, snap in enumerate(snaps):
+        state = dict(snap)
+        for k in drop_keys:
+            state[f"{k}.p"] = torch.zeros(n, device=device)
+        for split, x in data.x_eval.items():
+            x = x.to(device)
+            y = data.y_eval[split].to(device)
+            loss_sum = torch.zeros(n, device=device)
+            acc_sum = torch.zeros(n, device=device)
+            shared = y.dim() == (1 if not regression else 2)  # same targets for every network
+            for s in range(0, x.shape[0], eval_batch):
+                xb = x[s : s + eval_batch]
+                out = vmap(forward, in_dims=(0, None))(state, xb)  # [N, b, C]
+                yb = y[s : s + eval_batch] if shared else y[:, s : s + eval_batch]
+                yb = yb.expand(n, *yb.shape) if shared else yb
+                if regression:
+                    err = out - yb
+                    loss_sum += (err**2).mean(-1).sum(1)
+                    acc_sum += (err.abs() < 1.0 / 32.0).float().mean(-1).sum(1)
+                else:
+                    loss_sum += F.cross_entropy(
+                        out.flatten(0, 1), yb.flatten(), reduction="none"
+                    ).view(n, -1).sum(1)
+                    acc_sum += (out.argmax(-1) == yb).float().sum(1)
+            count = x.shape[0]
+            results[(k_slot, split)] = (loss_sum / count, acc_sum / count)
+
+    params: dict[str, list[torch.Tensor]] = {k: [] for k in snaps[0]}
+    metrics: dict[str, list[Any]] = {
+        k: []
+        for k in ("train_loss", "train_acc", "test_loss", "test_acc", "epoch", "run_id", "seed",
+                  "diverged", "final")  # fmt: skip
+    }
+    if regression:
+        metrics["psnr"] = []
+    for k, values in extra_metrics.items():
+        if len(values) != len(plans):
+            raise ValueError(f"extra metric '{k}' has {len(values)} values for {len(plans)} nets")
+        metrics[k] = []
+    hkeys = sorted(plans[0].hparams)
+    hparams: dict[str, list[Any]] = {k: [] for k in hkeys}
+    for i, plan in enumerate(plans):
+        seen = set()
+        for k_slot in range(len(snaps)):
+            e = int(keep[i, k_slot])
+            if e in seen:
+                continue
+            seen.add(e)
+            for key, v in snaps[k_slot].items():
+                params[key].append(v[i].cpu())
+            tr_loss, tr_acc = results[(k_slot, "train")]
+            te_loss, te_acc = results[(k_slot, "test")]
+            metrics["train_loss"].append(float(tr_loss[i]))
+            metrics["train_acc"].append(float(tr_acc[i]))
+            metrics["test_loss"].append(float(te_loss[i]))
+            metrics["test_acc"].append(float(te_acc[i]))
+            metrics["epoch"].append(e)
+            metrics["run_id"].append(plan.run_id)
+            metrics["seed"].append(plan.seed)
+            metrics["diverged"].append(int(diverged[i]))
+            metrics["final"].append(int(e == int(epochs[i])))
+            if regression:
+                mse = float(te_loss[i])
+                metrics["psnr"].append(10 * math.log10(1.0 / max(mse, 1e-12)))
+            for k, values in extra_metrics.items():
+                metrics[k].append(values[i])
+            for k in hkeys:
+                hparams[k].append(plan.hparams[k])
+    return ChunkResult(
+        params={k: torch.stack(v) for k, v in params.items()},
+        metrics={k: np.asarray(v) for k, v in metrics.items()},
+        hparams={k: np.asarray(v) for k, v in hparams.items()},
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# task data
+# ------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=4)
+def cached_digits(split_seed: int = 0, test_fraction: float = 0.25):
+    """:func:`metanet.data.digits.load_digits`, loaded once per process and split."""
+    from metanet.data.digits import load_digits
+
+    return load_digits(seed=split_seed, test_fraction=test_fraction)
+
+
+def classifier_data(
+    plans: Sequence[NetworkPlan], flat: bool, split_seed: int = 0, test_fraction: float = 0.25
+) -> TaskData:
+    """Digits data for classifier networks: per-network train subsets (``train_fraction``) and
+    noisy labels (``label_noise``: that fraction of train labels replaced by uniform random
+    classes), drawn from each network's seed; eval on the clean splits."""
+    d = cached_digits(split_seed, test_fraction)
+    x_tr, x_te = (d.x_train.flatten(1), d.x_test.flatten(1)) if flat else (d.x_train, d.x_test)
+    n_train = x_tr.shape[0]
+    labels, masks = [], []
+    for plan in plans:
+        g = torch.Generator().manual_seed(plan.seed + 1)
+        frac = float(plan.hparams.get("train_fraction", 1.0))
+        size = max(1, int(round(frac * n_train)))
+        mask = torch.zeros(n_train, dtype=torch.bool)
+        mask[torch.randperm(n_train, generator=g)[:size]] = True
+        noise = float(plan.hparams.get("label_noise", 0.0))
+        flip = torch.rand(n_train, generator=g) < noise
+        rand = torch.randint(0, 10, (n_train,), generator=g)
+        labels.append(torch.where(flip, rand, d.y_train))
+        masks.append(mask)
+    return TaskData(
+        x_train=x_tr,
+        y_train=torch.stack(labels),
+        subset=torch.stack(masks),
+        x_eval={"train": x_tr, "test": x_te},
+        y_eval={"train": d.y_train, "test": d.y_test},
+    )
+
+
+def siren_data(
+    plans: Sequence[NetworkPlan], split_seed: int = 0, test_fraction: float = 0.25
+) -> tuple[TaskData, list[int]]:
+    """Per-network targets for SIRENs: network ``i`` fits image ``plans[i].image_index`` of split
+    ``plans[i].split`` (pixel intensities ``[64, 1]`` over :func:`digit_image_coordinates`).
+    Returns the data and each network's digit class."""
+    from metanet.data.digits import digit_image_coordinates
+
+    d = cached_digits(split_seed, test_fraction)
+    coords = digit_image_coordinates(8)
+    targets, labels = [], []
+    for plan in plans:
+        xs, ys = (d.x_train, d.y_train) if plan.split == 0 else (d.x_test, d.y_test)
+        if not 0 <= plan.image_index < xs.shape[0]:
+            raise ValueError(f"image {plan.image_index} is outside split {plan.split}")
+        targets.append(xs[plan.image_index].reshape(64, 1))
+        labels.append(int(ys[plan.image_index]))
+    y = torch.stack(targets)  # [N, 64, 1]
+    n = len(plans)
+    return (
+        TaskData(
+            x_train=coords,
+            y_train=y,
+            subset=torch.ones(n, 64, dtype=torch.bool),
+            x_eval={"train": coords, "test": coords},
+            y_eval={"train": y, "test": y},
+            regression=True,
+        ),
+        labels,
+    )
