@@ -1,0 +1,46 @@
+"""Metanetworks: permutation-equivariant models over weight spaces and parameter graphs.
+
+Weight-space models (``input_kind = "weightspace"``; first argument a ``WeightSpaceSpec``):
+
+* :class:`DWSNet` / :class:`DWSLayer` - Deep Weight Space networks (Navon et al. 2023);
+* :class:`NFN` / :class:`NFNEquivariant` with :class:`NPLinear` / :class:`HNPLinear` - neural
+  functionals (Zhou et al. 2023);
+* :class:`UNF` / :class:`UNFEquivariant` / :class:`UNFLayer` - universal neural functionals
+  generated from any :class:`PermSpec` (Zhou et al. 2024);
+* :class:`StatNN` / :class:`StatFeaturizer` - per-layer weight statistics (Unterthiner et al. 2020).
+
+Graph models (``input_kind = "graph"``; input a PyG ``Batch`` of ``ParamGraph``):
+
+* :class:`GMN` / :class:`NGGNN` - message passing with edge updates (Lim et al. 2024; Kofinas
+  et al. 2024); :class:`NGT` - the relational transformer; :class:`GraphReadout`.
+"""
+
+from metanet.nn.dws import DWSLayer, DWSNet
+from metanet.nn.gmn import GMN, NGGNN
+from metanet.nn.graph_features import probe_features
+from metanet.nn.nfn import NFN, HNPLinear, NFNEquivariant, NPLinear
+from metanet.nn.ngt import NGT
+from metanet.nn.readout import GraphReadout
+from metanet.nn.statnn import StatFeaturizer, StatNN, layer_statistics
+from metanet.nn.unf import UNF, PermSpec, UNFEquivariant, UNFLayer
+
+__all__ = [
+    "DWSLayer",
+    "DWSNet",
+    "GMN",
+    "GraphReadout",
+    "HNPLinear",
+    "NFN",
+    "NFNEquivariant",
+    "NGGNN",
+    "NGT",
+    "NPLinear",
+    "PermSpec",
+    "StatFeaturizer",
+    "StatNN",
+    "UNF",
+    "UNFEquivariant",
+    "UNFLayer",
+    "layer_statistics",
+    "probe_features",
+]

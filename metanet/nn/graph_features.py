@@ -1,0 +1,443 @@
+"""Inputs of the graph metanetworks: batch reading, node/edge encoders and probe features.
+
+A batch of :class:`~metanet.graph.ParamGraph` (``torch_geometric.data.Batch``) is read once per
+forward into a :class:`GraphBatch` (validated tensors plus the CSR pointers the scatter core
+needs). :class:`NodeEncoder` and :class:`EdgeEncoder` turn the raw values into ``hidden``-wide
+features.
+
+Permutation equivariance of the encoders: the only node features that differ between neurons
+of one layer are their own values (bias, running statistics, probe activations). Neurons that
+are *not* permutable (inputs, outputs, spatial positions after ``flatten``; ``node_pos >= 0``)
+additionally get a learned embedding of their index, as Neural Graphs does; hidden neurons only
+get features shared by their whole layer (node type, depth, relative depth). Permuting the
+hidden neurons of a network therefore permutes the encoded features in the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from metanet import ops
+from metanet.graph.paramgraph import NODE_FEATURES, EdgeType, NodeType, ParamGraph, ParamLayout
+
+DEFAULT_NODE_DIM = len(NODE_FEATURES)
+DEFAULT_EDGE_DIM = 9  # ``max_kernel_size`` of ``metanet.graph.from_module``
+_REQUIRED = ("x", "edge_index", "edge_attr", "edge_type", "node_type", "node_layer", "node_pos")
+
+
+@dataclass
+class GraphBatch:
+    """Tensors of a batch of parameter graphs, validated, with the CSR pointers precomputed.
+
+    ``N`` nodes, ``E`` edges (sorted by destination), ``G`` graphs.
+
+    Attributes:
+        x: ``[N, node_dim]`` node values; edge_attr: ``[E, edge_dim]`` edge values.
+        node_type, node_layer, node_pos: ``[N]`` long; edge_type: ``[E]`` long.
+        src, dst: ``[E]`` edge endpoints; dst_ptr: ``[N + 1]`` CSR pointer over ``dst``.
+        node_graph: ``[N]`` graph index of every node; node_ptr: ``[G + 1]`` node offsets;
+        edge_ptr: ``[G + 1]`` edge offsets (edges of a graph are contiguous).
+        src_perm, src_ptr: edge order sorted by source and its CSR pointer ``[N + 1]``;
+        rev_src, rev_dst: ``src[src_perm]`` (sorted) and ``dst[src_perm]`` (these four only
+            when built with ``reverse=True``).
+        probe: ``[N, P]`` probe features or ``None``.
+    """
+
+    x: Tensor
+    edge_attr: Tensor
+    node_type: Tensor
+    node_layer: Tensor
+    node_pos: Tensor
+    edge_type: Tensor
+    src: Tensor
+    dst: Tensor
+    dst_ptr: Tensor
+    node_graph: Tensor
+    node_ptr: Tensor
+    edge_ptr: Tensor
+    src_perm: Tensor | None = None
+    src_ptr: Tensor | None = None
+    rev_src: Tensor | None = None
+    rev_dst: Tensor | None = None
+    probe: Tensor | None = None
+
+    @property
+    def num_nodes(self) -> int:
+        return self.x.size(0)
+
+    @property
+    def num_edges(self) -> int:
+        return self.src.size(0)
+
+    @property
+    def num_graphs(self) -> int:
+        return self.node_ptr.numel() - 1
+
+
+def read_batch(batch: object, reverse: bool = False) -> GraphBatch:
+    """Validate a ``Batch`` of :class:`ParamGraph` (or a single graph) and precompute pointers.
+
+    Args:
+        batch: ``torch_geometric.data.Batch.from_data_list([...ParamGraph])`` or one ParamGraph.
+        reverse: also compute the source-sorted edge order (for messages against the edge
+            direction).
+    Raises:
+        TypeError: ``batch`` is not a graph or lacks a ParamGraph attribute (named).
+        ValueError: NaN/inf values, edges not sorted by destination, inconsistent sizes.
+    """
+    if isinstance(batch, GraphBatch):
+        if reverse and batch.src_perm is None:
+            raise ValueError("this GraphBatch was read without reverse=True")
+        return batch
+    missing = [k for k in _REQUIRED if getattr(batch, k, None) is None]
+    if missing:
+        raise TypeError(
+            f"graph metanetworks expect a (Batch of) ParamGraph; {type(batch).__name__} "
+            f"lacks {missing} (build graphs with metanet.graph.from_module)"
+        )
+    x, edge_attr = batch.x, batch.edge_attr
+    edge_index = batch.edge_index
+    if x.dim() != 2 or edge_attr.dim() != 2 or edge_index.dim() != 2 or edge_index.size(0) != 2:
+        raise ValueError(
+            f"bad graph shapes: x {tuple(x.shape)} (want [N, F]), edge_attr "
+            f"{tuple(edge_attr.shape)} (want [E, K]), edge_index {tuple(edge_index.shape)}"
+        )
+    n, e = x.size(0), edge_index.size(1)
+    if edge_attr.size(0) != e or batch.edge_type.numel() != e:
+        raise ValueError(f"edge_attr/edge_type have {edge_attr.size(0)} rows, edge_index {e}")
+    for name in ("node_type", "node_layer", "node_pos"):
+        if getattr(batch, name).numel() != n:
+            raise ValueError(f"'{name}' has {getattr(batch, name).numel()} entries, x has {n}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("graph node values (x: biases / norm statistics) contain NaN or inf")
+    if not bool(torch.isfinite(edge_attr).all()):
+        raise ValueError("graph edge values (edge_attr: weights) contain NaN or inf")
+    src, dst = edge_index[0], edge_index[1]
+    if e > 1 and bool((dst[1:] < dst[:-1]).any()):
+        raise ValueError("edge_index must be sorted by destination (as ParamGraph stores it)")
+    if getattr(batch, "dst_ptr", None) is not None:
+        dst_ptr = ParamGraph.batch_dst_ptr(batch)
+        if dst_ptr.numel() != n + 1:
+            raise ValueError(f"dst_ptr has {dst_ptr.numel()} entries, expected N + 1 = {n + 1}")
+    else:
+        dst_ptr = _ptr(dst, n)
+    node_ptr = getattr(batch, "ptr", None)
+    node_graph = getattr(batch, "batch", None)
+    if node_ptr is None or node_graph is None:
+        node_ptr = torch.tensor([0, n], device=x.device)
+        node_graph = torch.zeros(n, dtype=torch.long, device=x.device)
+    edge_ptr = dst_ptr[node_ptr]
+    src_perm = src_ptr = rev_src = rev_dst = None
+    if reverse:
+        src_perm = torch.argsort(src, stable=True)
+        rev_src, rev_dst = src[src_perm], dst[src_perm]
+        src_ptr = _ptr(rev_src, n)
+    probe = getattr(batch, "probe", None)
+    if probe is not None and (probe.dim() != 2 or probe.size(0) != n):
+        raise ValueError(f"probe features must be [N={n}, P], got {tuple(probe.shape)}")
+    return GraphBatch(
+        x=x,
+        edge_attr=edge_attr,
+        node_type=batch.node_type,
+        node_layer=batch.node_layer,
+        node_pos=batch.node_pos,
+        edge_type=batch.edge_type,
+        src=src,
+        dst=dst,
+        dst_ptr=dst_ptr,
+        node_graph=node_graph,
+        node_ptr=node_ptr,
+        edge_ptr=edge_ptr,
+        src_perm=src_perm,
+        src_ptr=src_ptr,
+        rev_src=rev_src,
+        rev_dst=rev_dst,
+        probe=probe,
+    )
+
+
+def _ptr(index_sorted: Tensor, size: int) -> Tensor:
+    counts = torch.bincount(index_sorted, minlength=size)
+    ptr = torch.zeros(size + 1, dtype=torch.long, device=index_sorted.device)
+    torch.cumsum(counts, 0, out=ptr[1:])
+    return ptr
+
+
+class FourierFeatures(nn.Module):
+    """Random Fourier features ``[cos(2 pi v B), sin(2 pi v B)]`` of value vectors (NG's
+    ``sin_emb``), ``B ~ N(0, sigma^2)`` fixed at construction: ``[M, in_dim] -> [M, 2 * num]``.
+    """
+
+    def __init__(self, in_dim: int, num: int, sigma: float = 1.0) -> None:
+        super().__init__()
+        self.register_buffer("freqs", torch.randn(in_dim, num) * sigma)
+
+    def forward(self, v: Tensor) -> Tensor:
+        p = (2 * math.pi) * (v @ self.freqs)
+        return torch.cat([p.cos(), p.sin()], dim=-1)
+
+
+class Standardizer(nn.Module):
+    """Per-type standardization ``(v - mean[type]) / std[type]`` of value vectors.
+
+    Zoo weights are small (``~0.1``) next to learned embeddings, so raw values barely move the
+    features of an untrained model; Neural Graphs standardizes them with per-layer dataset
+    statistics. Here the per-type, per-column statistics are *calibrated once* from the first
+    batch seen (or :meth:`calibrate`) and then kept as buffers (saved in checkpoints), so every
+    later call is a fixed affine map: invariant statistics, equivariant map. Types absent from
+    the calibration batch use the statistics of all its values; constant columns get scale 1.
+
+    Args:
+        num_types: number of node or edge types.
+        dim: value columns.
+    """
+
+    def __init__(self, num_types: int, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(num_types, dim))
+        self.register_buffer("std", torch.ones(num_types, dim))
+        self.register_buffer("calibrated", torch.tensor(False))
+
+    @torch.no_grad()
+    def calibrate(self, v: Tensor, types: Tensor) -> None:
+        """Set the statistics from values ``v [M, dim]`` with types ``[M]``."""
+        t, d = self.mean.shape
+        v = v.to(self.mean.dtype)
+        count = torch.bincount(types, minlength=t).to(v.dtype).unsqueeze(1)
+        s1 = v.new_zeros(t, d).index_add_(0, types, v)
+        s2 = v.new_zeros(t, d).index_add_(0, types, v * v)
+        mean = s1 / count.clamp_min(1)
+        var = (s2 / count.clamp_min(1) - mean * mean).clamp_min(0)
+        all_mean = v.mean(0)
+        all_var = v.var(0, unbiased=False)
+        seen = count > 0
+        mean = torch.where(seen, mean, all_mean)
+        std = torch.where(seen, var, all_var).sqrt()
+        std = torch.where(std > 1e-6, std, torch.ones_like(std))
+        self.mean.copy_(mean)
+        self.std.copy_(std)
+        self.calibrated.fill_(True)
+
+    def forward(self, v: Tensor, types: Tensor) -> Tensor:
+        if not bool(self.calibrated):
+            self.calibrate(v, types)
+        return (v - self.mean[types]) / self.std[types]
+
+
+class ValueEncoder(nn.Module):
+    """``[M, in_dim] -> [M, out_dim]``: a Linear map, or random Fourier features + Linear."""
+
+    def __init__(
+        self, in_dim: int, out_dim: int, fourier_features: int = 0, sigma: float = 1.0
+    ) -> None:
+        super().__init__()
+        self.in_dim = in_dim
+        if fourier_features > 0:
+            self.net: nn.Module = nn.Sequential(
+                FourierFeatures(in_dim, fourier_features, sigma),
+                nn.Linear(2 * fourier_features, out_dim),
+            )
+        else:
+            self.net = nn.Linear(in_dim, out_dim)
+
+    def forward(self, v: Tensor, what: str) -> Tensor:
+        if v.size(-1) != self.in_dim:
+            raise ValueError(
+                f"{what} have {v.size(-1)} columns, the model was built for {self.in_dim} "
+                f"(pass {'node_in_dim' if what.startswith('node') else 'edge_in_dim'})"
+            )
+        return self.net(v)
+
+
+class NodeEncoder(nn.Module):
+    """Node features ``[N, hidden]`` of a :class:`GraphBatch`.
+
+    Sum of: encoded node values ``x``; a node-type embedding; an embedding of the depth
+    ``node_layer`` (clamped to ``max_layers - 1``) and a linear map of the relative depth
+    ``node_layer / max depth of the graph``; for fixed-position nodes (``node_pos >= 0``:
+    inputs, outputs, flattened positions) a learned embedding of ``(node_type, node_pos)``
+    (positions clamped to ``max_positions - 1``); projected probe features when ``probe_dim``.
+
+    Args:
+        hidden: output width.
+        node_in_dim: columns of ``x`` (default: the ParamGraph's 3).
+        fourier_features: random Fourier features of the values (0: a Linear map).
+        fourier_sigma: scale of the Fourier frequencies.
+        max_layers, max_positions: embedding table sizes.
+        probe_dim: width of ``graph.probe`` (see :func:`probe_features`), 0 to ignore probes.
+        standardize: standardize values per node type (:class:`Standardizer`).
+    """
+
+    def __init__(
+        self,
+        hidden: int,
+        node_in_dim: int | None = None,
+        fourier_features: int = 0,
+        fourier_sigma: float = 1.0,
+        max_layers: int = 64,
+        max_positions: int = 1024,
+        probe_dim: int = 0,
+        standardize: bool = True,
+    ) -> None:
+        super().__init__()
+        self.node_in_dim = DEFAULT_NODE_DIM if node_in_dim is None else node_in_dim
+        self.standardize = Standardizer(len(NodeType), self.node_in_dim) if standardize else None
+        self.values = ValueEncoder(self.node_in_dim, hidden, fourier_features, fourier_sigma)
+        self.max_layers, self.max_positions = max_layers, max_positions
+        self.type_emb = nn.Embedding(len(NodeType), hidden)
+        self.layer_emb = nn.Embedding(max_layers, hidden)
+        self.depth = nn.Linear(1, hidden, bias=False)
+        self.pos_emb = nn.Embedding(len(NodeType) * max_positions, hidden)
+        self.probe_dim = probe_dim
+        self.probe = nn.Linear(probe_dim, hidden) if probe_dim > 0 else None
+
+    def forward(self, g: GraphBatch) -> Tensor:
+        h = self.values(_standardized(self.standardize, g.x, g.node_type), "node values (x)")
+        h = h + self.type_emb(g.node_type)
+        h = h + self.layer_emb(g.node_layer.clamp(0, self.max_layers - 1))
+        layer = g.node_layer.to(h.dtype).unsqueeze(1)
+        max_depth = ops.segment(layer, g.node_ptr, reduce="max").clamp_min(1.0)
+        h = h + self.depth(layer / max_depth[g.node_graph])
+        fixed = g.node_pos >= 0
+        idx = g.node_type * self.max_positions + g.node_pos.clamp(0, self.max_positions - 1)
+        h = h + self.pos_emb(idx) * fixed.unsqueeze(1).to(h.dtype)
+        if self.probe is not None:
+            if g.probe is None:
+                raise ValueError(
+                    f"the model was built with probe_dim={self.probe_dim} but the graphs carry "
+                    "no 'probe' features (add them with metanet.nn.graph_features.probe_features)"
+                )
+            if g.probe.size(1) != self.probe_dim:
+                raise ValueError(f"probe features have {g.probe.size(1)} columns, expected "
+                                 f"probe_dim={self.probe_dim}")  # fmt: skip
+            h = h + self.probe(g.probe)
+        return h
+
+
+class EdgeEncoder(nn.Module):
+    """Edge features ``[E, hidden]``: encoded edge values (weight / flattened kernel) plus an
+    edge-type embedding.
+
+    Args:
+        hidden: output width.
+        edge_in_dim: columns of ``edge_attr`` (default 9, ``from_module``'s max kernel size).
+        fourier_features, fourier_sigma, standardize: as in :class:`NodeEncoder` (per edge
+            type).
+    """
+
+    def __init__(
+        self,
+        hidden: int,
+        edge_in_dim: int | None = None,
+        fourier_features: int = 0,
+        fourier_sigma: float = 1.0,
+        standardize: bool = True,
+    ) -> None:
+        super().__init__()
+        self.edge_in_dim = DEFAULT_EDGE_DIM if edge_in_dim is None else edge_in_dim
+        self.standardize = Standardizer(len(EdgeType), self.edge_in_dim) if standardize else None
+        self.values = ValueEncoder(self.edge_in_dim, hidden, fourier_features, fourier_sigma)
+        self.type_emb = nn.Embedding(len(EdgeType), hidden)
+
+    def forward(self, g: GraphBatch) -> Tensor:
+        v = _standardized(self.standardize, g.edge_attr, g.edge_type)
+        return self.values(v, "edge values (edge_attr)") + self.type_emb(g.edge_type)
+
+
+@torch.no_grad()
+def calibrate_encoders(nodes: NodeEncoder, edges: EdgeEncoder, g: GraphBatch) -> None:
+    """(Re)set the encoders' value statistics from the graphs of ``g``."""
+    if nodes.standardize is not None:
+        nodes.standardize.calibrate(g.x, g.node_type)
+    if edges.standardize is not None:
+        edges.standardize.calibrate(g.edge_attr, g.edge_type)
+
+
+def _standardized(std: Standardizer | None, v: Tensor, types: Tensor) -> Tensor:
+    if std is None:
+        return v
+    if v.size(1) != std.mean.size(1):
+        return v  # the ValueEncoder names the width mismatch
+    return std(v, types)
+
+
+# ----------------------------------------------------------------------------- probe features
+_CHANNEL_LAST = (nn.Linear, nn.LayerNorm)
+_CHANNEL_FIRST = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm)
+
+
+def _per_channel(out: Tensor, channel_dim: int) -> Tensor:
+    """``[P, ..., C, ...] -> [C, P]``: mean over every axis but the probe and channel axes."""
+    out = out.movedim(channel_dim, -1)
+    out = out.reshape(out.size(0), -1, out.size(-1)).mean(1)
+    return out.t()
+
+
+@torch.no_grad()
+def probe_features(graph: ParamGraph, module: nn.Module, inputs: Tensor) -> Tensor:
+    """Activations of ``module`` on probe ``inputs`` as node features ``[N, P]`` (NG's probes).
+
+    Every neuron node made by a Linear / Conv / BatchNorm / GroupNorm / LayerNorm gets that
+    layer's output for each of the ``P`` probe inputs (averaged over spatial or sequence axes);
+    input nodes get the input value (channel mean for images); other nodes get 0. The values
+    permute with the neurons, so the features keep the models equivariant. Attach them with
+    ``graph.probe = probe_features(graph, module, inputs)`` and build the model with
+    ``probe_dim=P``.
+
+    Args:
+        graph: the module's ParamGraph (its layout says which edges belong to which layer).
+        module: the network the graph was built from (put in ``eval()`` mode temporarily).
+        inputs: ``[P, *input_shape]`` probe inputs.
+    Raises:
+        ValueError: an input whose channel count differs from the graph's input nodes.
+    """
+    layout = getattr(graph, "layout", None)
+    if not isinstance(layout, ParamLayout):
+        raise TypeError("probe_features needs one ParamGraph (with its layout), not a Batch")
+    n = graph.num_nodes
+    feats = torch.zeros(n, inputs.size(0), dtype=graph.x.dtype)
+    hooks, captured = [], {}
+    for name, mod in module.named_modules():
+        if isinstance(mod, _CHANNEL_LAST + _CHANNEL_FIRST):
+            dim = -1 if isinstance(mod, _CHANNEL_LAST) else 1
+
+            def hook(m: nn.Module, args: tuple, out: Tensor, name: str = name, dim: int = dim):
+                captured[name] = _per_channel(out, dim)
+
+            hooks.append(mod.register_forward_hook(hook))
+    was_training = module.training
+    module.eval()
+    try:
+        module(inputs)
+    finally:
+        module.train(was_training)
+        for h in hooks:
+            h.remove()
+    for name, act in captured.items():
+        key = f"{name}.weight" if name else "weight"
+        slot = layout.slots.get(key)
+        if slot is None or slot.source != "edge":
+            continue
+        rows = slot.rows.view(act.size(0), -1)[:, 0]
+        feats[graph.edge_index[1, rows]] = act.to(feats.dtype)
+    inp = graph.node_type == NodeType.INPUT
+    first = inputs if inputs.dim() == 2 else _per_channel(inputs, 1).t()
+    pos = graph.node_pos[inp]
+    if pos.numel() and int(pos.max()) >= first.size(1):
+        raise ValueError(
+            f"the graph has {int(pos.max()) + 1} input neurons/channels, the probe inputs "
+            f"{first.size(1)}"
+        )
+    feats[inp] = first[:, pos].t().to(feats.dtype)
+    return feats
+
+
+def make_probe_inputs(shape: Sequence[int], num: int, seed: int = 0) -> Tensor:
+    """``num`` fixed standard-normal probe inputs ``[num, *shape]`` (same for every network)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(num, *shape, generator=gen)

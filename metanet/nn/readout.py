@@ -1,0 +1,108 @@
+"""Invariant readouts of the graph metanetworks: per-graph pooling of node and edge features.
+
+Pooling over all nodes / edges of a graph (sum, mean, max, min) is invariant to any permutation
+of the hidden neurons. Output neurons are not permutable, so their features may also be read
+in order (Neural Graphs' ``cat`` readout): ``output_slots`` concatenates the features of the
+output nodes ``node_pos = 0 .. output_slots - 1`` (zeros where a network has fewer outputs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from metanet import ops
+from metanet.graph.paramgraph import NodeType
+from metanet.nn.graph_features import GraphBatch
+
+POOLS = ("sum", "mean", "max", "min")
+
+
+def _check_pools(pools: Sequence[str], what: str) -> tuple[str, ...]:
+    bad = [p for p in pools if p not in POOLS]
+    if bad:
+        raise ValueError(f"{what}: unknown pooling {bad}; choose from {POOLS}")
+    return tuple(pools)
+
+
+def output_node_features(h: Tensor, g: GraphBatch, slots: int) -> Tensor:
+    """Features of each graph's output neurons in index order: ``[G, slots * d]``.
+
+    Output nodes with ``node_pos >= slots`` are ignored; missing slots stay 0.
+    """
+    d = h.size(1)
+    out = h.new_zeros(g.num_graphs * slots, d)
+    keep = (g.node_type == NodeType.OUTPUT) & (g.node_pos >= 0) & (g.node_pos < slots)
+    idx = g.node_graph[keep] * slots + g.node_pos[keep]
+    out = out.index_copy(0, idx, h[keep])
+    return out.view(g.num_graphs, slots * d)
+
+
+class GraphReadout(nn.Module):
+    """Invariant head ``(nodes [N, node_dim], edges [E, edge_dim]) -> [G, out_dim]``.
+
+    Each node / edge feature first goes through ``Linear + SiLU`` (DeepSets' ``phi``), is pooled
+    per graph with every reduction in ``node_pool`` / ``edge_pool``, optionally concatenated with
+    the ordered output-neuron features, and mapped by an MLP (``layers`` hidden layers).
+
+    Args:
+        node_dim, edge_dim: input widths (``edge_dim`` unused when ``edge_pool`` is empty).
+        hidden: width of ``phi`` and of the MLP.
+        out_dim: output width.
+        node_pool, edge_pool: reductions among ``sum, mean, max, min``.
+        output_slots: read the first ``output_slots`` output neurons in order (0: off).
+        layers: hidden layers of the final MLP.
+        dropout: dropout in the final MLP.
+    """
+
+    def __init__(
+        self,
+        node_dim: int,
+        edge_dim: int,
+        hidden: int,
+        out_dim: int,
+        node_pool: Sequence[str] = ("mean", "max"),
+        edge_pool: Sequence[str] = ("mean",),
+        output_slots: int = 0,
+        layers: int = 2,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.node_pool = _check_pools(node_pool, "node_pool")
+        self.edge_pool = _check_pools(edge_pool, "edge_pool")
+        if not self.node_pool and not self.edge_pool and output_slots <= 0:
+            raise ValueError("GraphReadout needs node_pool, edge_pool or output_slots")
+        self.output_slots = output_slots
+        self.node_phi = nn.Sequential(nn.Linear(node_dim, hidden), nn.SiLU())
+        self.edge_phi = (
+            nn.Sequential(nn.Linear(edge_dim, hidden), nn.SiLU()) if self.edge_pool else None
+        )
+        width = hidden * (len(self.node_pool) + len(self.edge_pool)) + node_dim * output_slots
+        mods: list[nn.Module] = []
+        for _ in range(layers):
+            mods += [nn.Linear(width, hidden), nn.SiLU()]
+            if dropout > 0:
+                mods.append(nn.Dropout(dropout))
+            width = hidden
+        mods.append(nn.Linear(width, out_dim))
+        self.mlp = nn.Sequential(*mods)
+
+    def pooled(self, x: Tensor, e: Tensor | None, g: GraphBatch) -> Tensor:
+        """The invariant graph embedding before the MLP: ``[G, width]``."""
+        parts = []
+        if self.node_pool:
+            h = self.node_phi(x)
+            parts += [ops.segment(h, g.node_ptr, reduce=r) for r in self.node_pool]
+        if self.edge_pool:
+            if e is None:
+                raise ValueError("this readout pools edges but got no edge features")
+            h = self.edge_phi(e)
+            parts += [ops.segment(h, g.edge_ptr, reduce=r) for r in self.edge_pool]
+        if self.output_slots:
+            parts.append(output_node_features(x, g, self.output_slots))
+        return torch.cat(parts, dim=1)
+
+    def forward(self, x: Tensor, e: Tensor | None, g: GraphBatch) -> Tensor:
+        return self.mlp(self.pooled(x, e, g))

@@ -1,0 +1,98 @@
+"""StatNN (Unterthiner et al. 2020): per-layer weight statistics as features of a network.
+
+For every layer, the weight tensor and the bias vector are each summarised by 7 numbers: mean,
+variance and the 0/25/50/75/100 % quantiles. The statistics ignore the order of the entries, so
+they are invariant to every neuron permutation (and to much more — which is why they are a
+baseline). :func:`layer_statistics` gives the features; :class:`StatNN` is the MLP-head variant;
+the gradient-boosted-trees variant (metanet.tasks) can reuse :func:`layer_statistics`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from metanet.nn.layers import check_weightspace, mlp_head
+from metanet.weightspace import WeightSpace, WeightSpaceSpec
+
+STAT_NAMES = ("mean", "var", "q0", "q25", "q50", "q75", "q100")
+_QUANTILES = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def _stats(x: torch.Tensor) -> torch.Tensor:
+    """``[B, N] -> [B, 7]``."""
+    q = torch.quantile(x, torch.tensor(_QUANTILES, dtype=x.dtype, device=x.device), dim=1).t()
+    var = x.var(dim=1, unbiased=False)
+    return torch.cat([x.mean(1, keepdim=True), var.unsqueeze(1), q], dim=1)
+
+
+def layer_statistics(ws: WeightSpace) -> torch.Tensor:
+    """``[B, num_layers * 14]``: per layer, the 7 statistics of the weight then of the bias.
+
+    Layers without bias contribute zeros for the bias statistics. Names in order:
+    :func:`statistic_names`.
+    """
+    feats = []
+    for layer, w, b in zip(ws.spec.layers, ws.weights, ws.biases):
+        feats.append(_stats(w.flatten(1)))
+        feats.append(_stats(b) if layer.has_bias else b.new_zeros(b.shape[0], len(STAT_NAMES)))
+    return torch.cat(feats, dim=1)
+
+
+def statistic_names(spec: WeightSpaceSpec) -> list[str]:
+    """Column names of :func:`layer_statistics` (``"<layer>.weight:q50"``...)."""
+    return [
+        f"{key}:{stat}"
+        for layer in spec.layers
+        for key in (layer.weight_key, layer.bias_key)
+        for stat in STAT_NAMES
+    ]
+
+
+class StatFeaturizer(nn.Module):
+    """:func:`layer_statistics` as a module: ``WeightSpace -> [B, num_layers * 14]``."""
+
+    input_kind = "weightspace"
+
+    def __init__(self, spec: WeightSpaceSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.out_dim = spec.num_layers * 2 * len(STAT_NAMES)
+
+    def forward(self, ws: WeightSpace) -> torch.Tensor:
+        check_weightspace(ws, self.spec, "StatFeaturizer")
+        return layer_statistics(ws)
+
+
+class StatNN(nn.Module):
+    """StatNN with an MLP head: statistics -> batch-normalised -> MLP -> ``[B, out_dim]``.
+
+    Args:
+        spec: weight space of the input networks (any spec, chains or not).
+        out_dim: outputs.
+        hidden: MLP width.
+        layers: hidden layers of the MLP.
+        dropout: dropout in the MLP.
+    """
+
+    input_kind = "weightspace"
+
+    def __init__(
+        self,
+        spec: WeightSpaceSpec,
+        out_dim: int = 1,
+        hidden: int = 256,
+        layers: int = 2,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.spec, self.out_dim = spec, out_dim
+        self.features = StatFeaturizer(spec)
+        self.norm = nn.BatchNorm1d(self.features.out_dim)
+        self.head = mlp_head(self.features.out_dim, hidden, out_dim, layers=layers, dropout=dropout)
+
+    def forward(self, ws: WeightSpace) -> torch.Tensor:
+        return self.head(self.norm(self.features(ws)))
+
+
+__all__ = ["STAT_NAMES", "StatFeaturizer", "StatNN", "layer_statistics", "statistic_names"]
