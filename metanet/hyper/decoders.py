@@ -1,0 +1,185 @@
+"""Parameter decoders of graph hypernetworks: node embedding -> parameter tensor of any shape.
+
+Both decoders map node embeddings ``h [P, d]`` (one row per parameter tensor to predict) to
+*raw* tensors of the requested shapes; :func:`normalize_param` then applies GHN-style fan-in
+scaling. Matrix/kernel parameters (``dim >= 2``: ``[out, in, *kernel]``) and vector parameters
+(biases, norm affine, ``[out]``) have separate heads.
+
+* :class:`TilingDecoder` (GHN-2/3): an MLP predicts a fixed chunk ``[chunk_out, chunk_in, k, k]``
+  that is tiled (repeated) along every axis to cover the target and sliced to it; kernels
+  smaller than ``k`` take the centre crop. Output layer size ``chunk_out*chunk_in*k*k``.
+* :class:`LowRankDecoder` (LoGAH, Zhou et al. 2024): the MLP predicts factors
+  ``A [max_dim, r]``, ``B [r, max_dim]`` and kernel factors ``K [r, k, k]``;
+  ``W[o, i, y, x] = sum_r A[o, r] B[r, i] K[r, y, x] / sqrt(r)`` with ``A``/``B`` tiled to the
+  target width, so very wide targets are reached with ``(2 max_dim + k^2) r`` outputs instead of
+  ``max_dim^2 k^2``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+__all__ = ["LowRankDecoder", "TilingDecoder", "fit_to", "normalize_param"]
+
+
+def fit_to(t: Tensor, shape: Sequence[int], dims: Sequence[int]) -> Tensor:
+    """Tile ``t`` along ``dims`` (repeat whole copies) until it covers ``shape`` there, then
+    slice to ``shape``. Spatial (kernel) axes are centre-cropped when ``t`` is larger."""
+    for d, size in zip(dims, shape):
+        have = t.shape[d]
+        if have < size:
+            reps = [1] * t.dim()
+            reps[d] = math.ceil(size / have)
+            t = t.repeat(*reps)
+        t = t.narrow(d, 0, size)
+    return t
+
+
+def _center(t: Tensor, kernel: Sequence[int], first: int) -> Tensor:
+    """Centre-crop (or tile, when larger) the trailing kernel axes of ``t`` from axis ``first``."""
+    for j, k in enumerate(kernel):
+        d = first + j
+        have = t.shape[d]
+        if k <= have:
+            t = t.narrow(d, (have - k) // 2, k)
+        else:
+            t = fit_to(t, [k], [d])
+    return t
+
+
+def _check_kernel(kernel: list[int]) -> list[int]:
+    if len(kernel) > 2:
+        raise ValueError(f"decoders predict 1-d and 2-d kernels only, got kernel {kernel}")
+    return kernel
+
+
+def _mlp(d_in: int, hidden: int, d_out: int, out_std: float) -> nn.Sequential:
+    net = nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.LayerNorm(hidden),
+                        nn.Linear(hidden, d_out))  # fmt: skip
+    nn.init.normal_(net[-1].weight, std=out_std / math.sqrt(hidden))
+    nn.init.zeros_(net[-1].bias)
+    return net
+
+
+class _VectorHead(nn.Module):
+    """``h [P, d] -> [P, size]`` tiled to each requested length (biases, norm affine)."""
+
+    def __init__(self, d: int, hidden: int, size: int) -> None:
+        super().__init__()
+        self.size = size
+        self.net = _mlp(d, hidden, size, out_std=0.1)
+
+    def forward(self, h: Tensor, lengths: Sequence[int]) -> list[Tensor]:
+        v = self.net(h)
+        return [fit_to(v[j], [n], [0]) for j, n in enumerate(lengths)]
+
+
+class TilingDecoder(nn.Module):
+    """GHN-2/3 decoder: predict a ``[chunk_out, chunk_in, k, k]`` chunk, tile it to the target.
+
+    Args:
+        d: node embedding size.
+        hidden: decoder MLP width.
+        chunk_out / chunk_in: chunk size along the out / in axes.
+        kernel: ``k`` (spatial chunk size; conv kernels are centre-cropped / tiled from it).
+        vector_size: length of the predicted vector chunk (biases, norms); default ``chunk_out``.
+    """
+
+    def __init__(self, d: int, hidden: int = 64, chunk_out: int = 32, chunk_in: int = 32,
+                 kernel: int = 3, vector_size: int | None = None) -> None:  # fmt: skip
+        super().__init__()
+        self.chunk = (int(chunk_out), int(chunk_in), int(kernel))
+        self.matrix = _mlp(d, hidden, chunk_out * chunk_in * kernel * kernel, out_std=1.0)
+        self.vector = _VectorHead(d, hidden, vector_size or chunk_out)
+
+    def matrices(self, h: Tensor, shapes: Sequence[Sequence[int]]) -> list[Tensor]:
+        """Raw tensors ``[out, in, *kernel]`` for node embeddings ``h [P, d]``."""
+        co, ci, k = self.chunk
+        chunks = self.matrix(h).view(-1, co, ci, k, k)
+        out = []
+        for j, shape in enumerate(shapes):
+            kernel = list(shape[2:])
+            c = chunks[j]
+            if len(kernel) == 0:
+                c = c[:, :, k // 2, k // 2]
+            elif len(kernel) == 1:
+                c = _center(c[:, :, :, k // 2], kernel, 2)
+            else:
+                c = _center(c, _check_kernel(kernel), 2)
+            out.append(fit_to(c, shape[:2], [0, 1]))
+        return out
+
+    def vectors(self, h: Tensor, lengths: Sequence[int]) -> list[Tensor]:
+        """Raw vectors ``[n]`` for node embeddings ``h [P, d]``."""
+        return self.vector(h, lengths)
+
+
+class LowRankDecoder(nn.Module):
+    """LoGAH-style decoder: factors ``A [max_dim, r]``, ``B [r, max_dim]``, kernel ``K [r, k, k]``.
+
+    Args:
+        d: node embedding size.
+        hidden: decoder MLP width.
+        rank: ``r``.
+        max_dim: rows of ``A`` / columns of ``B`` before tiling (targets up to this width get
+            distinct rows).
+        kernel: ``k`` of the kernel factors.
+        vector_size: length of the predicted vector chunk (default ``max_dim``).
+    """
+
+    def __init__(self, d: int, hidden: int = 64, rank: int = 8, max_dim: int = 256,
+                 kernel: int = 3, vector_size: int | None = None) -> None:  # fmt: skip
+        super().__init__()
+        self.rank, self.max_dim, self.kernel = int(rank), int(max_dim), int(kernel)
+        r, m = self.rank, self.max_dim
+        self.factors = _mlp(d, hidden, 2 * m * r + r * kernel * kernel, out_std=1.0)
+        self.vector = _VectorHead(d, hidden, vector_size or max_dim)
+
+    def matrices(self, h: Tensor, shapes: Sequence[Sequence[int]]) -> list[Tensor]:
+        """Raw tensors ``[out, in, *kernel]`` for node embeddings ``h [P, d]``."""
+        r, m, k = self.rank, self.max_dim, self.kernel
+        z = self.factors(h)
+        a_all = z[:, : m * r].view(-1, m, r)
+        b_all = z[:, m * r : 2 * m * r].view(-1, r, m)
+        k_all = z[:, 2 * m * r :].view(-1, r, k, k)
+        out = []
+        for j, shape in enumerate(shapes):
+            a = fit_to(a_all[j], [shape[0]], [0])  # [out, r]
+            b = fit_to(b_all[j], [shape[1]], [1])  # [r, in]
+            kernel = list(shape[2:])
+            if not kernel:
+                out.append(a @ b / math.sqrt(r))
+                continue
+            kf = k_all[j] if len(kernel) == 2 else k_all[j][:, :, k // 2]
+            kf = _center(kf, _check_kernel(kernel), 1)
+            # W[o, i, ...] = sum_r A[o, r] B[r, i] K[r, ...]: one [o*i, r] @ [r, k*k] product
+            ab = (a.unsqueeze(1) * b.t().unsqueeze(0)).reshape(-1, r)
+            w = (ab @ kf.reshape(r, -1)).reshape(shape[0], shape[1], *kf.shape[1:])
+            out.append(w / math.sqrt(r))
+        return out
+
+    def vectors(self, h: Tensor, lengths: Sequence[int]) -> list[Tensor]:
+        """Raw vectors ``[n]`` for node embeddings ``h [P, d]``."""
+        return self.vector(h, lengths)
+
+
+def normalize_param(raw: Tensor, role: str, op: str, last: bool = False,
+                    fan_in: int | None = None) -> Tensor:  # fmt: skip
+    """GHN-style normalisation of a raw predicted tensor.
+
+    * weights with ``dim >= 2`` (linear, conv, attention projections): ``raw * sqrt(beta /
+      fan_in)``, ``fan_in = prod(shape[1:])``, ``beta = 2`` (He gain) for hidden ops and ``1``
+      for the last parametrised op before the output (the classifier);
+    * norm scales (``weight`` of batch/layer/group norm): ``1 + raw``;
+    * biases and norm shifts: ``raw / sqrt(fan_in)`` (``fan_in`` of the op's weight; 1 for norms).
+    """
+    if raw.dim() >= 2:
+        fan = int(math.prod(raw.shape[1:]))
+        beta = 1.0 if last else 2.0
+        return raw * math.sqrt(beta / fan)
+    if op in ("batchnorm", "layernorm", "groupnorm"):
+        return 1.0 + raw if role == "weight" else raw
+    return raw / math.sqrt(max(1, fan_in or 1))

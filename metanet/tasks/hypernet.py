@@ -1,0 +1,280 @@
+"""Hypernetwork training tasks: ``GHNTask`` (graph hypernetwork over an architecture family) and
+its data module ``GHNDigitsData``.
+
+Each training batch holds a digits mini-batch and ``archs_per_batch`` architectures sampled from a
+family recipe (:class:`metanet.hyper.family.ArchFamily`); the GHN predicts every parameter of
+every architecture, each target network runs on the mini-batch with those parameters
+(``torch.func.functional_call``) and the mean cross-entropy is backpropagated into the GHN.
+Validation predicts the held-out architectures (and a fixed sample of the family) and reports
+their test accuracy with no training (``val/acc``, ``val/acc_held_out``).
+
+Config (``configs/ghn/*.yaml``)::
+
+    model: {class_path: metanet.tasks.hypernet.GHNTask,
+            init_args: {ghn: {hidden: 64, decoder: lowrank, rank: 8}, lr: 1.0e-3}}
+    data: {class_path: metanet.tasks.hypernet.GHNDigitsData,
+           init_args: {recipe: datasets/ghn-digits-family.yaml, archs_per_batch: 4}}
+
+Norm layers use batch statistics both in training and in validation (running statistics of a
+network whose parameters change every step are meaningless; GHN papers do the same).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import OrderedDict
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.utils.data import DataLoader, Dataset
+
+from metanet.data.digits import load_digits
+from metanet.graph.arch import ArchGraph
+from metanet.hyper.family import ArchFamily
+from metanet.hyper.ghn import GHN
+from metanet.zoo.architectures import arch_name, build_module, input_shape
+
+__all__ = ["DigitsBatches", "GHNDigitsData", "GHNTask", "MIPRegularizationTask", "arch_inputs"]
+
+
+def arch_inputs(arch: dict[str, Any], x: Tensor) -> Tensor:
+    """Digits images ``[N, 1, 8, 8]`` reshaped for ``arch`` (``[N, 64]`` for MLPs)."""
+    return x.reshape(x.shape[0], *input_shape(arch))
+
+
+def _identity(batch: Any) -> Any:
+    return batch
+
+
+class _TrainBatches(Dataset):
+    """``length`` random batches: digits mini-batch + sampled archs (seeded per index/epoch)."""
+
+    def __init__(self, x: Tensor, y: Tensor, family: ArchFamily, batch_size: int,
+                 archs_per_batch: int, length: int, seed: int) -> None:  # fmt: skip
+        self.x, self.y, self.family = x, y, family
+        self.batch_size, self.archs = batch_size, archs_per_batch
+        self.length, self.seed = length, seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        key = (self.seed * 1_000_003 + self.epoch) * 1_000_003 + i
+        g = torch.Generator().manual_seed(key)
+        idx = torch.randint(0, self.x.shape[0], (self.batch_size,), generator=g)
+        rng = random.Random(key)
+        archs = [self.family.sample(rng) for _ in range(self.archs)]
+        return {"x": self.x[idx], "y": self.y[idx], "archs": archs}
+
+
+class _EvalBatches(Dataset):
+    def __init__(self, x: Tensor, y: Tensor, archs: list[dict], held: int) -> None:
+        self.x, self.y, self.archs, self.held = x, y, archs, held
+
+    def __len__(self) -> int:
+        return len(self.archs)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        held_out = i >= len(self.archs) - self.held
+        return {"x": self.x, "y": self.y, "archs": [self.archs[i]], "held_out": held_out}
+
+
+class GHNDigitsData(L.LightningDataModule):
+    """Digits batches paired with architectures sampled from a family recipe.
+
+    Args:
+        recipe: path of the family YAML (``datasets/ghn-digits-family.yaml``).
+        batch_size: digits images per batch.
+        archs_per_batch: architectures sampled per batch.
+        steps_per_epoch: batches per epoch.
+        val_family_archs: fixed family samples validated next to the held-out archs.
+        seed: sampling seed.
+    """
+
+    def __init__(self, recipe: str = "datasets/ghn-digits-family.yaml", batch_size: int = 64,
+                 archs_per_batch: int = 4, steps_per_epoch: int = 200,
+                 val_family_archs: int = 4, seed: int = 0) -> None:  # fmt: skip
+        super().__init__()
+        self.save_hyperparameters()
+        self.family = ArchFamily.from_yaml(recipe)
+        self._train: _TrainBatches | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        d = load_digits()
+        self.digits = d
+        hp = self.hparams
+        self._train = _TrainBatches(d.x_train, d.y_train, self.family, hp.batch_size,
+                                    hp.archs_per_batch, hp.steps_per_epoch, hp.seed)  # fmt: skip
+        rng = random.Random(10_000 + hp.seed)
+        fam = [self.family.sample(rng) for _ in range(hp.val_family_archs)]
+        self._val = _EvalBatches(d.x_test, d.y_test, fam + self.family.held_out,
+                                 len(self.family.held_out))  # fmt: skip
+
+    def train_dataloader(self) -> DataLoader:
+        assert self._train is not None
+        if self.trainer is not None:
+            self._train.epoch = self.trainer.current_epoch
+        return DataLoader(self._train, batch_size=None, shuffle=False, collate_fn=_identity)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self._val, batch_size=None, shuffle=False, collate_fn=_identity)
+
+
+class GHNTask(L.LightningModule):
+    """Train a :class:`~metanet.hyper.ghn.GHN` on an architecture family (digits task loss).
+
+    Args:
+        ghn: keyword arguments of :class:`~metanet.hyper.ghn.GHN` (``hidden``, ``layers``,
+            ``decoder``, ``rank``, ``max_dim``, ``chunk``, ``kernel``, ``max_dist``, ...).
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        grad_clip: gradient-norm clip applied in ``configure_gradient_clipping`` (0: off).
+        cache_size: traced architectures kept (module + prepared graph), LRU.
+    """
+
+    def __init__(self, ghn: dict[str, Any] | None = None, lr: float = 1e-3,
+                 weight_decay: float = 1e-5, grad_clip: float = 5.0,
+                 cache_size: int = 256) -> None:  # fmt: skip
+        super().__init__()
+        ghn = dict(ghn or {})
+        self.ghn = GHN(**ghn)
+        self.save_hyperparameters({"ghn": self.ghn.config, "lr": lr,
+                                   "weight_decay": weight_decay, "grad_clip": grad_clip,
+                                   "cache_size": cache_size})  # fmt: skip
+        self._cache: OrderedDict[str, tuple[nn.Module, Any]] = OrderedDict()
+
+    def _get(self, arch: dict[str, Any]) -> tuple[nn.Module, Any]:
+        key = arch_name(arch)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        module = build_module(arch).to(self.device)
+        prepared = self.ghn.prepare(ArchGraph.from_module(module), module)
+        self._cache[key] = (module, prepared)
+        while len(self._cache) > self.hparams.cache_size:
+            self._cache.popitem(last=False)
+        return module, prepared
+
+    def forward_archs(self, archs: list[dict], x: Tensor) -> list[Tensor]:
+        """Logits ``[N, 10]`` of every arch on images ``x [N, 1, 8, 8]`` with predicted params."""
+        items = [self._get(a) for a in archs]
+        params = self.ghn.predict_prepared([p for _, p in items])
+        outs = []
+        for arch, (module, _), p in zip(archs, items, params):
+            module.train()  # batch statistics in norm layers
+            outs.append(functional_call(module, p, (arch_inputs(arch, x),)))
+        return outs
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        outs = self.forward_archs(batch["archs"], batch["x"])
+        losses = torch.stack([F.cross_entropy(o, batch["y"]) for o in outs])
+        acc = torch.stack([(o.argmax(-1) == batch["y"]).float().mean() for o in outs]).mean()
+        loss = losses.mean()
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["x"].shape[0])
+        self.log("train/acc", acc, prog_bar=True, batch_size=batch["x"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        out = self.forward_archs(batch["archs"], batch["x"])[0]
+        acc = (out.argmax(-1) == batch["y"]).float().mean()
+        self.log("val/acc", acc, prog_bar=True, batch_size=1)
+        if batch.get("held_out"):
+            self.log("val/acc_held_out", acc, batch_size=1)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None,
+                                    gradient_clip_algorithm=None) -> None:  # fmt: skip
+        clip = gradient_clip_val or self.hparams.grad_clip
+        if clip:
+            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.ghn.parameters(), lr=self.hparams.lr,
+                                 weight_decay=self.hparams.weight_decay)  # fmt: skip
+
+
+class _DigitsSteps(Dataset):
+    def __init__(self, x: Tensor, y: Tensor, batch_size: int, length: int, seed: int) -> None:
+        self.x, self.y, self.batch_size, self.length, self.seed = x, y, batch_size, length, seed
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        idx = torch.randint(0, self.x.shape[0], (self.batch_size,), generator=g)
+        return {"x": self.x[idx], "y": self.y[idx]}
+
+
+class DigitsBatches(L.LightningDataModule):
+    """Random digits mini-batches (train) and the full test split (validation), images
+    ``[N, 1, 8, 8]``; for :class:`MIPRegularizationTask`."""
+
+    def __init__(self, batch_size: int = 128, steps_per_epoch: int = 200, seed: int = 0) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+
+    def setup(self, stage: str | None = None) -> None:
+        self.digits = load_digits()
+
+    def train_dataloader(self) -> DataLoader:
+        hp, d = self.hparams, self.digits
+        ds = _DigitsSteps(d.x_train, d.y_train, hp.batch_size, hp.steps_per_epoch, hp.seed)
+        return DataLoader(ds, batch_size=None, collate_fn=_identity)
+
+    def val_dataloader(self) -> DataLoader:
+        d = self.digits
+        return DataLoader([{"x": d.x_test, "y": d.y_test}], batch_size=None, collate_fn=_identity)
+
+
+class MIPRegularizationTask(L.LightningModule):
+    """A hypernetwork conditioned on an L2 strength ``lam`` in [0, 1] writes a digits MLP.
+
+    Every step draws ``lam ~ U(0, 1)`` and minimises ``CE + lam * alpha * sum ||W||^2`` of the
+    predicted weights (the task of ``scripts/bench_mip.py``). Validation logs test accuracy and
+    cross-entropy at ``lam`` = 0, 0.5, 1 (``val/acc_lam0.5`` ...).
+
+    Args:
+        mip: MIP (``[z, 1-z]`` input + residual on ``W0``) or the plain hypernetwork.
+        widths: hidden widths of the target MLP (64 inputs, 10 outputs).
+        hidden: hypernetwork hidden widths.
+        alpha: L2 scale.
+        lr: Adam learning rate.
+    """
+
+    def __init__(self, mip: bool = True, widths: list[int] | None = None,
+                 hidden: list[int] | None = None, alpha: float = 1e-2,
+                 lr: float = 1e-3) -> None:  # fmt: skip
+        super().__init__()
+        from metanet.hyper.mip import MIPHyperNetwork
+
+        self.save_hyperparameters()
+        target = build_module({"type": "mlp", "widths": list(widths or [64])})
+        self.hnet = MIPHyperNetwork(target, cond_dim=1, hidden=tuple(hidden or (64, 64)), mip=mip)
+
+    def _loss(self, lam: float, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        params = self.hnet(torch.tensor([lam], device=x.device))
+        out = self.hnet.functional_call(params, x.flatten(1))
+        ce = F.cross_entropy(out, y)
+        reg = sum((v**2).sum() for k, v in params.items() if k.endswith("weight"))
+        return ce, ce + lam * self.hparams.alpha * reg, (out.argmax(-1) == y).float().mean()
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        lam = float(torch.rand(()))
+        ce, loss, acc = self._loss(lam, batch["x"], batch["y"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["x"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        for lam in (0.0, 0.5, 1.0):
+            ce, _, acc = self._loss(lam, batch["x"], batch["y"])
+            self.log(f"val/acc_lam{lam:g}", acc, batch_size=1)
+            self.log(f"val/ce_lam{lam:g}", ce, batch_size=1)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam([p for p in self.parameters() if p.requires_grad],
+                                lr=self.hparams.lr)  # fmt: skip
