@@ -1,0 +1,23 @@
+"""LightningModules of metanet's jobs, trained with ``metanet fit --config ...``.
+
+* :class:`GeneralizationTask`: regress a checkpoint's test accuracy from its weights (Kendall's
+  tau and R² logged; ``test`` writes a predicted-vs-true PNG into the run folder);
+* :class:`INRClassificationTask`: classify INRs (digits SIRENs) by their weights;
+* :mod:`metanet.tasks.statnn`: the StatNN baseline (weight statistics + gradient-boosted trees);
+* :mod:`metanet.tasks.predict_cli`: ``metanet predict-accuracy``.
+
+Every task takes its metanetwork as ``model``: a factory ``WeightSpaceSpec -> nn.Module`` for
+weight-space models (built in ``setup()`` from the data module's spec) or a graph model.
+"""
+
+from metanet.tasks.base import MetanetTask
+from metanet.tasks.generalization import GeneralizationTask, kendall_tau, r2_score
+from metanet.tasks.inr import INRClassificationTask
+
+__all__ = [
+    "GeneralizationTask",
+    "INRClassificationTask",
+    "MetanetTask",
+    "kendall_tau",
+    "r2_score",
+]

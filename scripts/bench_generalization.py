@@ -1,0 +1,287 @@
+"""Benchmark: predicting test accuracy from weights (Kendall's tau and R², mean ± std over seeds).
+
+Table 1, ``digits-cnn`` (one CNN architecture, split by training run): StatNN with gradient-boosted
+trees (Unterthiner et al.), StatNN with an MLP head, DWS, NFN-NP, NFN-HNP, UNF, GMN, NG-T.
+Table 2, ``digits-arch`` (8 architectures: MLPs and CNNs of different depth/width/kernel, with
+residuals and norm layers): the graph models against StatNN-GBT on arch-agnostic statistics.
+
+Every metanetwork is trained from its own config (``configs/predict_gen/<model>.yaml``, the same
+file ``metanet fit`` uses) with ``--trainer.max_epochs`` set here; the checkpoint with the best
+validation Kendall tau is tested. Splits are by training run (no run in two splits), with the seed
+of each repetition. Missing zoos are built from ``datasets/*.yaml`` first.
+
+    python scripts/bench_generalization.py                 # full benchmark (CPU: ~1 h)
+    python scripts/bench_generalization.py --quick         # smoke run (1 seed, 1 epoch)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+CNN_MODELS = ["statnn_gbt", "statnn", "dws", "nfn_np", "nfn_hnp", "unf", "gmn", "ngt"]
+ARCH_MODELS = ["statnn_gbt", "gmn", "ngt"]
+LABELS = {
+    "statnn_gbt": "StatNN (GBT)",
+    "statnn": "StatNN (MLP head)",
+    "dws": "DWS",
+    "nfn_np": "NFN-NP",
+    "nfn_hnp": "NFN-HNP",
+    "unf": "UNF",
+    "gmn": "GMN",
+    "ngt": "NG-T",
+}
+SPLITS = "[0.7, 0.1, 0.2]"
+
+
+def ensure_zoo(name: str) -> str:
+    """Path of the ``name`` zoo, building it from ``datasets/<name>.yaml`` if it is missing."""
+    path = os.path.join(ROOT, ".cache", "zoos", f"{name}.h5")
+    if not os.path.exists(path):
+        from metanet.zoo.build import build_zoo
+
+        print(f"building zoo {name} -> {path}", flush=True)
+        build_zoo(os.path.join(ROOT, "datasets", f"{name}.yaml"), path, threads=1)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# StatNN with gradient-boosted trees (no Lightning)
+# ------------------------------------------------------------------------------------------------
+def traceable_groups(zoo_path: str) -> tuple[list[str], dict[str, str]]:
+    """Groups of a zoo whose networks metanet.graph can trace, and the error of each other one."""
+    from metanet.data.datamodules import _example_input
+    from metanet.data.zoo_store import Zoo
+    from metanet.graph import from_module
+
+    ok, failed = [], {}
+    with Zoo.open(zoo_path) as zoo:
+        for group in zoo:
+            try:
+                from_module(group.module(0), _example_input(group))
+                ok.append(group.name)
+            except Exception as err:  # noqa: BLE001 - reported under the table
+                failed[group.name] = f"{type(err).__name__}: {str(err)[:90]}"
+    return ok, failed
+
+
+def statnn_gbt(
+    zoo_path: str, seed: int, graph: bool, groups: list[str] | None = None
+) -> dict[str, Any]:
+    """Fit StatNN-GBT on the train+val runs of the same split the metanetworks use."""
+    from metanet.data.datamodules import ParamGraphDataModule, WeightSpaceDataModule
+    from metanet.tasks.statnn import arch_agnostic_statistics, run_gbt, statnn_features
+
+    splits = tuple(float(s) for s in SPLITS.strip("[]").split(","))
+    if graph:
+        dm = ParamGraphDataModule(zoo_path, groups=groups, splits=splits, seed=seed)
+    else:
+        dm = WeightSpaceDataModule(zoo_path, splits=splits, seed=seed)
+    dm.setup()
+
+    def features(split: str) -> tuple[np.ndarray, np.ndarray]:
+        gid, rid = dm.splits[split]
+        feats = np.zeros((len(rid), 0), dtype=np.float32)
+        rows = []
+        for g_i, name in enumerate(dm.group_names):
+            mask = gid == g_i
+            if not mask.any():
+                continue
+            group = dm.zoo[name]
+            if graph:
+                params = group.params(rid[mask])
+                sds = [{k: v[j] for k, v in params.items()} for j in range(int(mask.sum()))]
+                f = torch.stack([arch_agnostic_statistics(sd) for sd in sds]).numpy()
+            else:
+                f = statnn_features(group.weight_space(rid[mask]))
+            rows.append((np.flatnonzero(mask), f))
+        feats = np.zeros((len(rid), rows[0][1].shape[1]), dtype=np.float32)
+        for where, f in rows:
+            feats[where] = f
+        return feats, dm.targets[split].numpy()
+
+    start = time.time()
+    x_tr, y_tr = features("train")
+    x_va, y_va = features("val")
+    x_te, y_te = features("test")
+    scores = run_gbt((np.concatenate([x_tr, x_va]), np.concatenate([y_tr, y_va])), (x_te, y_te),
+                     seed=seed)  # fmt: skip
+    return {"kendall_tau": scores["kendall_tau"], "r2": scores["r2"],
+            "seconds": time.time() - start, "png": None}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------
+# metanetworks through their configs
+# ------------------------------------------------------------------------------------------------
+def fit_config(
+    config: str, zoo_path: str, seed: int, epochs: int, run_dir: str, extra: Sequence[str] = ()
+) -> dict[str, Any]:
+    """Fit ``config`` on ``zoo_path`` with seed ``seed`` and test its best checkpoint."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from metanet.cli import MetanetCLI
+
+    shutil.rmtree(run_dir, ignore_errors=True)
+    args = [
+        "--config", config,
+        "--seed_everything", str(seed),
+        "--trainer.max_epochs", str(epochs),
+        "--trainer.default_root_dir", run_dir,
+        "--trainer.logger.init_args.save_dir", run_dir,
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false",
+        "--data.init_args.zoo", zoo_path,
+        "--data.init_args.seed", str(seed),
+        "--data.init_args.splits", SPLITS,
+        *extra,
+    ]  # fmt: skip
+    start = time.time()
+    saved, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI reads only ``args``
+    try:
+        cli = MetanetCLI(args, run=False)
+    finally:
+        sys.argv = saved
+    for cb in cli.trainer.callbacks:
+        if isinstance(cb, ModelCheckpoint):
+            cb.dirpath = os.path.join(run_dir, "checkpoints")
+    cli.trainer.fit(cli.model, cli.datamodule)
+    fit_seconds = time.time() - start
+    (result,) = cli.trainer.test(cli.model, cli.datamodule, ckpt_path="best", verbose=False)
+    png = os.path.join(cli.trainer.log_dir, "predicted_vs_true.png")
+    return {
+        "kendall_tau": float(result["test/kendall_tau"]),
+        "r2": float(result["test/r2"]),
+        "seconds": fit_seconds,
+        "png": png if os.path.exists(png) else None,
+        "epochs": epochs,
+    }
+
+
+def _fmt(values: list[float]) -> str:
+    v = np.asarray(values, dtype=float)
+    if np.isnan(v).all():
+        return "n/a"
+    return f"{np.nanmean(v):.3f} ± {np.nanstd(v):.3f}"
+
+
+def table(title: str, results: dict[str, list[dict]], seeds: Sequence[int]) -> str:
+    lines = [f"### {title}", "", "| model | Kendall τ | R² | fit time / seed (s) |",
+             "| --- | --- | --- | --- |"]  # fmt: skip
+    for model, runs in results.items():
+        if not runs:
+            continue
+        if "error" in runs[0]:
+            lines.append(f"| {LABELS[model]} | failed: {runs[0]['error']} | | |")
+            continue
+        tau = [r["kendall_tau"] for r in runs]
+        r2 = [r["r2"] for r in runs]
+        secs = np.mean([r["seconds"] for r in runs])
+        lines.append(f"| {LABELS[model]} | {_fmt(tau)} | {_fmt(r2)} | {secs:.0f} |")
+    lines.append("")
+    lines.append(f"seeds: {list(seeds)}; test split = 20% of training runs (mean ± std over seeds)")
+    return "\n".join(lines)
+
+
+def run_table(
+    models, zoo_path, seeds, epochs, graph_zoo: bool, tag: str, groups: list[str] | None = None
+) -> dict[str, list[dict]]:
+    import json
+
+    extra = ["--data.init_args.groups", json.dumps(groups)] if groups else []
+    results: dict[str, list[dict]] = {}
+    for model in models:
+        results[model] = []
+        for seed in seeds:
+            print(f"[{tag}] {model} seed {seed} ...", flush=True)
+            try:
+                if model == "statnn_gbt":
+                    r = statnn_gbt(zoo_path, seed, graph=graph_zoo, groups=groups)
+                else:
+                    config = os.path.join(ROOT, "configs", "predict_gen", f"{model}.yaml")
+                    run_dir = os.path.join(ROOT, "runs", "bench_generalization", tag,
+                                           f"{model}-s{seed}")  # fmt: skip
+                    r = fit_config(config, zoo_path, seed, epochs[model], run_dir, extra)
+            except Exception as err:  # noqa: BLE001 - reported in the table, the rest goes on
+                import traceback
+
+                traceback.print_exc()
+                results[model] = [{"error": f"{type(err).__name__}: {err}"[:120]}]
+                break
+            print(f"[{tag}] {model} seed {seed}: tau {r['kendall_tau']:.3f} r2 {r['r2']:.3f} "
+                  f"({r['seconds']:.0f} s)", flush=True)  # fmt: skip
+            results[model].append(r)
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="epochs for every model (default: per-model budget)")  # fmt: skip
+    parser.add_argument("--models", nargs="+", default=CNN_MODELS, choices=CNN_MODELS)
+    parser.add_argument("--arch-models", nargs="+", default=ARCH_MODELS, choices=ARCH_MODELS)
+    parser.add_argument("--skip-arch", action="store_true", help="only the digits-cnn table")
+    parser.add_argument("--skip-cnn", action="store_true", help="only the digits-arch table")
+    parser.add_argument("--quick", action="store_true", help="1 seed, 1 epoch (smoke run)")
+    parser.add_argument("--cnn-zoo", default=None, help="zoo file (default: digits-cnn)")
+    parser.add_argument("--arch-zoo", default=None, help="zoo file (default: digits-arch)")
+    parser.add_argument("--png", default=os.path.join(ROOT, "docs", "predicted_vs_true.png"),
+                        help="where to copy the predicted-vs-true plot of the best model")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # 2 shared cores: one thread avoids OpenMP spinning
+    seeds = args.seeds[:1] if args.quick else args.seeds
+    budget = {"statnn": 40, "dws": 10, "nfn_np": 15, "nfn_hnp": 15, "unf": 15, "gmn": 8,
+              "ngt": 8}  # fmt: skip
+    epochs = {m: (1 if args.quick else (args.epochs or e)) for m, e in budget.items()}
+
+    t0 = time.time()
+    out, res_cnn = [], {}
+    if not args.skip_cnn:
+        cnn = args.cnn_zoo or ensure_zoo("digits-cnn")
+        res_cnn = run_table(args.models, cnn, seeds, epochs, graph_zoo=False, tag="digits-cnn")
+        out.append(table("Generalization prediction on digits-cnn", res_cnn, seeds))
+    if not args.skip_arch:
+        arch = args.arch_zoo or ensure_zoo("digits-arch")
+        groups, failed = traceable_groups(arch)
+        res_arch = run_table(args.arch_models, arch, seeds, epochs, graph_zoo=True,
+                             tag="digits-arch", groups=groups)  # fmt: skip
+        text = table(f"Generalization prediction on digits-arch ({len(groups)} architectures)",
+                     res_arch, seeds)  # fmt: skip
+        for name, err in failed.items():
+            text += f"\nexcluded (metanet.graph cannot trace it): {name}: {err}"
+        out.append(text)
+    # the predicted-vs-true plot of the best metanetwork (seed 0) for the README
+    best = None
+    for model, runs in res_cnn.items():
+        if runs and "error" not in runs[0] and runs[0].get("png"):
+            tau = float(np.nanmean([r["kendall_tau"] for r in runs]))
+            if best is None or tau > best[0]:
+                best = (tau, model, runs[0]["png"])
+    if best is not None and args.png:
+        os.makedirs(os.path.dirname(os.path.abspath(args.png)), exist_ok=True)
+        shutil.copyfile(best[2], args.png)
+        out.append(f"\npredicted-vs-true plot ({LABELS[best[1]]}, seed {seeds[0]}): {args.png}")
+    ran = set(args.arch_models if not args.skip_arch else []) | set(
+        args.models if not args.skip_cnn else []
+    )
+    epochs_line = ", ".join(f"{LABELS[m]} {epochs[m]}" for m in budget if m in ran)
+    out.append(f"epochs: {epochs_line}; total time {time.time() - t0:.0f} s; "
+               f"torch threads 1; command: python scripts/bench_generalization.py "
+               f"{' '.join(argv if argv is not None else sys.argv[1:])}")  # fmt: skip
+    print("\n\n" + "\n\n".join(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
