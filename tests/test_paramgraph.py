@@ -401,6 +401,23 @@ def test_groupnorm_groups_are_encoded() -> None:
     assert not _nx_iso(g, from_module(across, example_input=x))
 
 
+@pytest.mark.parametrize("norm", ["group", "layer"])
+def test_zoo_norm_subclass_is_read_as_its_base_layer(norm: str) -> None:
+    """The zoo's GroupNorm re-implements forward() with tensor ops (for vmap); the graph must
+    still see one GroupNorm layer, not trace into it, and map back exactly."""
+    from metanet.zoo.architectures import build_module
+
+    arch = {"type": "cnn", "channels": [8, 8], "kernel": 3, "activation": "relu",
+            "residual": True, "norm": norm, "head": "pool"}  # fmt: skip
+    model = randomize_(build_module(arch)).eval()
+    x = torch.randn(3, 1, 8, 8)
+    g = from_module(model, example_input=x)
+    assert int((g.node_type == NodeType.NORM).sum()) > 0
+    fresh = build_module(arch).eval()
+    g.load_into(fresh)
+    assert torch.equal(fresh(x), model(x))
+
+
 # ----------------------------------------------------------------------------- batching
 
 

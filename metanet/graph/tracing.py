@@ -80,6 +80,17 @@ __all__ = ["UnsupportedOpError", "from_module", "graphs_from_state_dicts"]
 
 
 # ----------------------------------------------------------------------------- entry point
+class _LeafTracer(fx.Tracer):
+    """fx tracer that keeps subclasses of the supported layers as leaves: a custom ``GroupNorm``
+    that re-implements ``forward`` (e.g. for vmap) is read as the GroupNorm it subclasses, whose
+    parameters and semantics it must keep."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, _LAST_AXIS_MODULES + _CHANNEL_AXIS_MODULES):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
 def _trace(module: nn.Module) -> fx.GraphModule:
     concrete: dict[str, Any] = {}
     params = list(inspect.signature(module.forward).parameters.values())
@@ -87,7 +98,9 @@ def _trace(module: nn.Module) -> fx.GraphModule:
         if p.default is not inspect.Parameter.empty:
             concrete[p.name] = p.default
     try:
-        return fx.symbolic_trace(module, concrete_args=concrete or None)
+        tracer = _LeafTracer()
+        graph = tracer.trace(module, concrete_args=concrete or None)
+        return fx.GraphModule(tracer.root, graph, type(module).__name__)
     except Exception as exc:  # fx raises many kinds (TraceError, TypeError, ...)
         raise UnsupportedOpError(
             f"torch.fx could not trace {type(module).__name__}: {type(exc).__name__}: {exc}"
