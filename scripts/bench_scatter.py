@@ -1,6 +1,6 @@
 """Benchmark metanet.ops against torch-scatter, native torch and torch_geometric.utils.scatter.
 
-Prints one table per statistic (median and min over interleaved repeats, ms) of
+Prints one table per statistic (median and min over interleaved rounds, ms) of
 sum/mean/max/std over destination-sorted graphs: random graphs of 10k, 100k and 1M edges, the
 parameter graph of a batch of 256 digits CNNs (conv 1->8 3x3, conv 8->16 3x3, linear 16->10
 after global pooling) and of one ResNet-18 (nodes = channels, one edge per (out, in) kernel
@@ -11,14 +11,28 @@ metanet is at least as fast); ``pyg/mn`` = torch_geometric.utils.scatter / metan
 caches per CSR pointer (validation, index, sparse matrix), as a training step reuses one
 batch's ptr across layers; "mn.cold" passes a fresh copy of ptr on every call.
 
-    python scripts/bench_scatter.py [--backward] [--quick] [--reps N]
+Protocol (the same for every column): fixed torch thread count (``--threads``, default 1),
+passive OpenMP waiting, freed memory kept by glibc (``--allocator``, default keep); per row,
+each callable is warmed up, then timed once per round with the columns in a new random order
+every round, gradients reset untimed before each call and the garbage collector off; rounds
+fill ``--budget`` seconds per row (9 to 301 rounds). Each call's CPU time (of the calling
+thread with one torch thread, else of the process) and wall-clock time are recorded; ratios
+are ratios of median CPU times (the cores are shared, so wall time includes other processes'
+time slices); a median wall-clock table is printed last.
+``--backward`` times forward + backward (``out.backward(grad)``).
+
+    python scripts/bench_scatter.py [--backward] [--quick] [--reps N] [--budget S] [--threads T]
+        [--allocator keep|system]
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import os
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -40,6 +54,23 @@ ts = backend.torch_scatter
 REDUCES = ("sum", "mean", "max", "std")
 SINGLE = ("ts.scatter", "ts.segment", "native", "segment_reduce")  # single-backend columns
 COLUMNS = ("metanet", "mn.cold", "mn.scatter", *SINGLE, "pyg")
+MIN_ROUNDS, MAX_ROUNDS = 9, 301
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed memory in the process (no mmap/munmap per large tensor).
+
+    By default every large temporary (>= 32 MB) is a fresh mmap whose pages fault in on first
+    touch; on this shared machine that cost is bimodal (transparent huge pages available or
+    not) and dominated the spread of the 1M-edge rows. Applies to every column alike.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    ok = libc.mallopt(m_mmap_threshold, 1 << 30)
+    return bool(ok and libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def machine_info() -> str:
@@ -122,33 +153,72 @@ def methods(x, index, ptr, n: int, reduce: str) -> dict[str, Callable[[], torch.
 
 
 def time_interleaved(
-    fns: dict[str, Callable], reps: int, budget_s: float
-) -> dict[str, list[float]]:
-    """Warm up, then run every callable once per round (so load spikes hit all alike)."""
+    fns: dict[str, Callable],
+    reps: int,
+    budget_s: float,
+    before: Callable[[], None],
+    seed: int,
+    cpu_clock: Callable[[], float],
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Warm up, then run every callable once per round, in a fresh random order each round
+    (so load spikes and cache state hit all backends alike). ``before()`` runs untimed before
+    every call (it resets gradients). The Python garbage collector is off while timing.
+    Returns (CPU times, wall times) in ms per column, one entry per round."""
     est = 0.0
     for fn in fns.values():
+        before()
         fn()
+        before()
         t0 = time.perf_counter()
         fn()
         est += time.perf_counter() - t0
-    rounds = reps or int(min(40, max(5, budget_s / max(est, 1e-6))))
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append((time.perf_counter() - t0) * 1e3)
-    return times
+    rounds = reps or int(min(MAX_ROUNDS, max(MIN_ROUNDS, budget_s / max(est, 1e-6))))
+    order = list(fns)
+    rng = random.Random(seed)
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
+    wall: dict[str, list[float]] = {k: [] for k in fns}
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(rounds):
+            rng.shuffle(order)
+            for k in order:
+                before()
+                c0, t0 = cpu_clock(), time.perf_counter()
+                fns[k]()
+                t1, c1 = time.perf_counter(), cpu_clock()
+                cpu[k].append((c1 - c0) * 1e3)
+                wall[k].append((t1 - t0) * 1e3)
+    finally:
+        gc.enable()
+    return cpu, wall
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--backward", action="store_true", help="time forward + backward")
     p.add_argument("--quick", action="store_true", help="small graphs only")
-    p.add_argument("--reps", type=int, default=0, help="rounds (default: ~4 s per row)")
+    p.add_argument("--reps", type=int, default=0, help="rounds (default: ~budget s per row)")
+    p.add_argument("--budget", type=float, default=4.0, help="seconds per row (default 4)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads, fixed for the whole run (default 1: the cores are "
+                        "shared, and a descheduled worker thread stalls a parallel kernel)")
+    p.add_argument("--allocator", choices=("keep", "system"), default="keep",
+                   help="keep: glibc keeps freed memory (default; see keep_freed_memory); "
+                        "system: glibc defaults (large tensors are mmap'ed and page-faulted)")
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    kept = args.allocator == "keep" and keep_freed_memory()
+    # With one thread every kernel runs on the calling thread, so its CPU time is the work
+    # done, free of the time slices the OS gives other processes; with more threads the
+    # process CPU time (all threads) is used.
+    clock = time.thread_time if args.threads == 1 else time.process_time
+    clock_name = "thread CPU" if args.threads == 1 else "process CPU"
+    start = time.perf_counter()
     print(machine_info())
-    print(f"mode: {'forward + backward' if args.backward else 'forward'}; times in ms\n")
+    alloc = "freed memory kept (mallopt)" if kept else "glibc defaults"
+    print(f"mode: {'forward + backward' if args.backward else 'forward'}; allocator: {alloc}; "
+          f"ratios from {clock_name} time (wall-clock table last); times in ms\n")
     rows = []
     for name, index, n, feat in cases(args.quick):
         e = index.numel()
@@ -156,28 +226,40 @@ def main() -> None:
         x = torch.randn(e, feat, generator=torch.Generator().manual_seed(1))
         x.requires_grad_(args.backward)
         grad = torch.randn(n, feat)
+
+        def reset_grad(x=x) -> None:
+            x.grad = None  # every backward writes a fresh gradient (no accumulation)
+
         for reduce in REDUCES:
             fns = {k: f for k, f in methods(x, index, ptr, n, reduce).items() if f is not None}
             if args.backward:
                 fns = {k: (lambda f=f, g=grad: f().backward(g)) for k, f in fns.items()}
-            times = time_interleaved(fns, args.reps, budget_s=4.0)
+            seed = len(rows)
+            cpu, wall = time_interleaved(fns, args.reps, args.budget, reset_grad, seed, clock)
             layout = ops.reduce.layout_of(x, ptr)
             kernel = backend.kernel_for("max" if reduce == "max" else "sum", layout, args.backward)
-            rows.append((name, e, n, feat, reduce, kernel, times))
-            print(f"  measured {name} {reduce} ({len(times['metanet'])} rounds)", flush=True)
-    for stat_name, stat in (("median", statistics.median), ("min", min)):
-        print(f"\n{stat_name} over interleaved rounds (ms)")
+            rows.append((name, e, n, feat, reduce, kernel, cpu, wall))
+            print(f"  measured {name} {reduce} ({len(cpu['metanet'])} rounds)", flush=True)
+    tables = (
+        (f"median {clock_name} time over interleaved rounds (ms)", statistics.median, 6),
+        (f"min {clock_name} time over interleaved rounds (ms)", min, 6),
+        ("median wall-clock time over interleaved rounds (ms)", statistics.median, 7),
+    )
+    for title, stat, field in tables:
+        print(f"\n{title}")
         head = f"{'graph':16s} {'E':>9s} {'N':>7s} {'F':>3s} {'reduce':6s} {'kernel':14s}"
         head += "".join(f"{c:>11s}" for c in COLUMNS)
         head += f"{'best/mn':>8s}{'pyg/mn':>7s}{'best/cold':>10s}"
         print(head)
-        for name, e, n, feat, reduce, kernel, times in rows:
-            t = {k: stat(v) for k, v in times.items()}
+        for row in rows:
+            name, e, n, feat, reduce, kernel = row[:6]
+            t = {k: stat(v) for k, v in row[field].items()}
             best = min(t[k] for k in SINGLE if k in t)
             cells = "".join(f"{t[c]:11.3f}" if c in t else f"{'-':>11s}" for c in COLUMNS)
             line = f"{name:16s} {e:9d} {n:7d} {feat:3d} {reduce:6s} {kernel:14s}{cells}"
             ratios = f"{best / t['metanet']:8.2f}{t['pyg'] / t['metanet']:7.2f}"
             print(line + ratios + f"{best / t['mn.cold']:10.2f}")
+    print(f"\ntotal wall time {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":

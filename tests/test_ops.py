@@ -156,6 +156,12 @@ def test_bad_input_errors():
         ops.segment(torch.randn(4, 2), torch.tensor([0, 3, 1, 4]))
     with pytest.raises(ValueError, match="end at"):
         ops.segment(torch.randn(4, 2), torch.tensor([0, 2, 3]))
+    with pytest.raises(ValueError, match="unknown reduce"):
+        ops.segment(torch.randn(4, 2), torch.tensor([0, 4]), "median")
+    with pytest.raises(ValueError, match="at least one dimension"):
+        ops.segment(torch.tensor(1.0), torch.tensor([0, 1]))
+    with pytest.raises(TypeError, match="src must be a tensor"):
+        ops.segment([1.0, 2.0], torch.tensor([0, 2]))
     with pytest.raises(ValueError, match="sorted"):
         ops.index_to_ptr(torch.tensor([0, 2, 1]), 3)
     with pytest.raises(ValueError, match="unknown scatter backend"):
@@ -328,3 +334,40 @@ def test_max_gradient_ties_are_shared_like_torch():
     (out * weight).sum().backward()
     torch.testing.assert_close(x.grad, y.grad)
     assert x.grad[0, 0] == x.grad[1, 0] == 1.0  # tie at 1.0 shares the weight 2
+
+
+def test_integer_src_mean_and_std_are_float():
+    src = torch.arange(10).view(5, 2)
+    index = torch.tensor([0, 0, 1, 1, 1])
+    for reduce in ("mean", "std"):
+        expected = reference(src.double(), index, 2, reduce).float()
+        torch.testing.assert_close(ops.scatter(src, index, 0, 2, reduce), expected)
+        torch.testing.assert_close(ops.segment(src, ops.index_to_ptr(index, 2), reduce), expected)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_std_gradient_closed_form_matches_autograd(name):
+    """The custom std backward equals autograd through torch.std; constant groups get 0."""
+    src, index = graph(e=30, n=7, sort=True, dtype=torch.float64)
+    src[index == int(index[0])] = 1.5  # a zero-variance group: std 0, gradient 0
+    weight = torch.randn(7, 3, 2, dtype=torch.float64)
+    x = src.clone().requires_grad_(True)
+    with ops.use_backend(name):
+        (ops.segment(x, ops.index_to_ptr(index, 7), "std") * weight).sum().backward()
+    expected = torch.zeros_like(src)
+    for g in index.unique().tolist():
+        rows = src[index == g].clone().requires_grad_(True)
+        if g != int(index[0]):
+            (rows.std(0, unbiased=False) * weight[g]).sum().backward()
+            expected[index == g] = rows.grad
+    torch.testing.assert_close(x.grad, expected)
+    assert (x.grad[index == int(index[0])] == 0).all()
+
+
+def test_mean_divisor_cache_follows_in_place_changes():
+    src = torch.randn(6, 2)
+    ptr = torch.tensor([0, 2, 6])
+    torch.testing.assert_close(ops.segment(src, ptr, "mean")[0], src[:2].mean(0))
+    ptr[1] = 3
+    torch.testing.assert_close(ops.segment(src, ptr, "mean")[0], src[:3].mean(0))
+    torch.testing.assert_close(ops.segment(src, ptr, "std")[1], src[3:].std(0, unbiased=False))

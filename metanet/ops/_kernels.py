@@ -79,27 +79,45 @@ def _needs_grad(x: Tensor) -> bool:
 
 
 class _CsrSum(torch.autograd.Function):
-    """``out = A @ x`` with ``A [N, E]`` the 0/1 CSR matrix of the segments (MKL SpMM on CPU).
+    """``out = A @ x`` (divided by ``divisor [N, 1]`` if given: the mean) with ``A [N, E]`` the
+    0/1 CSR matrix of the segments (MKL SpMM on CPU).
 
-    The backward is ``grad_x = grad_out[index]``, an index_select, instead of torch's generic
-    sparse backward (which builds A^T and is ~10x slower).
+    The backward is ``grad_x = (grad_out / divisor)[index]``, one index_select, instead of
+    torch's generic sparse backward (which builds A^T and is ~10x slower).
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, ptr: Tensor, index: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(index)
-        return _csr_matmul(x, ptr)
+    def forward(  # type: ignore[override]
+        ctx, x: Tensor, ptr: Tensor, index: Tensor, divisor: Tensor | None
+    ) -> Tensor:
+        ctx.save_for_backward(index, divisor)
+        out = _csr_matmul(x, ptr)
+        return out if divisor is None else out.div_(divisor)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
-        (index,) = ctx.saved_tensors
-        return grad.index_select(0, index), None, None
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
+        index, divisor = ctx.saved_tensors
+        if divisor is not None:
+            grad = grad / divisor
+        return grad.index_select(0, index), None, None, None
 
 
-def _scatter_extreme(x: Tensor, index: Tensor, n: int, op: str) -> Tensor:
-    out = x.new_zeros(n, x.size(1))
-    return out.scatter_reduce_(0, index.view(-1, 1).expand_as(x), x, op, include_self=False)
+def _scatter_extreme(
+    x: Tensor, index: Tensor, n: int, op: str, expanded: Tensor | None = None
+) -> Tensor:
+    if expanded is None:
+        expanded = index.view(-1, 1).expand_as(x)
+    return x.new_zeros(n, x.size(1)).scatter_reduce_(0, expanded, x, op, include_self=False)
+
+
+def expanded_index(ptr: Tensor, width: int) -> Tensor:
+    """``ptr_to_index(ptr)`` as an ``[E, width]`` expanded view (for scatter_reduce), cached."""
+    entry = ptr_cache(ptr)
+    key = ("expanded", width)
+    if key not in entry:
+        entry[key] = ptr_to_index(ptr).view(-1, 1).expand(-1, width)
+    return entry[key]
 
 
 class _ScatterExtreme(torch.autograd.Function):
@@ -126,19 +144,73 @@ class _ScatterExtreme(torch.autograd.Function):
         return grad.index_select(0, index).masked_fill_(~hit, 0), None, None, None
 
 
-def sum_kernel(name: str, x: Tensor, index: Tensor | None, ptr: Tensor | None, n: int) -> Tensor:
-    """Segment sums ``[N, F]`` with the kernel ``name``; ``index`` or ``ptr`` may be None."""
+def sum_kernel(
+    name: str,
+    x: Tensor,
+    index: Tensor | None,
+    ptr: Tensor | None,
+    n: int,
+    divisor: Tensor | None = None,
+) -> Tensor:
+    """Segment sums ``[N, F]`` with the kernel ``name``, divided by ``divisor [N, 1]`` if given
+    (segment means); ``index`` or ``ptr`` may be None."""
+    grad = _needs_grad(x)
     if name == "spmm" and ptr is not None and x.dtype in SPMM_DTYPES and x.layout == torch.strided:
-        if _needs_grad(x):
-            return _CsrSum.apply(x, ptr, index if index is not None else ptr_to_index(ptr))
-        return _csr_matmul(x, ptr)
-    if name == "ts_segment" and ptr is not None:
-        return torch_scatter.segment_csr(x, ptr, reduce="sum")
-    if index is None:
-        index = ptr_to_index(ptr)
-    if name == "ts_scatter":
-        return torch_scatter.scatter(x, index, 0, dim_size=n, reduce="sum")
-    return x.new_zeros(n, x.size(1)).index_add_(0, index, x)  # "index_add" and fallbacks
+        if grad:
+            index = index if index is not None else ptr_to_index(ptr)
+            return _CsrSum.apply(x, ptr, index, divisor)
+        out = _csr_matmul(x, ptr)
+    elif name == "ts_segment" and ptr is not None:
+        out = torch_scatter.segment_csr(x, ptr, reduce="sum")
+    else:
+        if index is None:
+            index = ptr_to_index(ptr)
+        if name == "ts_scatter":
+            out = torch_scatter.scatter(x, index, 0, dim_size=n, reduce="sum")
+        else:  # "index_add" and fallbacks
+            out = x.new_zeros(n, x.size(1)).index_add_(0, index, x)
+    if divisor is None:
+        return out
+    if grad or not out.is_floating_point():  # integer sums: true division gives floats
+        return out / divisor
+    return out.div_(divisor)
+
+
+class _Std(torch.autograd.Function):
+    """Population std per segment from the (precomputed, detached) segment means.
+
+    Forward is two-pass (stable): ``var = sum((x - mean[seg])^2) / count``; variances at or
+    below ``eps`` give 0. Backward uses the closed form ``d std / d x_e = (x_e - mean) /
+    (count * std)`` (the mean's own dependence on ``x`` contributes exactly 0), i.e. one
+    gather and one multiply instead of differentiating through the two passes.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, x: Tensor, mean: Tensor, index: Tensor, count: Tensor, sum_fn, eps: float
+    ) -> Tensor:
+        diff = mean.index_select(0, index)
+        diff = torch.sub(x, diff, out=diff)  # [E, F], reusing the gathered buffer
+        grad = ctx.needs_input_grad[0]
+        var = sum_fn(diff.square() if grad else diff.square_()).div_(count)  # [N, F]
+        zero = var <= eps
+        std = var.sqrt_().masked_fill_(zero, 0)
+        if grad:
+            inv = (std * count).reciprocal_().masked_fill_(zero, 0)  # 1 / (count * std)
+            ctx.save_for_backward(diff, index, inv)
+        return std
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        diff, index, inv = ctx.saved_tensors
+        return (grad * inv).index_select(0, index).mul_(diff), None, None, None, None, None
+
+
+def std_kernel(x: Tensor, mean: Tensor, index: Tensor, count: Tensor, sum_fn, eps: float) -> Tensor:
+    """Segment std ``[N, F]`` of ``x [E, F]`` given segment means ``[N, F]``, the segment of each
+    row ``index [E]``, row counts ``[N, 1]`` (>= 1) and ``sum_fn`` (``[E, F] -> [N, F]``)."""
+    return _Std.apply(x, mean.detach(), index, count, sum_fn, eps)
 
 
 def extreme_kernel(
@@ -150,11 +222,14 @@ def extreme_kernel(
     if name == "segment_reduce" and ptr is not None:
         out = torch.segment_reduce(x, op, offsets=ptr, axis=0)
         return out.masked_fill((ptr.diff() == 0).unsqueeze(1), 0)
+    grad = _needs_grad(x)
+    if not grad and ptr is not None and name != "ts_scatter":  # scatter_reduce on CSR rows
+        return _scatter_extreme(x, None, n, "a" + op, expanded_index(ptr, x.size(1)))
     if index is None:
         index = ptr_to_index(ptr)
     if name == "ts_scatter":
         return torch_scatter.scatter(x, index, 0, dim_size=n, reduce=op)
-    if _needs_grad(x):  # "scatter_reduce" and fallbacks
+    if grad:  # "scatter_reduce" and fallbacks
         return _ScatterExtreme.apply(x, index, n, "a" + op)
     return _scatter_extreme(x, index, n, "a" + op)
 

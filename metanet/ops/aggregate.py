@@ -20,6 +20,7 @@ from metanet.ops.reduce import (
     _check_ptr,
     reduce_2d,
     segment_counts,
+    segment_divisor,
     std_from_mean,
 )
 
@@ -80,7 +81,7 @@ def multi_aggregate(
         index = index.long()
 
     count = segment_counts(index, ptr, dim_size)
-    cnt = count.to(src.dtype).clamp_min(1).unsqueeze(1)  # [N, 1]
+    cnt = segment_divisor(index, ptr, dim_size, src.dtype)  # [N, 1], max(count, 1)
     results: dict[str, Tensor] = {}
     if {"sum", "mean", "std"} & set(aggrs):
         results["sum"] = reduce_2d(src, index, ptr, dim_size, "sum")

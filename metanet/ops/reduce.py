@@ -67,17 +67,19 @@ def reduce_2d(
     Inputs must be valid (the public functions check them). With ``ptr`` the CSR kernels of
     the active backend are used; ``index`` (if also given) saves recomputing it from ``ptr``.
     """
-    if reduce == "sum":
-        return K.sum_kernel(kernel_for("sum", layout_of(x, ptr)), x, index, ptr, n)
+    layout = layout_of(x, ptr)
     if reduce in ("max", "min"):
-        kernel = kernel_for("max", layout_of(x, ptr), x.requires_grad and torch.is_grad_enabled())
+        kernel = kernel_for("max", layout, x.requires_grad and torch.is_grad_enabled())
         return K.extreme_kernel(kernel, x, index, ptr, n, reduce)
     if reduce == "mul":
         return K.prod_kernel(x, K.ptr_to_index(ptr) if index is None else index, n)
-    count = segment_counts(index, ptr, n).to(x.dtype).clamp_min(1).unsqueeze(1)  # [n, 1]
-    mean = reduce_2d(x, index, ptr, n, "sum") / count
+    kernel = kernel_for("sum", layout)
+    if reduce == "sum":
+        return K.sum_kernel(kernel, x, index, ptr, n)
+    count = segment_divisor(index, ptr, n, x.dtype)  # [n, 1]
     if reduce == "mean":
-        return mean
+        return K.sum_kernel(kernel, x, index, ptr, n, divisor=count)
+    mean = K.sum_kernel(kernel, x.detach(), index, ptr, n, divisor=count)
     return std_from_mean(x, mean, index, ptr, count)
 
 
@@ -91,20 +93,15 @@ def layout_of(x: Tensor, ptr: Tensor | None) -> str:
 def std_from_mean(
     x: Tensor, mean: Tensor, index: Tensor | None, ptr: Tensor | None, count: Tensor
 ) -> Tensor:
-    """Population std ``[n, F]`` given the segment means ``[n, F]`` (two-pass, stable).
-
-    Large ``[E, F]`` temporaries dominate the cost, so the no-grad path reuses one buffer.
+    """Population std ``[n, F]`` given the segment means ``[n, F]`` (two-pass, stable) and the
+    row counts ``count [n, 1]`` (clamped to >= 1). Differentiable in ``x`` only (the gradient
+    through the mean is exactly 0); variances ``<= STD_EPS`` give std 0 and gradient 0.
     """
-    if ptr is not None:  # mean[index] without materialising index
-        gathered = mean.repeat_interleave(ptr.diff(), dim=0, output_size=x.size(0))
-    else:
-        gathered = mean.index_select(0, index)
-    if x.requires_grad and torch.is_grad_enabled():
-        sq = (x - gathered).square()
-    else:
-        sq = torch.sub(x, gathered, out=gathered).square_()
-    var = reduce_2d(sq, index, ptr, mean.size(0), "sum") / count
-    return torch.where(var > STD_EPS, var.clamp_min(STD_EPS).sqrt(), torch.zeros_like(var))
+    n = mean.size(0)
+    gather = index if index is not None else K.ptr_to_index(ptr)
+    return K.std_kernel(
+        x, mean, gather, count, lambda t: reduce_2d(t, index, ptr, n, "sum"), STD_EPS
+    )  # fmt: skip
 
 
 def segment_counts(index: Tensor | None, ptr: Tensor | None, n: int) -> Tensor:
@@ -112,6 +109,18 @@ def segment_counts(index: Tensor | None, ptr: Tensor | None, n: int) -> Tensor:
     if ptr is not None:
         return ptr.diff().long()
     return torch.bincount(index, minlength=n)
+
+
+def segment_divisor(index: Tensor | None, ptr: Tensor | None, n: int, dtype: torch.dtype) -> Tensor:
+    """Row counts clamped to >= 1 as ``[n, 1]`` of ``dtype`` (the divisor of means); cached per
+    CSR pointer (do not modify the result in place)."""
+    if ptr is None:
+        return torch.bincount(index, minlength=n).to(dtype).clamp_min_(1).unsqueeze(1)
+    entry = K.ptr_cache(ptr)
+    key = ("divisor", dtype)
+    if key not in entry:
+        entry[key] = ptr.diff().to(dtype).clamp_min_(1).unsqueeze(1)
+    return entry[key]
 
 
 def scatter(
@@ -149,11 +158,15 @@ def segment(src: Tensor, ptr: Tensor, reduce: str = "sum") -> Tensor:
     Returns:
         ``[N, *]``; 0 for empty segments.
     """
-    _check_reduce(reduce)
-    _check_dim(src, 0)
+    if reduce not in REDUCTIONS:
+        _check_reduce(reduce)
+    if not isinstance(src, Tensor) or src.dim() == 0:
+        _check_dim(src, 0)  # raises for a non-tensor
+        raise ValueError("src must have at least one dimension (the segmented rows)")
     _check_ptr(ptr, src.size(0))
-    ptr = ptr if ptr.dtype == torch.int64 else ptr.long()
-    if src.dim() == 2:
+    if ptr.dtype != torch.int64:
+        ptr = ptr.long()
+    if src.dim() == 2:  # the common case: no reshaping
         return reduce_2d(src, None, ptr, ptr.numel() - 1, reduce)
     return _unrows(reduce_2d(_rows(src, 0), None, ptr, ptr.numel() - 1, reduce), src, 0)
 
