@@ -1,14 +1,30 @@
-"""Zoo building speed: networks per minute, vmap chunk training vs a plain per-network loop.
+"""Zoo building speed (nets/minute, metanet builder vs a plain per-network loop) and an INR
+zoo learnability probe.
 
-Both train the same networks of a recipe (first ``--nets`` run ids; the same sampled lr, weight
-decay, optimizer, dropout, init, train subset, label noise, batch size and epochs) and evaluate
-them on the digits test split once at the end. The plain loop is the usual one-model-at-a-time
-code with ``torch.optim`` (SGD with momentum / AdamW) on a DataLoader-free index shuffle; it
-trains the first ``--plain-nets`` of those networks (a rate is a rate; the networks are i.i.d.
-draws from the recipe). Prints a table; nothing is written.
+Speed: for each recipe, both sides train the same networks (the recipe's first ``--nets`` run
+ids: the same sampled lr, weight decay, optimizer, dropout, init, train subset, label noise, batch
+size and epochs, on the same digits split).
 
-    python scripts/bench_zoo.py [--recipe datasets/digits-cnn.yaml] [--nets 50] [--plain-nets 10]
-                                [--threads 1]
+* metanet: ``build_zoo(recipe, limit=nets)`` end to end into a temporary file - chunked training
+  (``--engine``: ``auto`` = hand-batched matmuls, ``vmap`` = ``torch.func``), evaluation of
+  every kept checkpoint on the full train and test splits, HDF5 chunk files and the merge.
+* plain: the ordinary loop, one network at a time: ``nn.Module`` (``nn.Dropout``) +
+  ``torch.optim`` (SGD with momentum / AdamW), a fresh ``randperm`` per epoch, the same batch
+  size and epochs; it evaluates test accuracy once at the end (less work than metanet). By
+  default it trains the same ``--nets`` networks (``--plain-nets K``: only the first K; steps per
+  network vary ~50x across a recipe, so a small subset gives a noisy rate).
+
+Both run in this process with the same torch thread count. The machine may be shared, so the
+table gives rates by wall-clock time and by this process's CPU time (``time.process_time``,
+which other processes' load does not inflate); with one thread they agree on an idle machine.
+
+INR probe (``--inr-probe ZOO.h5``): logistic regression on the flattened weights of the INRs of
+the digits train split, scored on the INRs of the test split (chance = 10%), next to the same
+classifier on the raw pixels; prints the PSNR spread of the zoo.
+
+    python scripts/bench_zoo.py [--recipe datasets/digits-mlp.yaml --recipe ...] [--nets 200]
+                                [--plain-nets K] [--threads 1] [--engine auto]
+    python scripts/bench_zoo.py --inr-probe .cache/zoos/digits-siren.h5
 """
 
 from __future__ import annotations
@@ -17,24 +33,37 @@ import argparse
 import os
 import platform
 import sys
+import tempfile
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from metanet.zoo.architectures import SampledDropout
-from metanet.zoo.build import make_chunks
+from metanet.zoo.build import build_zoo
 from metanet.zoo.recipe import NetworkPlan, Recipe
-from metanet.zoo.train import TaskData, cached_digits, classifier_data, init_network, train_chunk
+from metanet.zoo.train import TaskData, cached_digits, classifier_data, init_network
 
 
-def plain_train(arch: dict, plan: NetworkPlan, data: TaskData, i: int, flat: bool) -> float:
+def plain_model(arch: dict, plan: NetworkPlan) -> nn.Module:
+    """The network of ``plan`` as an ordinary module: same initial weights as the zoo builder's,
+    ``nn.Dropout(p)`` in place of the builder's per-network-rate dropout."""
+    hp = plan.hparams
+    model = init_network(arch, plan.weight_seed, hp.get("init", "default"),
+                         float(hp.get("init_scale", 1.0)))  # fmt: skip
+    for name, m in list(model.named_children()):
+        if isinstance(m, SampledDropout):
+            setattr(model, name, nn.Dropout(float(hp.get("dropout", 0.0))))
+    return model
+
+
+def plain_train(arch: dict, plan: NetworkPlan, data: TaskData, i: int) -> float:
     """Train network ``i`` of ``data`` alone with torch.optim; return its test accuracy."""
     hp = plan.hparams
-    model = init_network(arch, plan.seed, hp["init"], hp["init_scale"])
-    for m in model.modules():
-        if isinstance(m, SampledDropout):
-            m.p.fill_(hp["dropout"])
+    model = plain_model(arch, plan)
     if hp["optimizer"] == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=hp["lr"], momentum=hp["momentum"],
                               weight_decay=hp["weight_decay"])  # fmt: skip
@@ -58,58 +87,137 @@ def plain_train(arch: dict, plan: NetworkPlan, data: TaskData, i: int, flat: boo
     return float((out.argmax(1) == data.y_eval["test"]).float().mean())
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--recipe", default="datasets/digits-cnn.yaml")
-    parser.add_argument("--nets", type=int, default=50, help="networks trained by vmap")
-    parser.add_argument("--plain-nets", type=int, default=10, help="networks trained one by one")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads for both")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    recipe = Recipe.load(args.recipe)
+def _clock() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def bench_recipe(path: str, nets: int, plain_nets: int, engine: str) -> dict:
+    """Time the metanet build and the plain loop on ``path``; returns one table row."""
+    recipe = Recipe.load(path)
     if recipe.kind != "classifier":
-        raise SystemExit("bench_zoo compares classifier recipes")
-    plans = recipe.plan(args.nets)
+        raise SystemExit(f"{path}: the speed comparison needs a classifier recipe")
+    plans = recipe.plan(nets)
     arch = recipe.architectures[0]
-    plans = [p for p in plans if p.arch_index == 0]
+    if len(recipe.architectures) > 1:
+        raise SystemExit(f"{path}: compare one-architecture recipes")
     flat = arch["type"] == "mlp"
     cached_digits(recipe.data["split_seed"], recipe.data["test_fraction"])
+    with tempfile.TemporaryDirectory() as tmp:
+        # warm-up (imports, first traces, allocator) on a tiny build, not timed
+        build_zoo(recipe, Path(tmp) / "warm.h5", limit=2, progress=False, engine=engine)
+        w0, c0 = _clock()
+        out = build_zoo(recipe, Path(tmp) / "zoo.h5", limit=nets, progress=False, engine=engine)
+        w1, c1 = _clock()
+        from metanet.data.zoo_store import Zoo
 
-    # warm-up (imports, first vmap trace) on 2 networks, not timed
-    warm = plans[:2]
-    train_chunk(arch, warm, classifier_data(warm, flat), [1.0])
+        with Zoo.open(out) as zoo:
+            g = zoo[zoo.architectures[0]]
+            final = g.metrics["final"] == 1
+            acc = float(np.mean(g.metrics["test_acc"][final]))
+            records = len(g)
+    sub = plans[:plain_nets]
+    data = classifier_data(sub, flat, recipe.data["split_seed"], recipe.data["test_fraction"])
+    plain_train(arch, sub[0], data, 0)  # warm-up, not timed
+    p0, q0 = _clock()
+    plain_acc = [plain_train(arch, p, data, i) for i, p in enumerate(sub)]
+    p1, q1 = _clock()
+    epochs = [p.hparams["epochs"] for p in plans]
+    return {
+        "arch": arch["type"],
+        "recipe": recipe.name,
+        "nets": len(plans),
+        "plain_nets": len(sub),
+        "records": records,
+        "epochs": f"{min(epochs)}-{max(epochs)} (mean {np.mean(epochs):.1f})",
+        "plain_wall": 60 * len(sub) / (p1 - p0),
+        "plain_cpu": 60 * len(sub) / (q1 - q0),
+        "meta_wall": 60 * len(plans) / (w1 - w0),
+        "meta_cpu": 60 * len(plans) / (c1 - c0),
+        "plain_acc": float(np.mean(plain_acc)),
+        "meta_acc": acc,
+    }
 
-    t0 = time.perf_counter()
-    chunks = [c for c in make_chunks(recipe, plans) if c.arch_index == 0]
-    accs = []
-    for c in chunks:
-        data = classifier_data(list(c.plans), flat)
-        res = train_chunk(arch, list(c.plans), data, recipe.keep_fractions)
-        accs += res.metrics["test_acc"][res.metrics["final"] == 1].tolist()
-    t_vmap = time.perf_counter() - t0
 
-    sub = plans[: args.plain_nets]
-    t0 = time.perf_counter()
-    data = classifier_data(sub, flat)
-    plain_acc = [plain_train(arch, p, data, i, flat) for i, p in enumerate(sub)]
-    t_plain = time.perf_counter() - t0
+def inr_probe(path: str) -> str:
+    """Logistic-regression accuracy of the digit class from an INR zoo's flattened weights
+    (train: INRs of the digits train split; test: INRs of the test split); a markdown table."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
 
-    rate_v = 60 * len(plans) / t_vmap
-    rate_p = 60 * len(sub) / t_plain
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    from metanet.data.zoo_store import Zoo
+
+    rows = []
+    with Zoo.open(path) as zoo:
+        for g in zoo:
+            m = g.metrics
+            if "label" not in m or "split" not in m:
+                raise SystemExit(f"{path}: group {g.name} is not an INR zoo (no label/split)")
+            params = g.params()
+            x = torch.cat([v.flatten(1) for v in params.values()], dim=1).numpy()
+            y, split = np.asarray(m["label"]), np.asarray(m["split"])
+            tr, te = split == 0, split == 1
+            if not tr.any() or not te.any():
+                raise SystemExit(f"{path}: needs INRs of both digits splits")
+            scaler = StandardScaler().fit(x[tr])
+            clf = LogisticRegression(max_iter=3000).fit(scaler.transform(x[tr]), y[tr])
+            acc_w = clf.score(scaler.transform(x[te]), y[te])
+            d = cached_digits(zoo.attrs["data"]["split_seed"], zoo.attrs["data"]["test_fraction"])
+            pix_tr = d.x_train.flatten(1).numpy()[np.asarray(m["image_index"])[tr]]
+            pix_te = d.x_test.flatten(1).numpy()[np.asarray(m["image_index"])[te]]
+            clf_p = LogisticRegression(max_iter=3000).fit(pix_tr, y[tr])
+            acc_p = clf_p.score(pix_te, y[te])
+            psnr = np.asarray(m["psnr"])
+            counts = np.bincount(y[tr], minlength=10)
+            rows.append(
+                f"| {g.name} | {int(tr.sum())} / {int(te.sum())} | "
+                f"{np.median(psnr):.1f} ({psnr.min():.1f}-{psnr.max():.1f}) | "
+                f"{counts.max() / counts.sum():.3f} | {acc_w:.3f} | {acc_p:.3f} |"
+            )
+    head = [
+        f"INR probe: {path}",
+        "",
+        "| group | INRs train / test | PSNR dB median (min-max) | majority class | "
+        "logreg on weights (test acc) | logreg on pixels (test acc) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    return "\n".join(head + rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipe", action="append", default=None,
+                        help="classifier recipe (repeatable; default digits-mlp and digits-cnn)")
+    parser.add_argument("--nets", type=int, default=200, help="networks built by metanet")
+    parser.add_argument("--plain-nets", type=int, default=None,
+                        help="networks trained one by one (default: all --nets, equal work)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for both")
+    parser.add_argument("--engine", default="auto", choices=["auto", "batched", "vmap"])
+    parser.add_argument("--inr-probe", default=None, metavar="ZOO.h5",
+                        help="only run the INR learnability probe on this zoo")  # fmt: skip
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     cli = " ".join(sys.argv[1:] if argv is None else argv)
     print(f"command: python scripts/bench_zoo.py {cli}")
-    print(f"machine: {platform.machine()} {platform.processor() or ''} cpus={os.cpu_count()} "
-          f"torch={torch.__version__} threads={args.threads} load1={load:.1f}")  # fmt: skip
-    print(f"recipe: {recipe.name} ({recipe.source}), arch {arch['type']}, "
-          f"{len(chunks)} vmap chunk(s) of <= {recipe.chunk_size}")  # fmt: skip
+    if args.inr_probe:
+        print(inr_probe(args.inr_probe))
+        return 0
+    recipes = args.recipe or ["datasets/digits-mlp.yaml", "datasets/digits-cnn.yaml"]
+    plain = args.nets if args.plain_nets is None else args.plain_nets
+    rows = [bench_recipe(r, args.nets, plain, args.engine) for r in recipes]
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"machine: {platform.machine()} cpus={os.cpu_count()} torch={torch.__version__} "
+          f"threads={args.threads} engine={args.engine} load1={load:.1f}")  # fmt: skip
     print()
-    print("| method | networks | seconds | nets/minute | speed-up | mean final test acc |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    print(f"| plain loop (torch.optim, one net at a time) | {len(sub)} | {t_plain:.1f} | "
-          f"{rate_p:.1f} | 1.0x | {sum(plain_acc) / len(plain_acc):.3f} |")  # fmt: skip
-    print(f"| metanet.zoo vmap (torch.func) | {len(plans)} | {t_vmap:.1f} | {rate_v:.1f} | "
-          f"{rate_v / rate_p:.1f}x | {sum(accs) / len(accs):.3f} |")  # fmt: skip
+    print("| arch (recipe) | nets (metanet / plain) | epochs per net | plain nets/min | "
+          "metanet nets/min | ratio | plain nets/CPU-min | metanet nets/CPU-min | CPU ratio | "
+          "mean final test acc (plain / metanet) |")  # fmt: skip
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        print(f"| {r['arch']} ({r['recipe']}) | {r['nets']} / {r['plain_nets']} | {r['epochs']} | "
+              f"{r['plain_wall']:.0f} | {r['meta_wall']:.0f} | "
+              f"{r['meta_wall'] / r['plain_wall']:.1f}x | {r['plain_cpu']:.0f} | "
+              f"{r['meta_cpu']:.0f} | {r['meta_cpu'] / r['plain_cpu']:.1f}x | "
+              f"{r['plain_acc']:.3f} / {r['meta_acc']:.3f} |")  # fmt: skip
     return 0
 
 

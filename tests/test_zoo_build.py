@@ -108,6 +108,8 @@ def test_bad_architectures_name_the_key(arch, key):
         ({"data": {"split_seed": 0, "shuffle": True}}, "data.shuffle"),
         ({"architectures": [{"type": "mlp", "widths": [8], "depth": 2}]}, "architectures[0]"),
         ({"architectures": [{"type": "siren"}]}, "architectures[0].type"),
+        ({"shared_init": 0}, "shared_init"),
+        ({"shared_init": True}, "shared_init"),
     ],
 )
 def test_bad_recipes_name_key_and_file(tmp_path, change, key):
@@ -134,11 +136,29 @@ def test_plan_is_deterministic_and_samples_in_range():
 
 
 # -- vmap training == plain torch.optim training ---------------------------------------------------
-def test_vmap_chunk_matches_plain_per_network_training():
+CNN_STRIDED = {"type": "cnn", "channels": [4, 8], "strides": [1, 2], "kernel": 3,
+               "head": "flatten"}  # fmt: skip
+CNN_POOL = {"type": "cnn", "channels": [3, 5], "strides": [2, 1], "kernel": 5, "head": "pool",
+            "activation": "tanh"}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "engine, arch",
+    [
+        ("vmap", {"type": "mlp", "widths": [8]}),
+        ("batched", {"type": "mlp", "widths": [8]}),
+        ("vmap", CNN_STRIDED),
+        ("batched", CNN_STRIDED),
+        ("batched", CNN_POOL),
+    ],
+)
+def test_chunk_engines_match_plain_per_network_training(engine, arch):
     """Full-batch training (deterministic) of networks with different optimizers, lrs, weight
-    decay, train subsets, label noise and epochs in ONE vmap chunk equals training each network
-    alone with torch.optim on its own subset and labels."""
+    decay, train subsets, label noise and epochs in ONE chunk (torch.func vmap engine and
+    hand-batched engine) equals training each network alone with torch.optim on its own subset
+    and labels."""
     raw = _recipe(
+        architectures=[arch],
         keep_fractions=[0.5, 1.0],
         hparams={
             "lr": {"log_uniform": [0.01, 0.1]},
@@ -157,8 +177,9 @@ def test_vmap_chunk_matches_plain_per_network_training():
     plans = r.plan(limit=4)
     assert len({p.hparams["optimizer"] for p in plans}) == 2
     arch = r.architectures[0]
-    data = classifier_data(plans, flat=True)
-    res = train_chunk(arch, plans, data, r.keep_fractions)
+    flat = arch["type"] == "mlp"
+    data = classifier_data(plans, flat=flat)
+    res = train_chunk(arch, plans, data, r.keep_fractions, engine=engine)
     for i, plan in enumerate(plans):
         hp = plan.hparams
         m = init_network(arch, plan.seed, hp["init"], hp["init_scale"])
@@ -182,8 +203,85 @@ def test_vmap_chunk_matches_plain_per_network_training():
             torch.testing.assert_close(res.params[k][final], v, atol=2e-5, rtol=1e-4)
         m.eval()
         d = load_digits()
-        acc = (m(d.x_test.flatten(1)).argmax(1) == d.y_test).float().mean().item()
+        x_test = d.x_test.flatten(1) if flat else d.x_test
+        acc = (m(x_test).argmax(1) == d.y_test).float().mean().item()
         assert abs(res.metrics["test_acc"][final] - acc) < 1e-6
+
+
+@pytest.mark.parametrize(
+    "arch",
+    [
+        {"type": "mlp", "widths": [7, 5], "activation": "gelu", "dropout": True},
+        {**CNN_STRIDED, "dropout": True},
+        CNN_POOL,
+        {"type": "cnn", "channels": [2, 3, 4], "strides": [2, 1, 2], "kernel": 3,
+         "activation": "elu", "head": "flatten"},
+        {"type": "siren", "widths": [6, 6], "w0": 20.0, "w0_first": 10.0},
+    ],
+)
+def test_batched_forward_equals_modules(arch):
+    """The hand-batched forward (per-network and shared inputs, dropout off) of N networks
+    with different weights equals each module's own forward."""
+    from metanet.zoo.architectures import input_shape
+    from metanet.zoo.batched import BatchedNet
+
+    net = BatchedNet(arch)
+    mods = [init_network(arch, seed, "xavier_normal" if seed % 2 else "default") for seed in
+            range(3)]  # fmt: skip
+    for m in mods:  # nonzero biases
+        for k, p in m.named_parameters():
+            if k.endswith("bias"):
+                torch.nn.init.normal_(p.data, std=0.3)
+    flat = net.pack({k: torch.stack([dict(m.named_parameters())[k] for m in mods]).detach()
+                     for k in net.keys})  # fmt: skip
+    assert flat.shape == (3, sum(p.numel() for p in mods[0].parameters()))
+    x = torch.rand(5, *input_shape(arch)) * 2 - 1
+    with torch.no_grad():
+        ref = torch.stack([m.eval()(x) for m in mods])
+        shared = net.forward(net.views(flat, False), net.prepare(x), shared=True)
+        per = net.forward(net.views(flat, False), net.prepare(x).expand(3, *net.prepare(x).shape))
+    torch.testing.assert_close(shared, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(net.forward_eval(net.views(flat, False), x), ref, atol=1e-5,
+                               rtol=1e-5)  # fmt: skip
+    torch.testing.assert_close(per, ref, atol=1e-5, rtol=1e-5)
+    for k, v in net.unpack(flat).items():
+        torch.testing.assert_close(v[1], dict(mods[1].named_parameters())[k].detach())
+
+
+def test_manual_mlp_gradient_equals_autograd_with_dropout():
+    """The hand-written backward of ReLU MLPs (per-network dropout rates, per-sample loss
+    weights) equals autograd through the batched forward (same dropout masks: same seed)."""
+    from metanet.zoo.batched import BatchedNet
+
+    net = BatchedNet({"type": "mlp", "widths": [6, 5], "dropout": True})
+    assert net.manual
+    assert not BatchedNet({"type": "mlp", "widths": [6], "activation": "tanh"}).manual
+    flat = torch.randn(4, net.dim) * 0.5
+    x, y = torch.randn(4, 7, 64), torch.randint(0, 10, (4, 7))
+    w = torch.rand(4, 7)
+    rate = torch.tensor([0.0, 0.2, 0.5, 0.9])
+    torch.manual_seed(5)
+    grad = net.ce_grad(flat, x, y, w, rate)
+    torch.manual_seed(5)
+    leaves = net.views(flat, requires_grad=True)
+    out = net.forward(leaves, x, rate)
+    loss = (F.cross_entropy(out.reshape(-1, 10), y.reshape(-1), reduction="none").view(4, 7)
+            * w).sum()  # fmt: skip
+    ref = torch.cat([g.reshape(4, -1) for g in torch.autograd.grad(loss, leaves)], dim=1)
+    torch.testing.assert_close(grad, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_im2col_matches_unfold_and_its_gradient():
+    from metanet.zoo.batched import Im2Col
+
+    x = torch.randn(1, 5, 5, 2, dtype=torch.double, requires_grad=True)  # channels-last
+    for k, s, pad in ((3, 1, 1), (3, 2, 1), (5, 2, 2), (1, 1, 0)):
+        cols = Im2Col.apply(x, k, s, pad)
+        ref = F.unfold(x.permute(0, 3, 1, 2), k, padding=pad, stride=s)  # [M, C*k*k, L]
+        ho = (5 + 2 * pad - k) // s + 1
+        ref = ref.view(1, 2, k, k, ho, ho).permute(0, 4, 5, 2, 3, 1)
+        torch.testing.assert_close(cols, ref)
+        assert torch.autograd.gradcheck(Im2Col.apply, (x, k, s, pad))
 
 
 def test_diverging_networks_are_frozen_and_flagged():
@@ -218,6 +316,45 @@ def test_siren_zoo_fits_digit_images(tmp_path):
             mse = F.mse_loss(g.module(i)(coords), target).item()
         assert abs(mse - m["train_loss"][i]) < 1e-5
         assert mse < 0.2 * target.var().item()  # fits far better than the mean image
+
+
+def test_siren_shared_init_starts_every_inr_from_one_init(tmp_path):
+    raw = {
+        "name": "siren-shared",
+        "kind": "siren",
+        "data": {"train_images": 3, "test_images": 2},
+        "architectures": [{"type": "siren", "widths": [8, 8], "w0": 30.0}],
+        "shared_init": 2,
+        "chunk_size": 5,
+        "hparams": {"lr": 3e-3, "epochs": 30},
+    }
+    r = Recipe.from_dict(raw)
+    plans = r.plan()
+    assert [p.weight_seed for p in plans][:2] == [p.weight_seed for p in plans][2:4]
+    assert plans[0].weight_seed != plans[1].weight_seed
+    assert len({p.seed for p in plans}) == 5
+    assert r.fingerprint() != Recipe.from_dict({**raw, "shared_init": None}).fingerprint()
+    arch = r.architectures[0]
+    inits = [dict(init_network(arch, p.weight_seed).named_parameters()) for p in plans]
+    torch.testing.assert_close(inits[0]["0.weight"], inits[2]["0.weight"])
+    assert not torch.equal(inits[0]["0.weight"], inits[1]["0.weight"])
+    out = build_zoo(r, tmp_path / "shared.h5", progress=False)
+    g = Zoo.open(out)[arch_name(arch)]
+    m = g.metrics
+    assert m["init_seed"].tolist() == [p.weight_seed for p in plans]
+    d = load_digits()
+    coords = digit_image_coordinates(8)
+    for i, p in enumerate(plans):  # recorded PSNR is the INR's; fitting raised it from the init
+        target = (d.x_train if p.split == 0 else d.x_test)[p.image_index].reshape(64, 1)
+        with torch.no_grad():
+            psnr = -10 * np.log10(F.mse_loss(g.module(i)(coords), target).item())
+            init_mse = F.mse_loss(init_network(arch, p.weight_seed)(coords), target).item()
+        assert abs(psnr - m["psnr"][i]) < 1e-3
+        assert psnr > -10 * np.log10(init_mse) + 5
+    # INRs of one shared init stay close to it: much closer than two different inits are
+    d_same = (g.params()["0.weight"][0] - inits[0]["0.weight"]).norm()
+    d_init = (inits[0]["0.weight"] - inits[1]["0.weight"]).norm()
+    assert d_same < 0.5 * d_init
 
 
 # -- end-to-end builds --------------------------------------------------------------------------
@@ -264,48 +401,72 @@ def _parts(out: Path) -> list[Path]:
     return sorted(out.parent.glob(f"{out.name}.parts/*/chunk-*.h5"))
 
 
+# The building subprocess: the real CLI, with chunk 2 held back until the test has seen chunks 0
+# and 1 on disk, so the SIGKILL always lands while the build is mid-way (never before the first
+# chunk, never after the last), however slow or loaded the machine is.
+_KILL_DRIVER = """
+import sys, time
+from metanet.zoo import build
+real = build.train_chunk_to_file
+def held(recipe, chunk, *args, **kwargs):
+    if chunk.index == 2:
+        time.sleep(600)
+    return real(recipe, chunk, *args, **kwargs)
+build.train_chunk_to_file = held
+from metanet.zoo.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_sigkill_mid_build_then_rerun_completes_exactly_once(tmp_path, monkeypatch):
-    """A real SIGKILL of a building subprocess, then the same build in-process: every network
-    exactly once, bit-identical to an uninterrupted build, finished chunks not retrained."""
+    """A real SIGKILL of a building subprocess (after two chunks are durably written), then the
+    same build in-process: every network exactly once, bit-identical to an uninterrupted build,
+    finished chunks not retrained, a damaged chunk and a stray temporary file handled."""
     recipe_path = tmp_path / "kill.yaml"
-    recipe_path.write_text(yaml.safe_dump(_recipe(name="kill", networks_per_arch=16,
-                                                  chunk_size=2)))  # fmt: skip
+    recipe_path.write_text(yaml.safe_dump(_recipe(
+        name="kill", networks_per_arch=4, chunk_size=1,
+        hparams={"lr": 0.01, "optimizer": {"choice": ["sgd", "adam"]}, "train_fraction": 0.1,
+                 "dropout": {"uniform": [0.0, 0.3]}, "batch_size": 64,
+                 "epochs": {"int_uniform": [1, 2]}},
+    )))  # fmt: skip
     out = tmp_path / "killed.h5"
-    n_chunks = len(make_chunks(Recipe.load(recipe_path), Recipe.load(recipe_path).plan()))
-    assert n_chunks >= 8
+    recipe = Recipe.load(recipe_path)
+    n_chunks = len(make_chunks(recipe, recipe.plan()))
+    assert n_chunks == 4
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "metanet.zoo.cli", "build", str(recipe_path), "-o", str(out),
-         "--no-progress"],  # fmt: skip
+        [sys.executable, "-c", _KILL_DRIVER, "build", str(recipe_path), "-o", str(out),
+         "--no-progress", "--threads", "1"],  # fmt: skip
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
+    # the uninterrupted reference build runs while the subprocess starts up
+    ref = Zoo.open(build_zoo(recipe_path, tmp_path / "ref.h5", progress=False))
     deadline = time.time() + 120
-    while not _parts(out) and proc.poll() is None and time.time() < deadline:
+    while len(_parts(out)) < 2 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
     done = _parts(out)
-    assert 1 <= len(done) < n_chunks and not out.exists()
+    assert len(done) == 2 and not out.exists()
     # damage one finished chunk and leave a stray temporary file: both must be handled
-    if len(done) > 1:
-        done[-1].write_bytes(done[-1].read_bytes()[:100])
-    (done[0].parent / ".chunk-00007.h5.junk.tmp").write_bytes(b"partial")
+    done[-1].write_bytes(done[-1].read_bytes()[:100])
+    (done[0].parent / ".chunk-00004.h5.junk.tmp").write_bytes(b"partial")
     calls = []
     real = build_mod.train_chunk_to_file
     monkeypatch.setattr(build_mod, "train_chunk_to_file",
                         lambda r, c, *a, **k: (calls.append(c.index), real(r, c, *a, **k)))
     build_zoo(recipe_path, out, progress=False)
-    intact = len(done) - (1 if len(done) > 1 else 0)
-    assert len(calls) == n_chunks - intact
-    recipe = Recipe.load(recipe_path)
+    assert sorted(calls) == list(range(1, n_chunks))  # chunk 0 intact, chunk 1 damaged
     zoo = _check_zoo(out, recipe)
     assert not (tmp_path / "killed.h5.parts").exists()
-    monkeypatch.setattr(build_mod, "train_chunk_to_file", real)
-    ref = Zoo.open(build_zoo(recipe_path, tmp_path / "ref.h5", progress=False))
     name = zoo.architectures[0]
     order_a = np.lexsort((zoo[name].metrics["epoch"], zoo[name].metrics["run_id"]))
     order_b = np.lexsort((ref[name].metrics["epoch"], ref[name].metrics["run_id"]))
+    assert len(order_a) == len(order_b) == sum(
+        len({max(1, round(f * p.hparams["epochs"])) for f in recipe.keep_fractions})
+        for p in recipe.plan()
+    )
     for key, t in zoo[name].params().items():
         torch.testing.assert_close(t[order_a], ref[name].params()[key][order_b], rtol=0, atol=0)
     np.testing.assert_array_equal(

@@ -3,6 +3,7 @@
 * :mod:`metanet.zoo.architectures` - arch dicts -> modules (``build_module``, ``arch_name``).
 * :mod:`metanet.zoo.recipe` - YAML recipes (``Recipe.load``) and per-network hparam sampling.
 * :mod:`metanet.zoo.train` - vmap training of a chunk of networks (functional SGD/AdamW).
+* :mod:`metanet.zoo.batched` - the fast hand-batched engine for MLPs, plain CNNs and SIRENs.
 * :mod:`metanet.zoo.build` - resumable, sharded zoo building (``build_zoo``).
 * :mod:`metanet.zoo.cli` - ``metanet zoo build RECIPE.yaml``.
 

@@ -109,9 +109,15 @@ def _chunk_seed(recipe: Recipe, chunk: Chunk) -> int:
 
 
 def train_chunk_to_file(
-    recipe: Recipe, chunk: Chunk, path: Path, fingerprint: str, device: str = "cpu"
+    recipe: Recipe,
+    chunk: Chunk,
+    path: Path,
+    fingerprint: str,
+    device: str = "cpu",
+    engine: str = "auto",
 ) -> None:
-    """Train ``chunk`` and write its records to ``path`` (atomically)."""
+    """Train ``chunk`` (with ``engine``, see :func:`metanet.zoo.train.train_chunk`) and write its
+    records to ``path`` (atomically)."""
     from metanet.zoo.train import classifier_data, siren_data, train_chunk
 
     arch = recipe.architectures[chunk.arch_index]
@@ -128,16 +134,19 @@ def train_chunk_to_file(
             "split": [p.split for p in plans],
             "image_index": [p.image_index for p in plans],
         }
+    if recipe.shared_init is not None:  # which shared initialization each network started from
+        extra = {**(extra or {}), "init_seed": [p.weight_seed for p in plans]}
     seed = _chunk_seed(recipe, chunk)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         result = train_chunk(
             arch, plans, data, recipe.keep_fractions, device=device, generator_seed=seed,
-            extra_metrics=extra,
+            extra_metrics=extra, engine=engine,
         )  # fmt: skip
     with ZooWriter(path, attrs={"fingerprint": fingerprint, "chunk": chunk.index}) as writer:
         writer.set_attr("run_ids", chunk.run_ids)
-        writer.add(arch, result.params, result.metrics, result.hparams)
+        # parts are temporary: written uncompressed (fast), compressed once by the merge
+        writer.add(arch, result.params, result.metrics, result.hparams, compress=False)
 
 
 def _chunk_done(path: Path, chunk: Chunk, fingerprint: str) -> bool:
@@ -213,6 +222,7 @@ def _run(
     progress: bool,
     device: str,
     threads: int = 1,
+    engine: str = "auto",
 ) -> str:
     rank = fabric.global_rank if fabric is not None else 0
     world = fabric.world_size if fabric is not None else 1
@@ -250,7 +260,9 @@ def _run(
         disable=not progress or rank != 0, dynamic_ncols=True,
     )  # fmt: skip
     for chunk in todo:
-        train_chunk_to_file(recipe, chunk, parts / chunk.file_name, fingerprint, device=device)
+        train_chunk_to_file(
+            recipe, chunk, parts / chunk.file_name, fingerprint, device=device, engine=engine
+        )
         bar.update(len(chunk.plans))
     bar.close()
     attrs = _root_attrs(recipe, fingerprint, limit, len(plans), world)
@@ -289,6 +301,7 @@ def build_zoo(
     progress: bool = True,
     accelerator: str = "cpu",
     threads: int | None = None,
+    engine: str = "auto",
 ) -> Path:
     """Build (or finish building) the zoo of ``recipe`` into ``output``; returns its path.
 
@@ -304,6 +317,10 @@ def build_zoo(
         accelerator: ``"cpu"`` or ``"cuda"`` (or ``"auto"``) for Fabric / training.
         threads: torch CPU threads per rank (default: torch's setting, divided between the
             ranks of a node). On a busy shared machine 1 thread is often fastest.
+        engine: ``"auto"`` (hand-batched engine where the arch allows, else ``torch.func``
+            vmap), ``"batched"`` or ``"vmap"`` (see :func:`metanet.zoo.train.train_chunk`).
+            Engines agree up to float rounding; resume a build with the engine it started with
+            for a bit-identical result.
 
     Running the same call again after an interruption resumes from the finished chunks.
     """
@@ -311,6 +328,10 @@ def build_zoo(
         recipe = Recipe.load(recipe)
     if limit is not None and limit <= 0:
         raise ValueError(f"limit must be a positive integer, got {limit}")
+    from metanet.zoo.train import ENGINES
+
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {list(ENGINES)}, got {engine!r}")
     if devices < 1 or num_nodes < 1:
         raise ValueError(f"devices and num_nodes must be >= 1, got {devices} and {num_nodes}")
     output = Path(output) if output is not None else default_output(recipe)
@@ -324,12 +345,12 @@ def build_zoo(
         device = "cuda" if accelerator in ("cuda", "gpu") else "cpu"
         if accelerator == "auto" and torch.cuda.is_available():
             device = "cuda"
-        return Path(_run(None, *args, device))
+        return Path(_run(None, *args, device, 1, engine))
     from lightning.fabric import Fabric
 
     fabric = Fabric(
         accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy="ddp_spawn"
     )
     per_rank = threads or max(1, (os.cpu_count() or 1) // devices)
-    result = fabric.launch(_fabric_entry, *args, "cpu", per_rank)
+    result = fabric.launch(_fabric_entry, *args, "cpu", per_rank, engine)
     return Path(result if result is not None else output)

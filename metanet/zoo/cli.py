@@ -2,7 +2,7 @@
 
     metanet zoo build RECIPE.yaml [-o OUT.h5] [--devices N --num_nodes M] [--limit K]
                                   [--overwrite] [--accelerator cpu|cuda|auto] [--threads T]
-                                  [--no-progress]
+                                  [--engine auto|batched|vmap] [--no-progress]
     metanet zoo info ZOO.h5       # groups, records, test-accuracy quantiles and histogram
 
 ``build`` resumes an interrupted build of the same recipe (run the same command again).
@@ -29,8 +29,15 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--overwrite", action="store_true",
                    help="replace an existing output built from another recipe")  # fmt: skip
     b.add_argument("--accelerator", default="cpu", choices=["cpu", "cuda", "gpu", "auto"])
-    b.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads per rank (default: torch's; 1 is best on a busy box)")
+    b.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads per rank (default: torch's; 1 is best on a busy box)",
+    )
+    b.add_argument("--engine", default="auto", choices=["auto", "batched", "vmap"],
+                   help="training engine: hand-batched matmuls where the arch allows (auto), "
+                        "or torch.func vmap for every arch")  # fmt: skip
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     i = sub.add_parser("info", help="summarize a zoo file")
     i.add_argument("zoo", help="zoo HDF5 file")
@@ -97,6 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress=not args.no_progress,
             accelerator="cuda" if args.accelerator == "gpu" else args.accelerator,
             threads=args.threads,
+            engine=args.engine,
         )
     except (RecipeError, ArchError, FileExistsError, FileNotFoundError, ValueError) as err:
         print(f"metanet zoo build: error: {err}", file=sys.stderr)

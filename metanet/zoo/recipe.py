@@ -14,6 +14,12 @@ A recipe (see ``datasets/*.yaml``)::
     hparams:                    # per-network samplers: a constant, {uniform: [a, b]},
       lr: {log_uniform: [1.0e-3, 0.3]}   # {log_uniform: [a, b]}, {int_uniform: [a, b]},
       optimizer: {choice: [sgd, adam]}   # {choice: [...]}
+    shared_init: 1              # optional: networks of an architecture start from this many
+                                # shared initializations (network j uses init j % shared_init);
+                                # default: every network its own (seeded by its run)
+
+INR zoos for classification by weights need ``shared_init`` (as the MNIST-INR zoos of DWS/NFN/NG):
+INRs fitted from one shared initialization stay in one basin, so their weights are comparable.
 
 Unknown keys and impossible values raise :class:`RecipeError` naming the key and the file.
 """
@@ -104,7 +110,7 @@ HPARAMS: dict[str, dict[str, tuple[Any, Any]]] = {
 }
 _TOP_KEYS = {
     "name", "kind", "seed", "data", "architectures", "networks_per_arch", "chunk_size",
-    "keep_fractions", "hparams", "description",
+    "keep_fractions", "hparams", "description", "shared_init",
 }  # fmt: skip
 _DATA_KEYS = {
     "classifier": {"split_seed", "test_fraction"},
@@ -127,6 +133,12 @@ class NetworkPlan:
     hparams: dict[str, Any]
     image_index: int = -1  # siren zoos: index of the image in its split
     split: int = -1  # siren zoos: 0 = digits train split, 1 = test split
+    init_seed: int = -1  # seed of the initial weights (-1: ``seed``; set by ``shared_init``)
+
+    @property
+    def weight_seed(self) -> int:
+        """The seed of this network's initial weights."""
+        return self.init_seed if self.init_seed >= 0 else self.seed
 
 
 @dataclass
@@ -143,6 +155,7 @@ class Recipe:
     chunk_size: int = 64
     keep_fractions: list[float] = field(default_factory=lambda: [1.0])
     description: str = ""
+    shared_init: int | None = None
     source: str = "<dict>"
 
     # -- loading -------------------------------------------------------------------------------
@@ -246,6 +259,11 @@ class Recipe:
         ):
             raise fail("keep_fractions", f"needs numbers in (0, 1] (got {keep!r})")
         keep = sorted({float(f) for f in keep})
+        shared = raw.get("shared_init")
+        if shared is not None and (
+            not isinstance(shared, int) or isinstance(shared, bool) or shared <= 0
+        ):
+            raise fail("shared_init", f"must be a positive integer or null (got {shared!r})")
 
         hp_raw = raw.get("hparams") or {}
         if not isinstance(hp_raw, Mapping):
@@ -273,6 +291,7 @@ class Recipe:
             chunk_size=chunk,
             keep_fractions=keep,
             description=str(raw.get("description", "")),
+            shared_init=shared,
             source=source,
         )
 
@@ -290,6 +309,8 @@ class Recipe:
             "keep_fractions": self.keep_fractions,
             "hparams": self.hparams,
             "description": self.description,
+            # only when set, so fingerprints of recipes without it stay as they were
+            **({"shared_init": self.shared_init} if self.shared_init is not None else {}),
         }
 
     def fingerprint(self, limit: int | None = None) -> str:
@@ -300,9 +321,7 @@ class Recipe:
     @property
     def num_networks(self) -> int:
         if self.kind == "siren":
-            return len(self.architectures) * (
-                self.data["train_images"] + self.data["test_images"]
-            )
+            return len(self.architectures) * (self.data["train_images"] + self.data["test_images"])
         return len(self.architectures) * self.networks_per_arch
 
     def plan(self, limit: int | None = None) -> list[NetworkPlan]:
@@ -322,13 +341,22 @@ class Recipe:
             rng = np.random.default_rng(seed)
             hp = {k: _sample(spec, rng) for k, spec in self.hparams.items()}
             split, image = images[j] if images else (-1, -1)
-            plans.append(NetworkPlan(run_id, a, seed, hp, image_index=image, split=split))
+            init_seed = -1
+            if self.shared_init is not None:
+                init_seed = int(
+                    np.random.SeedSequence(
+                        [self.seed, 104729, a, j % self.shared_init]
+                    ).generate_state(1)[0]
+                    >> 1
+                )
+            plans.append(NetworkPlan(run_id, a, seed, hp, image_index=image, split=split,
+                                     init_seed=init_seed))  # fmt: skip
         return plans
 
 
 def _may_be_nonzero(spec: Any) -> bool:
     if isinstance(spec, Mapping):
-        (kind, args), = spec.items()
+        ((kind, args),) = spec.items()
         return any(float(v) != 0 for v in args)
     return float(spec) != 0
 
@@ -342,7 +370,7 @@ def _validate_sampler(spec: Any, check, fail) -> Any:
         return spec
     if len(spec) != 1 or next(iter(spec)) not in _SAMPLERS:
         raise fail(f"a sampler is one of {{{', '.join(_SAMPLERS)}: ...}} (got {dict(spec)!r})")
-    (kind, args), = spec.items()
+    ((kind, args),) = spec.items()
     if not isinstance(args, list) or not args:
         raise fail(f"'{kind}' needs a non-empty list (got {args!r})")
     if kind == "choice":
@@ -372,7 +400,7 @@ def _validate_sampler(spec: Any, check, fail) -> Any:
 def _sample(spec: Any, rng: np.random.Generator) -> Any:
     if not isinstance(spec, Mapping):
         return spec
-    (kind, args), = spec.items()
+    ((kind, args),) = spec.items()
     if kind == "choice":
         return args[int(rng.integers(len(args)))]
     low, high = args

@@ -1,0 +1,737 @@
+"""Hand-batched training of many plain-chain networks at once: the zoo builder's fast engine.
+
+For MLPs, CNNs without norm layers or residual blocks, and SIRENs (:func:`supports`), the
+networks of a chunk are trained without ``torch.func``: every layer of all networks is one batched
+matmul over stacked weights, and each network gets its own exact gradient (the chunk's loss is
+the sum of the networks' independent losses):
+
+* ``Linear``: ``torch.baddbmm`` of ``[N, B, in]`` with ``[N, in, out]``. ReLU MLPs use a
+  hand-written backward (:meth:`BatchedNet.ce_grad`: softmax minus one-hot, then ``bmm``s), other
+  chains autograd through the batched forward;
+* ``Conv2d``: a channels-last im2col (:class:`Im2Col`: an ``index_select`` of patch positions,
+  backward one ``index_add_``) and ``baddbmm`` of ``[N, B*L, k*k*C_in]`` with
+  ``[N, k*k*C_in, C_out]`` (the grouped convolution ``vmap`` makes of a batched conv has a slow
+  backward on CPU). The first layer's patches of the whole data set are computed once;
+* dropout: per-network rates ``[N]``, one ``torch.rand`` mask for the whole chunk.
+
+All networks' parameters live in one flat buffer ``[M, D]`` (``state_dict`` order, one row per
+*lane*), so the optimizer step (SGD with momentum and coupled weight decay on the first rows,
+AdamW on the others; per-row learning rate, weight decay, momentum and step count) is a few
+in-place elementwise ops, and snapshots are row copies. Lanes (:func:`plan_lanes`) train their
+networks one after another, so no row idles while short runs finish. Sample indices, labels and
+loss weights of every step come from per-network, per-epoch permutations drawn up front.
+Evaluation shares the input across networks: one GEMM (MLP/SIREN) or one convolution with
+``N * C_out`` channels (CNN, oneDNN forward) for the first layer of all networks.
+
+The results equal :mod:`metanet.zoo.train`'s ``torch.func`` engine and plain per-network
+``torch.optim`` training up to float rounding (tested).
+"""
+
+from __future__ import annotations
+
+import functools
+import heapq
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metanet.zoo.architectures import (
+    ACTIVATIONS,
+    SampledDropout,
+    Sine,
+    build_module,
+    normalize_arch,
+)
+
+
+# ------------------------------------------------------------------------------------------------
+# im2col (channels-last) with a cheap backward
+# ------------------------------------------------------------------------------------------------
+def _out_size(size: int, k: int, s: int, pad: int) -> int:
+    return (size + 2 * pad - k) // s + 1
+
+
+@functools.lru_cache(maxsize=32)
+def _patch_index(h: int, w: int, k: int, s: int, pad: int) -> torch.Tensor:
+    """Flat positions in the padded ``[h + 2 pad, w + 2 pad]`` map of the ``(Ho, Wo, k, k)``
+    patch entries (row-major)."""
+    wp = w + 2 * pad
+    ho, wo = _out_size(h, k, s, pad), _out_size(w, k, s, pad)
+    oy = torch.arange(ho).view(ho, 1, 1, 1) * s
+    ox = torch.arange(wo).view(1, wo, 1, 1) * s
+    ky = torch.arange(k).view(1, 1, k, 1)
+    kx = torch.arange(k).view(1, 1, 1, k)
+    return ((oy + ky) * wp + (ox + kx)).reshape(-1)
+
+
+def im2col(x: torch.Tensor, k: int, s: int, pad: int) -> torch.Tensor:
+    """Patches of ``x`` ``[M, H, W, C]`` (channels-last): ``[M, Ho, Wo, k, k, C]`` (zero
+    padding ``pad``, stride ``s``); ``patches.reshape(M, Ho*Wo, k*k*C)`` times a conv weight
+    ``[C_out, C, k, k]`` permuted to ``(k, k, C, C_out)`` is the convolution."""
+    m, h, w, c = x.shape
+    ho, wo = _out_size(h, k, s, pad), _out_size(w, k, s, pad)
+    xp = F.pad(x, (0, 0, pad, pad, pad, pad)) if pad else x
+    idx = _patch_index(h, w, k, s, pad).to(x.device)
+    cols = xp.reshape(m, -1, c).index_select(1, idx)
+    return cols.view(m, ho, wo, k, k, c)
+
+
+class Im2Col(torch.autograd.Function):
+    """:func:`im2col` (an ``index_select`` of patch positions) whose backward is one
+    ``index_add_`` into the padded map (PyTorch's ``unfold``/``as_strided`` backward and strided
+    adds are several times slower on CPU for few channels)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, k: int, s: int, pad: int) -> torch.Tensor:
+        ctx.shape, ctx.k, ctx.s, ctx.pad = x.shape, k, s, pad
+        return im2col(x, k, s, pad)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):
+        m, h, w, c = ctx.shape
+        k, s, pad = ctx.k, ctx.s, ctx.pad
+        idx = _patch_index(h, w, k, s, pad).to(grad.device)
+        gp = grad.new_zeros(m, (h + 2 * pad) * (w + 2 * pad), c)
+        gp.index_add_(1, idx, grad.reshape(m, -1, c))
+        gp = gp.view(m, h + 2 * pad, w + 2 * pad, c)
+        if pad:
+            gp = gp[:, pad : pad + h, pad : pad + w]
+        return gp, None, None, None
+
+
+# ------------------------------------------------------------------------------------------------
+# the batched network
+# ------------------------------------------------------------------------------------------------
+_ACT_TYPES = tuple(ACTIVATIONS.values())
+
+
+def supports(arch: dict[str, Any]) -> bool:
+    """Whether ``arch`` is a plain chain this engine trains (MLP, SIREN, CNN without norm layers
+    and residual blocks)."""
+    a = normalize_arch(arch)
+    if a["type"] != "cnn":
+        return True
+    return a["norm"] is None and not any(
+        not isinstance(
+            m, (nn.Conv2d, nn.Linear, nn.Flatten, nn.AvgPool2d, SampledDropout, *_ACT_TYPES)
+        )  # fmt: skip
+        for m in build_module(a)
+    )
+
+
+@dataclass
+class _Op:
+    kind: str  # linear | conv | act | dropout | pool | flatten
+    index: int = -1  # parameter slot (weights at 2*index, bias at 2*index+1) for linear/conv
+    module: nn.Module | None = None  # activation
+    k: int = 1
+    s: int = 1
+    pad: int = 0
+    chw: tuple[int, int, int] | None = None  # linear after flatten of a [C, H, W] map
+    hw_out: tuple[int, int] = (0, 0)  # conv: output map size
+
+
+class BatchedNet:
+    """``N`` networks of one plain-chain ``arch`` as batched tensor ops on a flat buffer.
+
+    ``keys``/``shapes`` are the module's ``state_dict`` entries (all parameters; these archs
+    have no buffers); :meth:`pack` / :meth:`unpack` convert ``{key: [N, *shape]}`` to and from
+    the flat ``[N, D]`` buffer. :meth:`prepare` turns data ``[n, *input_shape]`` into what
+    :meth:`forward` consumes (for CNNs: the first layer's patches ``[n, L, k*k*C]``).
+    """
+
+    def __init__(self, arch: dict[str, Any]) -> None:
+        if not supports(arch):
+            raise ValueError(f"the batched engine does not train {arch} (norm/residual layers)")
+        self.arch = normalize_arch(arch)
+        template = build_module(self.arch)
+        named = list(template.named_parameters())
+        self.keys = [k for k, _ in named]
+        self.shapes = [tuple(p.shape) for _, p in named]
+        self.sizes = [p.numel() for _, p in named]
+        self.offsets = [0]
+        for s in self.sizes:
+            self.offsets.append(self.offsets[-1] + s)
+        self.dim = self.offsets[-1]
+        self.conv = self.arch["type"] == "cnn"
+        ops: list[_Op] = []
+        layer = 0
+        size = self.arch.get("input_size", 0)
+        chw: tuple[int, int, int] | None = None
+        channels = self.arch.get("in_channels", 0)
+        for m in template:
+            if isinstance(m, nn.Linear):
+                if m.bias is None:
+                    raise ValueError("the batched engine needs biases (arch 'bias: false')")
+                ops.append(_Op("linear", layer, chw=chw))
+                layer, chw = layer + 1, None
+            elif isinstance(m, nn.Conv2d):
+                k, s, p = m.kernel_size[0], m.stride[0], m.padding[0]
+                size, channels = _out_size(size, k, s, p), m.out_channels
+                ops.append(_Op("conv", layer, k=k, s=s, pad=p, hw_out=(size, size)))
+                layer += 1
+            elif isinstance(m, SampledDropout):
+                ops.append(_Op("dropout"))
+            elif isinstance(m, nn.AvgPool2d):
+                ops.append(_Op("pool"))
+                size = 1
+            elif isinstance(m, nn.Flatten):
+                if size > 1:
+                    chw = (channels, size, size)
+                ops.append(_Op("flatten"))
+            elif isinstance(m, (Sine, *_ACT_TYPES)):
+                ops.append(_Op("act", module=m))
+            else:  # pragma: no cover - supports() filters these
+                raise ValueError(f"unsupported layer {type(m).__name__}")
+        self.ops = ops
+        self.first = ops[0]
+        # plain ReLU MLPs (with dropout) get a hand-written backward: far fewer ops per step
+        self.manual = not self.conv and all(
+            o.kind in ("linear", "dropout", "flatten")
+            or (o.kind == "act" and type(o.module) is nn.ReLU)
+            for o in ops
+        )
+
+    # -- parameters ------------------------------------------------------------------------------
+    def pack(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``{key: [N, *shape]}`` -> flat ``[N, D]``."""
+        n = params[self.keys[0]].shape[0]
+        return torch.cat([params[k].reshape(n, -1) for k in self.keys], dim=1).contiguous()
+
+    def unpack(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Flat ``[N, D]`` -> ``{key: [N, *shape]}`` (copies)."""
+        n = flat.shape[0]
+        return {
+            k: flat[:, o : o + s].reshape(n, *shape).clone()
+            for k, o, s, shape in zip(self.keys, self.offsets, self.sizes, self.shapes)
+        }
+
+    def views(self, flat: torch.Tensor, requires_grad: bool) -> list[torch.Tensor]:
+        """Per-parameter ``[N, *shape]`` views of ``flat`` (leaves when ``requires_grad``)."""
+        n = flat.shape[0]
+        out = []
+        for o, s, shape in zip(self.offsets, self.sizes, self.shapes):
+            v = flat[:, o : o + s].view(n, *shape)
+            out.append(v.detach().requires_grad_() if requires_grad else v)
+        return out
+
+    # -- data ----------------------------------------------------------------------------------
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """Data ``[n, *input_shape]`` -> the input of :meth:`forward` (``[n, in]`` for MLP/SIREN,
+        first-layer patches ``[n, L, k*k*C]`` for CNNs)."""
+        if not self.conv:
+            return x.reshape(x.shape[0], -1)
+        op = self.first
+        xc = x.permute(0, 2, 3, 1)  # channels-last
+        cols = im2col(xc, op.k, op.s, op.pad)
+        return cols.reshape(x.shape[0], cols.shape[1] * cols.shape[2], -1)
+
+    # -- forward -------------------------------------------------------------------------------
+    @staticmethod
+    def _conv_weight(w: torch.Tensor) -> torch.Tensor:
+        """Conv weights ``[N, Co, C, k, k]`` -> ``[N, k*k*C, Co]`` (im2col patch order)."""
+        n, co = w.shape[:2]
+        return w.permute(0, 3, 4, 2, 1).reshape(n, -1, co)
+
+    @staticmethod
+    def _affine(x: torch.Tensor, wm: torch.Tensor, b: torch.Tensor, shared: bool) -> torch.Tensor:
+        """``x @ wm + b`` per network: ``wm [N, in, out]``, ``b [N, out]``; ``x`` is
+        ``[N, ..., in]`` or (``shared``) ``[..., in]`` for all networks (then one GEMM with the
+        weights of all networks side by side). Returns ``[N, ..., out]``."""
+        n, d_in, d_out = wm.shape
+        if shared:
+            lead = x.shape[:-1]
+            flat = x.reshape(-1, d_in) @ wm.permute(1, 0, 2).reshape(d_in, n * d_out)
+            out = flat.view(-1, n, d_out).transpose(0, 1) + b.unsqueeze(1)
+            return out.reshape(n, *lead, d_out)
+        out = torch.baddbmm(b.unsqueeze(1), x.reshape(n, -1, d_in), wm)
+        return out.view(n, *x.shape[1:-1], d_out)
+
+    def forward(
+        self,
+        p: Sequence[torch.Tensor],
+        x: torch.Tensor,
+        dropout: torch.Tensor | None = None,
+        shared: bool = False,
+    ) -> torch.Tensor:
+        """Outputs ``[N, B, out]`` of the ``N`` networks with parameters ``p`` (:meth:`views`).
+
+        Args:
+            x: prepared input (:meth:`prepare`), ``[N, B, ...]`` per network or ``[B, ...]``
+                for all networks (``shared``).
+            dropout: per-network dropout rates ``[N]`` (training) or ``None`` (evaluation).
+        """
+        n = p[0].shape[0]
+        h = x
+        hw: tuple[int, int] | None = None  # spatial size while h is a map [N, B, H, W, C]
+        for j, op in enumerate(self.ops):
+            first = shared and j == 0
+            if op.kind == "conv":
+                wm = self._conv_weight(p[2 * op.index])
+                if j == 0:  # prepared patches [(N,) B, L, kkC]
+                    bsz, cols = x.shape[-3], x
+                else:
+                    bsz = h.shape[1]
+                    c = Im2Col.apply(h.reshape(n * bsz, hw[0], hw[1], -1), op.k, op.s, op.pad)
+                    cols = c.view(n, bsz, c.shape[1] * c.shape[2], -1)
+                hw = op.hw_out
+                out = self._affine(cols, wm, p[2 * op.index + 1], first)
+                h = out.view(n, bsz, hw[0], hw[1], -1)
+            elif op.kind == "linear":
+                w = p[2 * op.index]
+                if op.chw is not None:  # Flatten order (C, H, W) -> our (H, W, C)
+                    c, hh, ww = op.chw
+                    w = w.view(n, -1, c, hh, ww).permute(0, 1, 3, 4, 2).reshape(n, -1, c * hh * ww)
+                h = self._affine(h, w.transpose(1, 2), p[2 * op.index + 1], first)
+            elif op.kind == "act":
+                h = op.module(h)
+            elif op.kind == "dropout":
+                if dropout is not None:  # inverted dropout, rate per network
+                    rate = dropout.view(n, *([1] * (h.dim() - 1)))
+                    scale = 1.0 / (1.0 - rate).clamp_min(1e-6)
+                    h = h * ((torch.rand_like(h) >= rate) * scale)
+            elif op.kind == "pool":
+                h, hw = h.mean(dim=(2, 3)), None  # [N, B, C]
+            elif op.kind == "flatten" and hw is not None:
+                h, hw = h.reshape(n, h.shape[1], -1), None
+        return h
+
+    @torch.no_grad()
+    def ce_grad(
+        self,
+        flat: torch.Tensor,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        w: torch.Tensor,
+        dropout: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Gradient ``[M, D]`` (flat layout) of each network's weighted cross-entropy
+        ``sum_b w[m, b] * CE(net_m(x[m, b]), y[m, b])`` for a ReLU MLP (:attr:`manual`):
+        forward with per-network dropout, then the backward written out by hand (softmax minus
+        one-hot, then ``bmm``s)."""
+        m = flat.shape[0]
+        p = self.views(flat, requires_grad=False)
+        grads: list[torch.Tensor | None] = [None] * len(p)
+        saved: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []  # (layer, input, mask)
+        h = x
+        mask: torch.Tensor | None = None  # d h / d pre-activation of the current hidden layer
+        for op in self.ops:
+            if op.kind == "linear":
+                saved.append((op.index, h, mask))
+                w_, b = p[2 * op.index], p[2 * op.index + 1]
+                h = torch.baddbmm(b.unsqueeze(1), h, w_.transpose(1, 2))
+                mask = None
+            elif op.kind == "act":
+                mask = h > 0
+                h = h * mask
+            elif op.kind == "dropout" and dropout is not None:
+                rate = dropout.view(m, 1, 1)
+                keep = (torch.rand_like(h) >= rate) * (1.0 / (1.0 - rate).clamp_min(1e-6))
+                h = h * keep
+                mask = keep if mask is None else mask * keep
+        g = torch.softmax(h, dim=-1)  # [M, B, C]
+        g.scatter_add_(-1, y.unsqueeze(-1), torch.full_like(g[..., :1], -1.0))
+        g.mul_(w.unsqueeze(-1))
+        for idx, inp, in_mask in reversed(saved):
+            grads[2 * idx] = torch.bmm(g.transpose(1, 2), inp)  # [M, out, in]
+            grads[2 * idx + 1] = g.sum(dim=1)
+            if idx > 0:
+                g = torch.bmm(g, p[2 * idx])
+                if in_mask is not None:
+                    g = g * in_mask
+        return torch.cat([t.reshape(m, -1) for t in grads], dim=1)
+
+    @torch.no_grad()
+    def forward_eval(self, p: Sequence[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """Evaluation outputs ``[N, B, out]`` (no dropout) of the ``N`` networks on the same
+        data ``x`` (raw, ``[B, *input_shape]``). CNNs run as one convolution with ``N * C_out``
+        channels (first layer) and grouped convolutions (oneDNN forward kernels are fast; their
+        backward is what the training path avoids); others use :meth:`forward` (``shared``)."""
+        if not self.conv:
+            return self.forward(p, self.prepare(x), None, shared=True)
+        n = p[0].shape[0]
+        h = x
+        first_conv = True
+        for op in self.ops:
+            if op.kind == "conv":
+                w, b = p[2 * op.index], p[2 * op.index + 1]
+                w = w.reshape(-1, *w.shape[2:])
+                h = F.conv2d(h, w, b.reshape(-1), stride=op.s, padding=op.pad,
+                             groups=1 if first_conv else n)  # fmt: skip
+                first_conv = False
+            elif op.kind == "act":
+                h = op.module(h)
+            elif op.kind == "pool":
+                h = h.mean(dim=(2, 3))  # [B, N*C]
+            elif op.kind == "flatten":
+                h = h.reshape(h.shape[0], n, -1).transpose(0, 1)  # [N, B, C*H*W] (torch order)
+            elif op.kind == "linear":
+                w, b = p[2 * op.index], p[2 * op.index + 1]
+                h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+        return h
+
+
+# ------------------------------------------------------------------------------------------------
+# training
+# ------------------------------------------------------------------------------------------------
+class FlatOptimizer:
+    """SGD with momentum (coupled weight decay, as ``torch.optim.SGD``) on rows ``[:k]`` and
+    AdamW (as ``torch.optim.AdamW``) on rows ``[k:]`` of a flat parameter buffer ``[M, D]``,
+    with per-row learning rate, weight decay and momentum ``[M]`` and per-row step counts
+    (:meth:`reset` starts a new network in a row)."""
+
+    def __init__(
+        self,
+        flat: torch.Tensor,
+        lr: torch.Tensor,
+        wd: torch.Tensor,
+        mom: torch.Tensor,
+        k_sgd: int,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ) -> None:
+        self.lr, self.wd, self.mom, self.k = lr[:, None], wd[:, None], mom[:, None], k_sgd
+        self.b1, self.b2 = betas
+        self.eps = eps
+        self.buf = torch.zeros_like(flat[:k_sgd])
+        self.m = torch.zeros_like(flat[k_sgd:])
+        self.v = torch.zeros_like(flat[k_sgd:])
+        self.t = torch.zeros(flat.shape[0] - k_sgd, 1, dtype=torch.float64, device=flat.device)
+
+    def select(self, keep: torch.Tensor) -> None:
+        """Keep the rows where ``keep`` ``[M]`` is true (order preserved)."""
+        ks, ka = keep[: self.k], keep[self.k :]
+        self.lr, self.wd, self.mom = self.lr[keep], self.wd[keep], self.mom[keep]
+        self.buf, self.m, self.v, self.t = self.buf[ks], self.m[ka], self.v[ka], self.t[ka]
+        self.k = int(ks.sum())
+
+    def reset(self, rows: torch.Tensor, lr: torch.Tensor, wd: torch.Tensor,
+              mom: torch.Tensor) -> None:  # fmt: skip
+        """Fresh state and hyperparameters ``[R]`` for the networks starting in ``rows``."""
+        self.lr[rows, 0], self.wd[rows, 0], self.mom[rows, 0] = lr, wd, mom
+        s, a = rows[rows < self.k], rows[rows >= self.k] - self.k
+        self.buf[s] = 0.0
+        self.m[a], self.v[a], self.t[a] = 0.0, 0.0, 0.0
+
+    def step(self, flat: torch.Tensor, grad: torch.Tensor) -> None:
+        """Update ``flat`` in place from ``grad`` (both ``[M, D]``)."""
+        k = self.k
+        if k:
+            p, g = flat[:k], grad[:k]
+            g.add_(p * self.wd[:k])
+            self.buf.mul_(self.mom[:k]).add_(g)
+            p.sub_(self.buf * self.lr[:k])
+        if k < flat.shape[0]:
+            p, g = flat[k:], grad[k:]
+            lr, wd = self.lr[k:], self.wd[k:]
+            self.t += 1
+            c1 = (1.0 - self.b1**self.t).float()
+            c2 = (1.0 - self.b2**self.t).sqrt().float()
+            p.mul_(1.0 - lr * wd)
+            self.m.lerp_(g, 1.0 - self.b1)
+            self.v.mul_(self.b2).addcmul_(g, g, value=1.0 - self.b2)
+            denom = (self.v.sqrt() / c2).add_(self.eps)
+            p.sub_(self.m / denom * (lr / c1))
+
+
+def plan_lanes(steps: Sequence[int], groups: Sequence[int]) -> list[list[int]]:
+    """Assign networks (``steps[i]`` training steps, pool ``groups[i]``) to *lanes*: rows of
+    the batch that train their networks one after another (continuous batching). Per pool,
+    ``ceil(sum / max)`` lanes (``max``: the longest network of the chunk, which bounds the
+    chunk's steps anyway), filled longest-first into the least-loaded lane. Returns the
+    lanes (lists of network indices in training order), pool 0 first."""
+    longest = max(steps)
+    lanes: list[list[int]] = []
+    for g in sorted(set(groups)):
+        mine = sorted((i for i in range(len(steps)) if groups[i] == g),
+                      key=lambda i: (-steps[i], i))  # fmt: skip
+        count = min(len(mine), math.ceil(sum(steps[i] for i in mine) / longest))
+        heap = [(0, j) for j in range(count)]
+        pool: list[list[int]] = [[] for _ in range(count)]
+        for i in mine:
+            load, j = heapq.heappop(heap)
+            pool[j].append(i)
+            heapq.heappush(heap, (load + steps[i], j))
+        lanes += pool
+    return lanes
+
+
+def train_chunk_batched(
+    arch: dict[str, Any],
+    plans: Sequence[Any],
+    data: Any,
+    keep_fractions: Sequence[float],
+    device: torch.device | str = "cpu",
+    generator_seed: int = 0,
+    on_step: Callable[[int, int], None] | None = None,
+    eval_batch: int = 512,
+    extra_metrics: dict[str, Sequence[Any]] | None = None,
+):
+    """:func:`metanet.zoo.train.train_chunk` with the hand-batched engine (same arguments,
+    same records)."""
+    from metanet.zoo.train import assemble_records, hparam_column, init_networks
+
+    device = torch.device(device)
+    net = BatchedNet(arch)
+    n = len(plans)
+    hp = [p.hparams for p in plans]
+
+    def col(key: str, default: Any, dtype=torch.float32) -> torch.Tensor:
+        return hparam_column(plans, key, default, dtype, device)
+
+    modules = init_networks(arch, plans)
+    flat0 = torch.stack(
+        [
+            torch.cat([dict(m.named_parameters())[k].detach().reshape(-1) for k in net.keys])
+            for m in modules
+        ]  # fmt: skip
+    ).to(device)
+    is_adam = [h.get("optimizer", "adam") == "adam" for h in hp]
+
+    regression = data.regression
+    x_all = net.prepare(data.x_train.to(device))
+    n_train = x_all.shape[0]
+    subset = data.subset.to(device)
+    subset_size = subset.sum(1)
+    batch = torch.minimum(col("batch_size", n_train, torch.long), subset_size)
+    spe = (subset_size + batch - 1) // batch
+    epochs = col("epochs", 1, torch.long)
+    total = epochs * spe
+    keep = torch.stack(
+        [(epochs.double() * f).round().clamp_min(1).long() for f in keep_fractions], dim=1
+    )  # [N, K]
+    full = bool((batch >= n_train).all()) and bool(subset.all())  # every step: all samples
+    y_all = data.y_train.to(device)
+
+    lr_all, wd_all, mom_all = col("lr", 0.01), col("weight_decay", 0.0), col("momentum", 0.9)
+    dropout = col("dropout", 0.0)
+    use_dropout = bool((dropout > 0).any()) and any(o.kind == "dropout" for o in net.ops)
+    snap_at = keep * spe[:, None]  # [N, K] local step after which slot k is snapshotted
+
+    # Continuous batching: each row ("lane") of the batch trains its networks one after another,
+    # so rows stay busy while short runs finish (SGD lanes first, then AdamW lanes).
+    tot = total.tolist()
+    lanes = plan_lanes(tot, [int(a) for a in is_adam])
+    k_sgd = sum(1 for lane in lanes if not is_adam[lane[0]])
+    start_at = [0] * n  # global step at which each network starts
+    events_start: dict[int, list[tuple[int, int]]] = {}  # step -> [(lane, net)]
+    events_snap: dict[int, list[tuple[int, int, int]]] = {}  # step -> [(lane, net, slot)]
+    lane_end = []
+    for j, lane in enumerate(lanes):
+        t0 = 0
+        for i in lane:
+            start_at[i] = t0
+            if t0 > 0:
+                events_start.setdefault(t0, []).append((j, i))
+            for k_slot, at in enumerate(snap_at[i].tolist()):
+                events_snap.setdefault(t0 + at, []).append((j, i, k_slot))
+            t0 += tot[i]
+        lane_end.append(t0)
+    t_max = max(lane_end)
+    events_end: dict[int, list[int]] = {}
+    for j, end in enumerate(lane_end):
+        events_end.setdefault(end, []).append(j)
+    first = torch.tensor([lane[0] for lane in lanes], dtype=torch.long, device=device)
+    lane_row = list(range(len(lanes)))  # lane -> row of the batch (-1 once the lane is done)
+    flat = flat0[first].clone()
+    opt = FlatOptimizer(flat, lr_all[first], wd_all[first], mom_all[first], k_sgd)
+    st: dict[str, torch.Tensor] = {"net": first, "drop": dropout[first],
+                                   "y": y_all[first] if full else y_all[:0]}  # fmt: skip
+    frozen = torch.zeros(len(lanes), dtype=torch.bool, device=device)  # diverged: no updates
+    n_slots = len(keep_fractions)
+    snaps = flat0.new_zeros(n_slots, n, net.dim)
+    diverged = torch.zeros(n, dtype=torch.bool, device=device)
+
+    # Sample order: one permutation of its own train subset per network and epoch, drawn up
+    # front (keys of samples outside the subset sort last); steps read it through a schedule
+    # (sample indices, labels, loss weights) built for windows of steps.
+    e_max = int(epochs.max())
+    b_max = int(batch.max())
+    perm = torch.empty(0, dtype=torch.long, device=device)
+    if not full:
+        gen = torch.Generator(device="cpu").manual_seed(generator_seed)
+        keys = torch.rand(n, e_max, n_train, generator=gen).to(device)
+        keys.masked_fill_(~subset[:, None, :], 2.0)
+        perm = keys.argsort(dim=-1).view(-1)  # [N * E * n_train]
+        del keys
+    y_flat = y_all.reshape(n * n_train, *y_all.shape[2:]) if not full else y_all
+    arange_b = torch.arange(b_max, device=device)
+    window = max(1, 1_000_000 // (len(lanes) * b_max))
+    q_max = max(len(lane) for lane in lanes)
+    big = t_max + 1
+    lane_starts = torch.tensor([[start_at[i] for i in lane] + [big] * (q_max - len(lane))
+                                for lane in lanes], device=device)  # fmt: skip
+    lane_nets = torch.tensor([lane + [lane[-1]] * (q_max - len(lane)) for lane in lanes],
+                             device=device)  # fmt: skip
+    start_t = torch.tensor(start_at, device=device)
+    row_lane = torch.arange(len(lanes), device=device)  # lane of each row
+
+    def schedule(t0: int, t1: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sample indices, labels and loss weights ``[M, W, B]`` of steps ``t0..t1-1``."""
+        ts = torch.arange(t0, t1, device=device).repeat(row_lane.shape[0], 1)  # [M, W]
+        q = torch.searchsorted(lane_starts[row_lane], ts, right=True) - 1
+        nets = lane_nets[row_lane].gather(1, q.clamp(min=0))  # [M, W] network at each step
+        u = ts - start_t[nets]  # local step
+        spe_ = spe[nets]
+        ep = (u // spe_).clamp(max=e_max - 1)
+        offs = (u % spe_)[..., None] * batch[nets][..., None] + arange_b  # [M, W, B]
+        valid = (arange_b < batch[nets][..., None]) & (offs < subset_size[nets][..., None])
+        base = ((nets * e_max + ep) * n_train)[..., None]
+        idx = perm[base + offs.clamp(max=n_train - 1)]
+        ys = y_flat[nets[..., None] * n_train + idx]
+        w = valid.float()
+        return idx, ys, w / w.sum(-1, keepdim=True).clamp_min(1.0)
+
+    manual = net.manual and not regression and not full
+    sched: tuple[torch.Tensor, ...] = ()
+    w0 = w1 = 0
+    full_w = torch.full((1, n_train), 1.0 / n_train, device=device)
+
+    def drop_rows(keep_rows: torch.Tensor) -> None:
+        nonlocal flat, st, sched, frozen, row_lane
+        flat, frozen, row_lane = flat[keep_rows], frozen[keep_rows], row_lane[keep_rows]
+        st = {k: v[keep_rows] if v.shape[0] else v for k, v in st.items()}
+        sched = tuple(v[keep_rows] for v in sched)
+        opt.select(keep_rows)
+
+    for t in range(t_max):
+        starting = events_start.get(t)
+        if starting:  # next networks of their lanes: initial weights, fresh optimizer state
+            rows = torch.tensor([lane_row[j] for j, _ in starting], device=device)
+            nets = torch.tensor([i for _, i in starting], device=device)
+            flat[rows] = flat0[nets]
+            opt.reset(rows, lr_all[nets], wd_all[nets], mom_all[nets])
+            st["net"][rows], st["drop"][rows] = nets, dropout[nets]
+            if full:
+                st["y"][rows] = y_all[nets]
+            frozen[rows] = False
+        m = flat.shape[0]
+        if full:
+            xb, yb, wb, shared = x_all, st["y"], full_w, True
+        else:
+            if t >= w1:
+                w0, w1 = t, min(t_max, t + window)
+                sched = schedule(w0, w1)
+            idx, yb, wb = (v[:, t - w0] for v in sched)
+            xb = x_all[idx]
+            shared = False
+        if manual:  # non-finite logits give non-finite gradients: the test below sees them
+            grad = net.ce_grad(flat, xb, yb, wb, st["drop"] if use_dropout else None)
+            losses = grad[:, 0]
+        else:
+            leaves = net.views(flat, requires_grad=True)
+            out = net.forward(leaves, xb, st["drop"] if use_dropout else None, shared=shared)
+            if regression:
+                per = ((out - yb) ** 2).mean(-1)
+            else:
+                per = F.cross_entropy(out.reshape(-1, out.shape[-1]), yb.reshape(-1),
+                                      reduction="none").view(m, -1)  # fmt: skip
+            losses = (per * wb).sum(1)
+            grads = torch.autograd.grad(losses.sum(), leaves)
+            grad = torch.cat([g.reshape(m, -1) for g in grads], dim=1)
+        # one reduction instead of an elementwise test: a non-finite entry makes the row sum
+        # non-finite (finite rows overflow only past ~1e38, i.e. diverged anyway)
+        bad = ~torch.isfinite(losses + grad.sum(1))
+        if bool(bad.any()):  # diverged: frozen at the last finite parameters until its end
+            diverged[st["net"][bad]] = True
+            frozen |= bad
+        if bool(frozen.any()):
+            held = flat[frozen].clone()
+            grad[frozen] = 0.0
+            opt.step(flat, grad)
+            flat[frozen] = held
+        else:
+            opt.step(flat, grad)
+        snapping = events_snap.get(t + 1)
+        if snapping:
+            for k_slot in range(n_slots):
+                hits = [(lane_row[j], i) for j, i, k in snapping if k == k_slot]
+                if hits:
+                    rows = torch.tensor([r for r, _ in hits], device=device)
+                    snaps[k_slot, torch.tensor([i for _, i in hits], device=device)] = flat[rows]
+        if on_step is not None:
+            on_step(t + 1, t_max)
+        ending = events_end.get(t + 1)
+        if ending and t + 1 < t_max:  # lanes with no network left leave the batch
+            keep_rows = torch.ones(m, dtype=torch.bool, device=device)
+            for j in ending:
+                keep_rows[lane_row[j]] = False
+                lane_row[j] = -1
+            live = [j for j in range(len(lanes)) if lane_row[j] >= 0]
+            for r, j in enumerate(live):
+                lane_row[j] = r
+            drop_rows(keep_rows)
+
+    # -- evaluation of each distinct (network, kept epoch) ---------------------------------------
+    records: list[tuple[int, int, int]] = []  # (network, slot, epoch)
+    for i in range(n):
+        seen = set()
+        for k_slot in range(n_slots):
+            e = int(keep[i, k_slot])
+            if e not in seen:
+                seen.add(e)
+                records.append((i, k_slot, e))
+    rec_net = torch.tensor([r[0] for r in records], dtype=torch.long, device=device)
+    rec_slot = torch.tensor([r[1] for r in records], dtype=torch.long, device=device)
+    rec_flat = snaps[rec_slot, rec_net]  # [R, D]
+    stats = _evaluate(net, rec_flat, rec_net, data, device, eval_batch)
+    params = net.unpack(rec_flat.cpu())
+    return assemble_records(
+        plans, records, params, stats, epochs.cpu(), diverged.cpu(), regression,
+        extra_metrics or {},
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def _evaluate(
+    net: BatchedNet,
+    rec_flat: torch.Tensor,
+    rec_net: torch.Tensor,
+    data: Any,
+    device: torch.device,
+    eval_batch: int,
+    nets_per_pass: int = 64,
+) -> dict[str, torch.Tensor]:
+    """Loss and accuracy ``[R]`` of each record on the train and test splits (``{split}_loss``,
+    ``{split}_acc``); SIRENs: MSE and the fraction of pixels within 1/32."""
+    regression = data.regression
+    r_total = rec_flat.shape[0]
+    out: dict[str, torch.Tensor] = {}
+    if net.conv:
+        eval_batch = min(eval_batch, 256)
+    for split, x in data.x_eval.items():
+        xp = x.to(device)
+        y = data.y_eval[split].to(device)
+        shared_y = y.dim() == (1 if not regression else 2)
+        loss = torch.zeros(r_total, device=device)
+        acc = torch.zeros(r_total, device=device)
+        for r0 in range(0, r_total, nets_per_pass):
+            rows = slice(r0, min(r0 + nets_per_pass, r_total))
+            p = net.views(rec_flat[rows], requires_grad=False)
+            nets = rec_net[rows]
+            for s in range(0, xp.shape[0], eval_batch):
+                o = net.forward_eval(p, xp[s : s + eval_batch])  # [r, b, C]
+                yb = y[s : s + eval_batch] if shared_y else y[nets, s : s + eval_batch]
+                if shared_y:
+                    yb = yb.expand(o.shape[0], *yb.shape)
+                if regression:
+                    err = o - yb
+                    loss[rows] += (err**2).mean(-1).sum(1)
+                    acc[rows] += (err.abs() < 1.0 / 32.0).float().mean(-1).sum(1)
+                else:
+                    loss[rows] += (
+                        F.cross_entropy(
+                            o.reshape(-1, o.shape[-1]), yb.reshape(-1), reduction="none"
+                        )
+                        .view(o.shape[0], -1)
+                        .sum(1)
+                    )
+                    acc[rows] += (o.argmax(-1) == yb).float().sum(1)
+        out[f"{split}_loss"] = (loss / xp.shape[0]).cpu()
+        out[f"{split}_acc"] = (acc / xp.shape[0]).cpu()
+    return out
