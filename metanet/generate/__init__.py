@@ -1,0 +1,36 @@
+"""Weight generators: new networks sampled from a learned distribution over a zoo's weights.
+
+* :mod:`~metanet.generate.data`: :class:`GeneratorDataModule` (flat, standardized, optionally
+  canonicalized weight vectors of one zoo architecture, with condition labels);
+* :mod:`~metanet.generate.canonicalize`: Git Re-Basin alignment of a zoo to a reference network,
+  nearest-neighbour distances for novelty;
+* :mod:`~metanet.generate.autoencoder`: the parameter autoencoder of latent diffusion (p-diff);
+* :mod:`~metanet.generate.diffusion`: DDPM noise schedules, loss, DDPM/DDIM samplers;
+* :mod:`~metanet.generate.flow`: flow matching with Euler/Heun ODE samplers;
+* :mod:`~metanet.generate.backbones`: residual-MLP and chunk-token transformer denoisers;
+* :mod:`~metanet.generate.taskzoo`: a multi-task (digit class subsets) MLP zoo for conditioning;
+* :mod:`~metanet.generate.evaluate`: test accuracy of generated digits classifiers;
+* :mod:`~metanet.generate.cli`: ``metanet generate``.
+
+The LightningModules live in :mod:`metanet.tasks.generation`.
+"""
+
+from metanet.generate.autoencoder import ParamAutoencoder
+from metanet.generate.backbones import ResidualMLP, TokenTransformer
+from metanet.generate.canonicalize import canonicalize, nearest_distances, pick_reference
+from metanet.generate.data import GeneratorDataModule
+from metanet.generate.diffusion import GaussianDiffusion, make_betas
+from metanet.generate.flow import FlowMatching
+
+__all__ = [
+    "FlowMatching",
+    "GaussianDiffusion",
+    "GeneratorDataModule",
+    "ParamAutoencoder",
+    "ResidualMLP",
+    "TokenTransformer",
+    "canonicalize",
+    "make_betas",
+    "nearest_distances",
+    "pick_reference",
+]
