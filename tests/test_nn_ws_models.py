@@ -123,7 +123,9 @@ def _perturbation(ws: WeightSpace) -> WeightSpace:
 
 INVARIANT = {
     "nfn_hnp": lambda s: NFN(s, out_dim=3, hidden=4, depth=2, mode="HNP", head_hidden=16),
-    "nfn_np": lambda s: NFN(s, out_dim=3, hidden=8, depth=2, mode="NP", head_hidden=16),
+    "nfn_np": lambda s: NFN(
+        s, out_dim=3, hidden=8, depth=2, mode="NP", head_hidden=16, io_encoding="sinusoidal"
+    ),
     "dws": lambda s: DWSNet(s, out_dim=3, hidden=4, n_hidden=1),
     "unf": lambda s: UNF(s, out_dim=3, hidden=4, depth=2, head_hidden=16),
     "statnn": lambda s: StatNN(s, out_dim=3, hidden=16),
@@ -134,7 +136,8 @@ EQUIVARIANT = {
     "unf_eq": lambda s: UNFEquivariant(s, hidden=4, depth=2, residual=False),
 }
 ARCHS = ["mlp", "cnn_flatten", "cnn_pool", "siren"]
-VARIANTS = {
+VARIANTS = {  # checked on cnn_flatten, whose non-symmetry flips kernel taps
+    "nfn_np_no_io": lambda s: NFN(s, out_dim=3, hidden=8, depth=2, mode="NP", head_hidden=16),
     "nfn_np_learned_ff": lambda s: NFN(
         s,
         out_dim=3,

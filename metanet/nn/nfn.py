@@ -262,8 +262,11 @@ class NFN(nn.Module):
         depth: number of NP/HNP layers.
         mode: ``"HNP"`` (exact hidden-neuron symmetry) or ``"NP"`` (cheaper, with IO encodings).
         head_hidden: width of the 2-layer MLP head after pooling.
-        io_encoding: ``"auto"`` (sinusoidal for NP, none for HNP), ``"sinusoidal"``,
-            ``"learned"`` or ``None``.
+        io_encoding: ``"auto"`` (none), ``"sinusoidal"``, ``"learned"`` or ``None``. Without
+            an encoding an NP model is also invariant to permutations of the input pixels and
+            output classes. On the digits-cnn zoo the sinusoidal code's constant channels drown
+            the weights' signal (NP-NFN with it learned a constant predictor, R^2 0.002), so
+            the invariant model uses none unless asked; see BENCHMARKS.md.
         fourier_features: if > 0, random Fourier features of weight values with this many
             frequencies (NFN's INR classification input encoding).
         fourier_scale: std of those frequencies.
@@ -287,6 +290,8 @@ class NFN(nn.Module):
     ) -> None:
         super().__init__()
         self.spec, self.mode, self.out_dim = spec, mode, out_dim
+        if io_encoding == "auto":
+            io_encoding = None
         self.body = _NFNBody(
             spec, hidden, depth, mode, io_encoding, fourier_features, fourier_scale, dropout, None
         )
