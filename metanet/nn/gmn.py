@@ -27,13 +27,11 @@ from torch import Tensor, nn
 
 from metanet import ops
 from metanet.nn.graph_features import (
-    EdgeEncoder,
     GraphBatch,
-    NodeEncoder,
     calibrate_encoders,
     read_batch,
 )
-from metanet.nn.readout import GraphReadout
+from metanet.nn.readout import GraphMetanetwork
 
 AGGREGATORS = ("sum", "mean", "max", "min", "std")
 SCALERS = ("identity", "amplification", "attenuation")
@@ -139,7 +137,7 @@ class GMNLayer(nn.Module):
         return h, e
 
 
-class GMN(nn.Module):
+class GMN(GraphMetanetwork):
     """Graph metanetwork over :class:`~metanet.graph.ParamGraph` batches of any architecture.
 
     ``forward(batch)`` returns ``[num_graphs, out_dim]`` (``output="graph"``, invariant),
@@ -204,19 +202,13 @@ class GMN(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        if output not in ("graph", "edge", "node"):
-            raise ValueError(f"output must be 'graph', 'edge' or 'node', got {output!r}")
-        if num_layers < 1:
-            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         edge_dim = edge_dim or hidden
-        self.output = output
         self.bidirectional = bidirectional
-        self.nodes = NodeEncoder(hidden, node_in_dim, fourier_features, fourier_sigma,
-                                 max_layers, max_positions, probe_dim, standardize)  # fmt: skip
-        self.edges = EdgeEncoder(edge_dim, edge_in_dim, fourier_features, fourier_sigma,
-                                 standardize)  # fmt: skip
-        # the last layer's edge update only matters when edges are read out
-        last_edges = output == "edge" or (output == "graph" and len(edge_pool) > 0)
+        self._build_encoders(
+            hidden, edge_dim, node_in_dim, edge_in_dim, num_layers, fourier_features,
+            fourier_sigma, max_layers, max_positions, probe_dim, standardize, output,
+        )  # fmt: skip
+        last_edges = self._last_layer_updates_edges(output, edge_pool)
         self.layers = nn.ModuleList(
             GMNLayer(
                 hidden,
@@ -234,18 +226,10 @@ class GMN(nn.Module):
         self._fixed_delta = avg_log_degree is not None
         init = math.nan if avg_log_degree is None else float(avg_log_degree)
         self.register_buffer("avg_log_degree", torch.tensor(init))
-        self.readout = self.edge_head = self.node_head = None
-        if output == "graph":
-            self.readout = GraphReadout(hidden, edge_dim, hidden, out_dim, node_pool, edge_pool,
-                                        output_slots, readout_layers, dropout)  # fmt: skip
-        elif output == "edge":
-            self.edge_head = nn.Sequential(
-                nn.Linear(edge_dim, edge_dim), nn.SiLU(), nn.Linear(edge_dim, edge_out_dim)
-            )
-        else:
-            self.node_head = nn.Sequential(
-                nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, node_out_dim)
-            )
+        self._build_head(
+            hidden, edge_dim, node_pool, edge_pool, output_slots, readout_layers, out_dim,
+            edge_out_dim, node_out_dim, dropout, nn.SiLU,
+        )  # fmt: skip
 
     def _delta(self, g: GraphBatch) -> float:
         if torch.isnan(self.avg_log_degree):
@@ -274,14 +258,6 @@ class GMN(nn.Module):
         for layer in self.layers:
             h, e = layer(h, e, g, delta)
         return h, e, g
-
-    def forward(self, batch: object) -> Tensor:
-        h, e, g = self.embed(batch)
-        if self.readout is not None:
-            return self.readout(h, e, g)
-        if self.edge_head is not None:
-            return self.edge_head(e)
-        return self.node_head(h)
 
 
 class NGGNN(GMN):

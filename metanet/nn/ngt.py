@@ -28,13 +28,11 @@ from torch import Tensor, nn
 from metanet import ops
 from metanet.nn.gmn import EdgeUpdate, Output
 from metanet.nn.graph_features import (
-    EdgeEncoder,
     GraphBatch,
-    NodeEncoder,
     calibrate_encoders,
     read_batch,
 )
-from metanet.nn.readout import GraphReadout
+from metanet.nn.readout import GraphMetanetwork
 
 
 class RelationalAttention(nn.Module):
@@ -137,7 +135,7 @@ class NGTLayer(nn.Module):
         return h, e
 
 
-class NGT(nn.Module):
+class NGT(GraphMetanetwork):
     """NG-T over :class:`~metanet.graph.ParamGraph` batches of any architecture.
 
     ``forward(batch)`` returns ``[num_graphs, out_dim]`` (``output="graph"``), per-weight
@@ -192,17 +190,12 @@ class NGT(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        if output not in ("graph", "edge", "node"):
-            raise ValueError(f"output must be 'graph', 'edge' or 'node', got {output!r}")
-        if num_layers < 1:
-            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
-        self.output = output
         self.bidirectional = bidirectional
-        self.nodes = NodeEncoder(hidden, node_in_dim, fourier_features, fourier_sigma,
-                                 max_layers, max_positions, probe_dim, standardize)  # fmt: skip
-        self.edges = EdgeEncoder(edge_dim, edge_in_dim, fourier_features, fourier_sigma,
-                                 standardize)  # fmt: skip
-        last_edges = output == "edge" or (output == "graph" and len(edge_pool) > 0)
+        self._build_encoders(
+            hidden, edge_dim, node_in_dim, edge_in_dim, num_layers, fourier_features,
+            fourier_sigma, max_layers, max_positions, probe_dim, standardize, output,
+        )  # fmt: skip
+        last_edges = self._last_layer_updates_edges(output, edge_pool)
         self.layers = nn.ModuleList(
             NGTLayer(
                 hidden,
@@ -218,18 +211,10 @@ class NGT(nn.Module):
             )  # fmt: skip
             for i in range(num_layers)
         )
-        self.readout = self.edge_head = self.node_head = None
-        if output == "graph":
-            self.readout = GraphReadout(hidden, edge_dim, hidden, out_dim, node_pool, edge_pool,
-                                        output_slots, readout_layers, dropout)  # fmt: skip
-        elif output == "edge":
-            self.edge_head = nn.Sequential(
-                nn.Linear(edge_dim, edge_dim), nn.GELU(), nn.Linear(edge_dim, edge_out_dim)
-            )
-        else:
-            self.node_head = nn.Sequential(
-                nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, node_out_dim)
-            )
+        self._build_head(
+            hidden, edge_dim, node_pool, edge_pool, output_slots, readout_layers, out_dim,
+            edge_out_dim, node_out_dim, dropout, nn.GELU,
+        )  # fmt: skip
 
     @torch.no_grad()
     def calibrate(self, batch: object) -> None:
@@ -244,11 +229,3 @@ class NGT(nn.Module):
         for layer in self.layers:
             h, e = layer(h, e, g)
         return h, e, g
-
-    def forward(self, batch: object) -> Tensor:
-        h, e, g = self.embed(batch)
-        if self.readout is not None:
-            return self.readout(h, e, g)
-        if self.edge_head is not None:
-            return self.edge_head(e)
-        return self.node_head(h)

@@ -106,3 +106,65 @@ class GraphReadout(nn.Module):
 
     def forward(self, x: Tensor, e: Tensor | None, g: GraphBatch) -> Tensor:
         return self.mlp(self.pooled(x, e, g))
+
+
+class GraphMetanetwork(nn.Module):
+    """Shared frame of the edge-updating graph metanetworks (:class:`~metanet.nn.gmn.GMN`,
+    :class:`~metanet.nn.ngt.NGT`): node/edge encoders, a stack of layers (built by the
+    subclass), and one head chosen by ``output``: an invariant :class:`GraphReadout`
+    (``"graph"``, ``[G, out_dim]``), a per-edge MLP (``"edge"``, ``[E, edge_out_dim]``) or a
+    per-node MLP (``"node"``, ``[N, node_out_dim]``). Subclasses implement :meth:`embed`."""
+
+    def _build_encoders(
+        self, hidden: int, edge_dim: int, node_in_dim: int | None, edge_in_dim: int | None,
+        num_layers: int, fourier_features: int, fourier_sigma: float, max_layers: int,
+        max_positions: int, probe_dim: int, standardize: bool, output: str,
+    ) -> None:  # fmt: skip
+        """Check ``output``/``num_layers``; build the node and edge encoders."""
+        from metanet.nn.graph_features import EdgeEncoder, NodeEncoder
+
+        if output not in ("graph", "edge", "node"):
+            raise ValueError(f"output must be 'graph', 'edge' or 'node', got {output!r}")
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        self.output = output
+        self.nodes = NodeEncoder(hidden, node_in_dim, fourier_features, fourier_sigma,
+                                 max_layers, max_positions, probe_dim, standardize)  # fmt: skip
+        self.edges = EdgeEncoder(edge_dim, edge_in_dim, fourier_features, fourier_sigma,
+                                 standardize)  # fmt: skip
+
+    def _build_head(
+        self, hidden: int, edge_dim: int, node_pool: Sequence[str], edge_pool: Sequence[str],
+        output_slots: int, readout_layers: int, out_dim: int, edge_out_dim: int,
+        node_out_dim: int, dropout: float, activation: type[nn.Module],
+    ) -> None:  # fmt: skip
+        """Build the head of ``self.output`` (after the layers, to keep seeded inits stable)."""
+        self.readout = self.edge_head = self.node_head = None
+        if self.output == "graph":
+            self.readout = GraphReadout(hidden, edge_dim, hidden, out_dim, node_pool, edge_pool,
+                                        output_slots, readout_layers, dropout)  # fmt: skip
+        elif self.output == "edge":
+            self.edge_head = nn.Sequential(
+                nn.Linear(edge_dim, edge_dim), activation(), nn.Linear(edge_dim, edge_out_dim)
+            )
+        else:
+            self.node_head = nn.Sequential(
+                nn.Linear(hidden, hidden), activation(), nn.Linear(hidden, node_out_dim)
+            )
+
+    @staticmethod
+    def _last_layer_updates_edges(output: str, edge_pool: Sequence[str]) -> bool:
+        """Whether the last layer's edge update is used (edges are read out)."""
+        return output == "edge" or (output == "graph" and len(edge_pool) > 0)
+
+    def embed(self, batch: object) -> tuple[Tensor, Tensor, GraphBatch]:
+        """Final node ``[N, hidden]`` and edge ``[E, edge_dim]`` features of a batch."""
+        raise NotImplementedError
+
+    def forward(self, batch: object) -> Tensor:
+        h, e, g = self.embed(batch)
+        if self.readout is not None:
+            return self.readout(h, e, g)
+        if self.edge_head is not None:
+            return self.edge_head(e)
+        return self.node_head(h)
