@@ -91,7 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     _banner(f"1/4 metanet zoo build datasets/digits-cnn.yaml --limit {args.networks}")
     code = metanet(["zoo", "build", os.path.join(ROOT, "datasets", "digits-cnn.yaml"),
-                    "--limit", str(args.networks), "-o", zoo, "--no-progress"])  # fmt: skip
+                    "--limit", str(args.networks), "-o", zoo, "--no-progress",
+                    "--overwrite"])  # fmt: skip  # the demo cache follows the recipe
     if code:
         return code
     metanet(["zoo", "info", zoo])
