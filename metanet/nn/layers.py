@@ -9,6 +9,7 @@ and never mix positions, so they commute with every neuron permutation.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -158,6 +159,26 @@ class ChannelBatchNorm(nn.Module):
 
     def forward(self, xs: Sequence[torch.Tensor]) -> TensorList:
         return [norm(x.flatten(2)).view_as(x) for norm, x in zip(self.norms, xs)]
+
+
+class GaussianFourierFeatures(nn.Module):
+    """Random Fourier features of weight *values*: ``C -> 2 * mapping_size`` channels per weight.
+
+    ``x -> [sin(2 pi x B), cos(2 pi x B)]`` with fixed ``B ~ N(0, scale^2)`` of shape
+    ``[in_channels, mapping_size]``; applied to every weight independently (equivariant).
+    """
+
+    def __init__(self, in_channels: int = 1, mapping_size: int = 64, scale: float = 10.0) -> None:
+        super().__init__()
+        self.register_buffer("proj", torch.randn(in_channels, mapping_size) * scale)
+        self.out_channels = 2 * mapping_size
+
+    def forward(self, x: WSFeatures | TensorList) -> TensorList:
+        out = []
+        for v in as_tensor_list(x):
+            z = 2 * math.pi * torch.einsum("bc...,cm->bm...", v, self.proj.to(v.dtype))
+            out.append(torch.cat([z.sin(), z.cos()], 1))
+        return out
 
 
 def mlp_head(

@@ -26,6 +26,7 @@ from torch import nn
 
 from metanet.nn.layers import (
     ChannelDropout,
+    GaussianFourierFeatures,
     Pointwise,
     TensorList,
     WSFeatures,
@@ -176,26 +177,6 @@ class LearnedIOEmbedding(nn.Module):
                 w = w + self.out.t().reshape(1, self.out.shape[1], -1, 1, *ones)
                 b = b + self.out.t().unsqueeze(0)
             out += [w, b]
-        return out
-
-
-class GaussianFourierFeatures(nn.Module):
-    """Random Fourier features of weight *values*: ``C -> 2 * mapping_size`` channels per weight.
-
-    ``x -> [sin(2 pi x B), cos(2 pi x B)]`` with fixed ``B ~ N(0, scale^2)`` of shape
-    ``[in_channels, mapping_size]``; applied to every weight independently (equivariant).
-    """
-
-    def __init__(self, in_channels: int = 1, mapping_size: int = 64, scale: float = 10.0) -> None:
-        super().__init__()
-        self.register_buffer("proj", torch.randn(in_channels, mapping_size) * scale)
-        self.out_channels = 2 * mapping_size
-
-    def forward(self, x: WSFeatures | TensorList) -> TensorList:
-        out = []
-        for v in as_tensor_list(x):
-            z = 2 * math.pi * torch.einsum("bc...,cm->bm...", v, self.proj.to(v.dtype))
-            out.append(torch.cat([z.sin(), z.cos()], 1))
         return out
 
 

@@ -39,6 +39,7 @@ from torch import nn
 
 from metanet.nn.layers import (
     ChannelDropout,
+    GaussianFourierFeatures,
     Pointwise,
     TensorList,
     WSFeatures,
@@ -548,6 +549,10 @@ class UNF(nn.Module):
         head_hidden: width of the 2-layer MLP head.
         reduction: pooling inside layers and readout (``"mean"``, ``"sum"``, ``"max"``).
         dropout: channel dropout between layers and in the head.
+        fourier_features: if > 0, random Fourier features of the weight values with this many
+            frequencies before the first layer (elementwise, so equivariance is kept; what INR
+            classification needs, see :class:`~metanet.nn.layers.GaussianFourierFeatures`).
+        fourier_scale: std of those frequencies.
 
     ``forward`` takes a :class:`WeightSpace` (for a WeightSpaceSpec), or a mapping
     ``{name: [B, *shape]}`` / list in spec order (for a PermSpec).
@@ -564,13 +569,20 @@ class UNF(nn.Module):
         head_hidden: int = 256,
         reduction: str = "mean",
         dropout: float = 0.0,
+        fourier_features: int = 0,
+        fourier_scale: float = 10.0,
     ) -> None:
         super().__init__()
         self.spec = spec
         self.pspec = perm_spec_of(spec)
         self.out_dim = out_dim
+        self.encode = None
+        c_in = 1
+        if fourier_features:
+            self.encode = GaussianFourierFeatures(1, fourier_features, fourier_scale)
+            c_in = self.encode.out_channels
         self.body, c = _equivariant_stack(
-            lambda i, o: UNFLayer(self.pspec, i, o, reduction=reduction), 1, hidden, depth,
+            lambda i, o: UNFLayer(self.pspec, i, o, reduction=reduction), c_in, hidden, depth,
             None, dropout,
         )  # fmt: skip
         self.pool = InvariantPool(self.pspec, c, reduction=reduction)
@@ -582,6 +594,8 @@ class UNF(nn.Module):
         if isinstance(x, WeightSpace) and isinstance(self.spec, WeightSpaceSpec):
             check_weightspace(x, self.spec, type(self).__name__)
         xs = tensors_of(x, self.pspec)
+        if self.encode is not None:
+            xs = self.encode(xs)
         return self.head(self.pool(self.body(xs)))
 
 
