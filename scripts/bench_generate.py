@@ -1,12 +1,14 @@
 """Benchmark of metanet's weight generators on a small digits-MLP zoo (CPU, ~10 min on 2 cores).
 
-    .venv/bin/python scripts/bench_generate.py [--steps 600] [--n 100]
+    .venv/bin/python scripts/bench_generate.py [--steps 1600] [--n 100]
 
 1. Builds (once) the zoo of ``datasets/digits-mlp-gen.yaml`` with the zoo builder
    (-> ``.cache/zoos/digits-mlp-gen.h5``) and a two-task zoo (digits 0-4 vs 5-9) with
    :func:`metanet.generate.taskzoo.build_task_zoo` (-> ``.cache/zoos/digits-mlp-tasks.h5``).
 2. Trains, with Lightning, flow matching and latent diffusion on canonicalized (Git Re-Basin) and on
-   raw weights, and a task-conditioned latent diffusion model (D2NWG-style) on the two-task zoo.
+   raw weights (plus, for comparison, flow matching that regresses the velocity instead of
+   predicting the clean weights), and a task-conditioned latent diffusion model (D2NWG-style) on
+   the two-task zoo.
 3. Samples ``--n`` networks from each and prints tables: test accuracy (best / median / mean) vs
    the training checkpoints; novelty (distance of each generated net to its nearest training net,
    both aligned to the reference, against the nearest-neighbour spread inside the zoo); generation
@@ -83,9 +85,14 @@ def aligned_vectors(ws, reference):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=400, help="training steps per generator")
+    p.add_argument("--steps", type=int, default=1600, help="training steps per generator")
     p.add_argument("--n", type=int, default=100, help="networks sampled per generator")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1: on a shared 2-core box, 2 threads stall each other)",
+    )
     p.add_argument("--task-per", type=int, default=24, help="networks per task in the task zoo")
     args = p.parse_args(argv)
     _quiet()
@@ -103,7 +110,7 @@ def main(argv=None) -> int:
 
     dms = {}
     for canon in (True, False):
-        dm = GeneratorDataModule(ZOO, canonicalize=canon, batch_size=32)
+        dm = GeneratorDataModule(ZOO, canonicalize=canon, batch_size=64)
         dm.setup("fit")
         dms[canon] = dm
     dm_c = dms[True]
@@ -117,8 +124,13 @@ def main(argv=None) -> int:
         train_vecs, train_vecs, exclude_self=True, groups=dm_c.run_ids
     )
 
-    def flow() -> FlowGenerationTask:
-        return FlowGenerationTask(hidden=256, depth=2, lr=2e-3, sample_steps=32)
+    def flow(prediction: str = "data") -> FlowGenerationTask:
+        return FlowGenerationTask(
+            hidden=256, depth=2, lr=2e-3, sample_steps=32, prediction=prediction
+        )
+
+    def flow_velocity() -> FlowGenerationTask:
+        return flow("velocity")
 
     def ldm(**kw) -> LatentDiffusionTask:
         return LatentDiffusionTask(
@@ -126,10 +138,11 @@ def main(argv=None) -> int:
             ae_lr=2e-3, ae_fraction=0.5, timesteps=1000, sample_steps=50, **kw,
         )  # fmt: skip
 
-    rows = []
+    rows, recons = [], []
     runs = [
         ("flow matching", "yes", flow, True),
         ("flow matching", "no", flow, False),
+        ("flow matching (velocity prediction)", "yes", flow_velocity, True),
         ("latent diffusion", "yes", ldm, True),
         ("latent diffusion", "no", ldm, False),
     ]
@@ -142,7 +155,22 @@ def main(argv=None) -> int:
         acc = digits_accuracy(ws, dm_c.arch, x_test, y_test)
         nn, _ = nearest_distances(aligned_vectors(ws, reference), train_vecs)
         rows.append((name, canon_label, acc, nn, args.n / gen_s, fit_s))
-        print(f"  [{time.perf_counter() - start:.0f}s] {name} canon={canon_label} done", flush=True)
+        if isinstance(task, LatentDiffusionTask):  # can the decoder give back working nets?
+            with torch.no_grad():
+                task.eval()
+                x = dms[canon].vectors
+                rec = task.ae.decode(task.ae.encode(x)) * task.std + task.mean
+            rec_acc = digits_accuracy(
+                WeightSpace.unflatten(rec, dm_c.spec), dm_c.arch, x_test, y_test
+            )
+            recons.append(
+                (canon_label, rec_acc, float(((rec - dms[canon].raw_vectors) ** 2).mean()))
+            )
+        print(
+            f"  [{time.perf_counter() - start:.0f}s] {name} canon={canon_label}: median acc "
+            f"{acc.median():.3f}, train {fit_s:.0f}s",
+            flush=True,
+        )
 
     # baseline: Gaussian with the canonicalized zoo's mean and covariance (no training)
     g = torch.Generator().manual_seed(0)
@@ -176,6 +204,19 @@ def main(argv=None) -> int:
         print(
             f"| {name} | {canon_label} | {acc.max():.3f} | {acc.median():.3f} | "
             f"{acc.mean():.3f} | {speed:.0f} | {fit_s:.0f} |"
+        )
+    print()
+    print(
+        "Latent diffusion's autoencoder: test accuracy of the training networks after "
+        "encode -> decode (no diffusion), against the originals."
+    )
+    print()
+    print("| canonicalized | median acc | mean acc | originals median / mean | MSE (raw weights) |")
+    print("|---|---|---|---|---|")
+    for canon_label, rec_acc, mse in recons:
+        print(
+            f"| {canon_label} | {rec_acc.median():.3f} | {rec_acc.mean():.3f} | "
+            f"{zoo_acc.median():.3f} / {zoo_acc.mean():.3f} | {mse:.2e} |"
         )
     print()
     print(

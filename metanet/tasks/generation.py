@@ -1,10 +1,11 @@
 """Weight generators as LightningModules (``metanet fit --config configs/generate/...``).
 
 * :class:`FlowGenerationTask`: flow matching directly on (canonicalized, standardized) flat weights
-  (DeepWeightFlow); velocity field: residual MLP or a transformer over chunk tokens; Euler/Heun
-  ODE sampler.
+  (DeepWeightFlow); the backbone (residual MLP or a transformer over chunk tokens) predicts the
+  clean weights and the ODE's velocity is derived from that prediction; Euler/Heun ODE sampler.
 * :class:`LatentDiffusionTask`: p-diff / D2NWG: a parameter autoencoder (first ``ae_fraction`` of
-  the steps) and then a DDPM in its latent space (the rest), DDPM or DDIM sampling.
+  the steps) and then a DDPM in its latent space (the rest; the denoiser predicts clean latents
+  by default), DDPM or DDIM sampling.
 
 Both read :class:`metanet.generate.data.GeneratorDataModule` and support conditioning on the data
 module's condition vocabulary (classifier-free guidance: the condition is dropped with
@@ -64,6 +65,7 @@ class GenerationTask(L.LightningModule):
 
     task_name = TASK_NAME
     generator_kind = ""
+    legacy_hparams: dict[str, Any] = {}
 
     def __init__(
         self,
@@ -292,11 +294,15 @@ class FlowGenerationTask(GenerationTask):
         chunk, heads: transformer backbone only.
         dropout: backbone dropout.
         sigma_min: width of the data end of the probability path.
+        prediction: ``"data"`` (the backbone predicts clean weights; default) or ``"velocity"``
+            (see :mod:`metanet.generate.flow` for why data prediction is the default).
         sampler: ``"heun"`` (default) or ``"euler"``.
         (other arguments: :class:`GenerationTask`)
     """
 
     generator_kind = "flow"
+    # checkpoints written before ``prediction`` existed regressed the velocity
+    legacy_hparams: dict[str, Any] = {"prediction": "velocity"}
 
     def __init__(
         self,
@@ -307,6 +313,7 @@ class FlowGenerationTask(GenerationTask):
         heads: int = 4,
         dropout: float = 0.0,
         sigma_min: float = 0.0,
+        prediction: str = "data",
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         cosine: bool = True,
@@ -322,7 +329,10 @@ class FlowGenerationTask(GenerationTask):
         if sampler not in ("euler", "heun"):
             raise GenerationError(f"flow sampler must be 'euler' or 'heun', got {sampler!r}")
         self.save_hyperparameters()
-        self.flow = FlowMatching(sigma_min)
+        try:
+            self.flow = FlowMatching(sigma_min, prediction)
+        except ValueError as err:
+            raise GenerationError(str(err)) from None
         self.net: torch.nn.Module | None = None
 
     def _build_nets(self, dim: int, num_conditions: int) -> None:
@@ -372,6 +382,8 @@ class LatentDiffusionTask(GenerationTask):
         ae_fraction: share of the steps spent on the autoencoder.
         ae_lr: autoencoder learning rate.
         timesteps, schedule: DDPM steps ``T`` and noise schedule (``"cosine"`` / ``"linear"``).
+        prediction: what the denoiser predicts: ``"x0"`` (default), ``"v"`` or ``"eps"`` (see
+            :mod:`metanet.generate.diffusion`).
         hidden, depth, dropout: the latent denoiser (:class:`ResidualMLP`).
         sampler: ``"ddim"`` (default) or ``"ddpm"``.
         clip: clamp predicted standardized latents to ``[-clip, clip]`` while sampling.
@@ -379,6 +391,9 @@ class LatentDiffusionTask(GenerationTask):
     """
 
     generator_kind = "latent_diffusion"
+    # checkpoints written before ``prediction`` existed predicted the noise and (ignoring
+    # ``ae_mixer``) always built the transformer autoencoder
+    legacy_hparams: dict[str, Any] = {"prediction": "eps", "ae_mixer": "transformer"}
 
     def __init__(
         self,
@@ -394,6 +409,7 @@ class LatentDiffusionTask(GenerationTask):
         ae_lr: float = 1e-3,
         timesteps: int = 1000,
         schedule: str = "cosine",
+        prediction: str = "x0",
         hidden: int = 512,
         depth: int = 4,
         dropout: float = 0.0,
@@ -412,11 +428,16 @@ class LatentDiffusionTask(GenerationTask):
         )
         if sampler not in ("ddpm", "ddim"):
             raise GenerationError(f"diffusion sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+        if ae_mixer not in ("mlp", "transformer"):
+            raise GenerationError(f"ae_mixer must be 'mlp' or 'transformer', got {ae_mixer!r}")
         if not 0.0 < ae_fraction < 1.0:
             raise GenerationError(f"ae_fraction must be in (0, 1), got {ae_fraction}")
         self.save_hyperparameters()
         self.automatic_optimization = False
-        self.diffusion = GaussianDiffusion(timesteps, schedule)
+        try:
+            self.diffusion = GaussianDiffusion(timesteps, schedule, prediction)
+        except ValueError as err:
+            raise GenerationError(str(err)) from None
         self.ae: ParamAutoencoder | None = None
         self.denoiser: ResidualMLP | None = None
 
@@ -431,6 +452,7 @@ class LatentDiffusionTask(GenerationTask):
             heads=h.heads,
             input_noise=h.input_noise,
             latent_noise=h.latent_noise,
+            mixer=h.ae_mixer,
         )
         zdim = self.ae.tokens * self.ae.latent
         self.denoiser = ResidualMLP(
@@ -565,6 +587,8 @@ def load_generator(path_or_checkpoint: str | dict[str, Any]) -> GenerationTask:
         raise GenerationError(f"{where}: unknown generator class {payload.get('task_class')!r}")
     hparams = dict(ckpt.get("hyper_parameters") or {})
     hparams = {k: v for k, v in hparams.items() if not k.startswith("_")}
+    if "prediction" not in hparams:  # an older checkpoint: rebuild what it was trained as
+        hparams.update(cls.legacy_hparams)
     try:
         model = cls(**hparams)
         model.on_load_checkpoint(ckpt)
