@@ -59,6 +59,9 @@ def ensure_zoo(name: str) -> str:
 # ------------------------------------------------------------------------------------------------
 # StatNN with gradient-boosted trees (no Lightning)
 # ------------------------------------------------------------------------------------------------
+ARCH_KERNEL = 25  # edge_attr width of the digits-arch graphs: kernels up to 5x5
+
+
 def traceable_groups(zoo_path: str) -> tuple[list[str], dict[str, str]]:
     """Groups of a zoo whose networks metanet.graph can trace, and the error of each other one."""
     from metanet.data.datamodules import _example_input
@@ -69,7 +72,7 @@ def traceable_groups(zoo_path: str) -> tuple[list[str], dict[str, str]]:
     with Zoo.open(zoo_path) as zoo:
         for group in zoo:
             try:
-                from_module(group.module(0), _example_input(group))
+                from_module(group.module(0), _example_input(group), max_kernel_size=ARCH_KERNEL)
                 ok.append(group.name)
             except Exception as err:  # noqa: BLE001 - reported under the table
                 failed[group.name] = f"{type(err).__name__}: {str(err)[:90]}"
@@ -85,7 +88,9 @@ def statnn_gbt(
 
     splits = tuple(float(s) for s in SPLITS.strip("[]").split(","))
     if graph:
-        dm = ParamGraphDataModule(zoo_path, groups=groups, splits=splits, seed=seed)
+        dm = ParamGraphDataModule(
+            zoo_path, groups=groups, splits=splits, seed=seed, max_kernel_size=ARCH_KERNEL
+        )
     else:
         dm = WeightSpaceDataModule(zoo_path, splits=splits, seed=seed)
     dm.setup()
@@ -199,6 +204,8 @@ def run_table(
     import json
 
     extra = ["--data.init_args.groups", json.dumps(groups)] if groups else []
+    if graph_zoo:
+        extra += ["--data.init_args.max_kernel_size", str(ARCH_KERNEL)]
     results: dict[str, list[dict]] = {}
     for model in models:
         results[model] = []

@@ -186,3 +186,27 @@ def test_aligned_mixup_in_the_train_loader_gives_soft_labels(zoo_path):
     ws, y = next(iter(dm.train_dataloader()))
     assert y.shape == (6, 3) and torch.allclose(y.sum(1), torch.ones(6))
     assert len(ws) == 6
+
+
+def test_graph_datamodule_reads_5x5_kernels_with_a_wider_edge_attr(tmp_path):
+    pytest.importorskip("metanet.graph.tracing")
+    from metanet.graph import ParamGraph
+    from metanet.graph.tracing import UnsupportedOpError
+
+    cnn5 = {"type": "cnn", "channels": [3, 4], "kernel": 5, "head": "pool"}
+    path = tmp_path / "zoo5.h5"
+    with ZooWriter(path, attrs={"name": "k5"}) as w:
+        w.add(cnn5, *_records(cnn5, runs=4, ckpts=1, seed=4))
+    with pytest.raises((ValueError, UnsupportedOpError), match="max_kernel_size"):
+        next(iter(ParamGraphDataModule(str(path), splits=(0.5, 0.5)).train_dataloader()))
+    with pytest.raises(ValueError, match="max_kernel_size"):
+        ParamGraphDataModule(str(path), max_kernel_size=0)
+    dm = ParamGraphDataModule(str(path), splits=(0.5, 0.5), max_kernel_size=25)
+    assert dm.edge_in_dim == 25
+    batch, _ = next(iter(dm.train_dataloader()))
+    assert batch.edge_attr.shape[1] == 25
+    gid, rid = dm.splits["train"]
+    h5 = Zoo.open(path)
+    sd = ParamGraph.state_dicts_from_batch(batch)[0]
+    want = h5[dm.group_names[gid[0]]].params([rid[0]])
+    assert all(torch.equal(sd[k], v[0]) for k, v in want.items())  # 5x5 kernels round-trip

@@ -353,3 +353,16 @@ def test_cli_fit_then_test_writes_run_folder(zoo_path, tmp_path, monkeypatch):
           "--ckpt_path", str(best)])  # fmt: skip
     pngs = list(run.glob("logs/version_*/predicted_vs_true.png"))
     assert len(pngs) == 1
+
+
+def test_graph_factory_gets_the_data_edge_width_unless_set() -> None:
+    from metanet.nn.gmn import GMN
+    from metanet.tasks._common import build_metanetwork
+
+    # a CLI-parsed factory carries its defaults (edge_in_dim=None): the data's width wins
+    model = build_metanetwork(functools.partial(GMN, hidden=8, edge_in_dim=None), None,
+                              {"edge_in_dim": 25})  # fmt: skip
+    assert model.edges.edge_in_dim == 25
+    model = build_metanetwork(functools.partial(GMN, hidden=8, edge_in_dim=16), None,
+                              {"edge_in_dim": 25})  # fmt: skip
+    assert model.edges.edge_in_dim == 16

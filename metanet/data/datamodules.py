@@ -491,9 +491,12 @@ class _GraphBatches(Dataset):
     record) and reused: later records only swap the values (``ParamGraph.with_state_dict``).
     """
 
-    def __init__(self, zoo, names, gid, rid, targets, transform, normalize_target) -> None:
+    def __init__(
+        self, zoo, names, gid, rid, targets, transform, normalize_target, max_kernel_size=9
+    ) -> None:  # fmt: skip
         self.zoo, self.names, self.gid, self.rid, self.targets = zoo, names, gid, rid, targets
         self.transform, self.normalize_target = transform, normalize_target
+        self.max_kernel_size = max_kernel_size
         self._templates: dict[str, Any] = {}
         self._warned = False
 
@@ -505,7 +508,9 @@ class _GraphBatches(Dataset):
             from metanet.graph import from_module
 
             group = self.zoo[name]
-            self._templates[name] = from_module(group.module(0), _example_input(group))
+            self._templates[name] = from_module(
+                group.module(0), _example_input(group), max_kernel_size=self.max_kernel_size
+            )
         return self._templates[name]
 
     def __getitem__(self, positions: list[int]):
@@ -544,7 +549,10 @@ class ParamGraphDataModule(_ZooDataModule):
 
     Graphs of different architectures are mixed in one batch. Arguments as for
     :class:`WeightSpaceDataModule`, except ``groups`` (default: all groups of the zoo);
-    ``transforms`` are weight-space transforms applied to the groups that have a weight space.
+    ``transforms`` are weight-space transforms applied to the groups that have a weight space;
+    ``max_kernel_size``: conv kernel elements per edge (``edge_attr`` width, 9 = 3x3; 25 reads
+    5x5 kernels), passed to :func:`metanet.graph.from_module` and to the graph model as
+    ``edge_in_dim``.
     """
 
     def __init__(
@@ -561,11 +569,20 @@ class ParamGraphDataModule(_ZooDataModule):
         transforms: Callable | None = None,
         checkpoints: str | int = "all",
         stats_max_records: int | None = None,
+        max_kernel_size: int = 9,
     ) -> None:
+        if max_kernel_size < 1:
+            raise ValueError(f"max_kernel_size must be >= 1, got {max_kernel_size}")
+        self.max_kernel_size = max_kernel_size
         super().__init__(
             zoo, groups, target, task, splits, seed, batch_size, num_workers, normalize_target,
             transforms, checkpoints, stats_max_records,
         )  # fmt: skip
+
+    @property
+    def edge_in_dim(self) -> int:
+        """Width of the graphs' ``edge_attr`` (the graph model's ``edge_in_dim``)."""
+        return self.max_kernel_size
 
     @property
     def weight_stats(self) -> dict[str, LayerStats]:
@@ -582,4 +599,5 @@ class ParamGraphDataModule(_ZooDataModule):
             self.targets[split],
             self.transforms if split == "train" else None,
             self._target_norm(),
+            self.max_kernel_size,
         )

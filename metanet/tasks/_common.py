@@ -166,7 +166,11 @@ def build_metanetwork(
         net = model(spec)
     else:
         cls = factory_class(model)
-        given = set(model.keywords) if isinstance(model, functools.partial) else set()
+        given = (  # a None keyword (a CLI factory's default) does not count as set
+            {k for k, v in model.keywords.items() if v is not None}
+            if isinstance(model, functools.partial)
+            else set()
+        )
         kwargs = {}
         if cls is not None and graph_kwargs:
             params = inspect.signature(cls.__init__).parameters

@@ -329,8 +329,11 @@ def _example_input(arch: Mapping | None) -> torch.Tensor | None:
     return None
 
 
-def to_graphs(nets: Sequence[Network], payload: Mapping, arch: Mapping | None) -> Any:
-    """A PyG batch of the networks' parameter graphs (any architecture metanet can trace)."""
+def to_graphs(
+    nets: Sequence[Network], payload: Mapping, arch: Mapping | None, max_kernel_size: int = 9
+) -> Any:
+    """A PyG batch of the networks' parameter graphs (any architecture metanet can trace), with
+    ``max_kernel_size`` kernel elements per edge (the graph model's ``edge_in_dim``)."""
     from torch_geometric.data import Batch
 
     from metanet.graph import UnsupportedOpError, from_module
@@ -339,7 +342,9 @@ def to_graphs(nets: Sequence[Network], payload: Mapping, arch: Mapping | None) -
     for net in nets:
         module, known = _module_for(net, payload.get("archs") or [], arch)
         try:
-            graphs.append(from_module(module.eval(), _example_input(known)))
+            graphs.append(
+                from_module(module.eval(), _example_input(known), max_kernel_size=max_kernel_size)
+            )
         except (UnsupportedOpError, ValueError, TypeError) as err:
             raise PredictError(f"{net.path}: cannot be read as a parameter graph: {err}") from None
     return Batch.from_data_list(graphs)
@@ -357,7 +362,8 @@ def predict(predictor: Any, nets: Sequence[Network], arch: Mapping | None = None
                 to_weightspace(chunk, predictor.spec), payload.get("weight_normalization")
             )
         else:
-            inputs = to_graphs(chunk, payload, arch)
+            edges = getattr(predictor.model, "edges", None)
+            inputs = to_graphs(chunk, payload, arch, getattr(edges, "edge_in_dim", 9))
         with torch.no_grad():
             out += predictor.predict_accuracy(inputs).reshape(-1).tolist()
     return out
