@@ -129,10 +129,11 @@ def statnn_gbt(
 # ------------------------------------------------------------------------------------------------
 # metanetworks through their configs
 # ------------------------------------------------------------------------------------------------
-def fit_config(
+def fit_and_test(
     config: str, zoo_path: str, seed: int, epochs: int, run_dir: str, extra: Sequence[str] = ()
-) -> dict[str, Any]:
-    """Fit ``config`` on ``zoo_path`` with seed ``seed`` and test its best checkpoint."""
+) -> tuple[dict[str, float], float, Any]:
+    """Fit ``config`` through the CLI on ``zoo_path`` with seed ``seed`` (split by run, SPLITS),
+    then test its best checkpoint: ``(test metrics, fit seconds, the LightningCLI)``."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from metanet.cli import MetanetCLI
@@ -163,6 +164,14 @@ def fit_config(
     cli.trainer.fit(cli.model, cli.datamodule)
     fit_seconds = time.time() - start
     (result,) = cli.trainer.test(cli.model, cli.datamodule, ckpt_path="best", verbose=False)
+    return result, fit_seconds, cli
+
+
+def fit_config(
+    config: str, zoo_path: str, seed: int, epochs: int, run_dir: str, extra: Sequence[str] = ()
+) -> dict[str, Any]:
+    """Fit ``config`` on ``zoo_path`` with seed ``seed`` and test its best checkpoint."""
+    result, fit_seconds, cli = fit_and_test(config, zoo_path, seed, epochs, run_dir, extra)
     png = os.path.join(cli.trainer.log_dir, "predicted_vs_true.png")
     return {
         "kendall_tau": float(result["test/kendall_tau"]),

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -26,7 +25,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from scripts.bench_generalization import ensure_zoo  # noqa: E402
+from scripts.bench_generalization import ensure_zoo, fit_and_test  # noqa: E402
 
 MODELS = ["statnn_gbt", "statnn", "dws", "nfn_np", "nfn_hnp", "unf", "gmn", "ngt"]
 LABELS = {
@@ -66,35 +65,7 @@ def statnn_gbt(zoo_path: str, seed: int) -> dict[str, Any]:
 
 
 def fit_config(config: str, zoo_path: str, seed: int, epochs: int, run_dir: str) -> dict[str, Any]:
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    from metanet.cli import MetanetCLI
-
-    shutil.rmtree(run_dir, ignore_errors=True)
-    args = [
-        "--config", config,
-        "--seed_everything", str(seed),
-        "--trainer.max_epochs", str(epochs),
-        "--trainer.default_root_dir", run_dir,
-        "--trainer.logger.init_args.save_dir", run_dir,
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false",
-        "--data.init_args.zoo", zoo_path,
-        "--data.init_args.seed", str(seed),
-        "--data.init_args.splits", SPLITS,
-    ]  # fmt: skip
-    start = time.time()
-    saved, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI reads only ``args``
-    try:
-        cli = MetanetCLI(args, run=False)
-    finally:
-        sys.argv = saved
-    for cb in cli.trainer.callbacks:
-        if isinstance(cb, ModelCheckpoint):
-            cb.dirpath = os.path.join(run_dir, "checkpoints")
-    cli.trainer.fit(cli.model, cli.datamodule)
-    seconds = time.time() - start
-    (result,) = cli.trainer.test(cli.model, cli.datamodule, ckpt_path="best", verbose=False)
+    result, seconds, _ = fit_and_test(config, zoo_path, seed, epochs, run_dir)
     return {"acc": float(result["test/acc"]), "seconds": seconds}
 
 
