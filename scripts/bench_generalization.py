@@ -252,8 +252,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="1 seed, 1 epoch (smoke run)")
     parser.add_argument("--cnn-zoo", default=None, help="zoo file (default: digits-cnn)")
     parser.add_argument("--arch-zoo", default=None, help="zoo file (default: digits-arch)")
-    parser.add_argument("--png", default=os.path.join(ROOT, "docs", "predicted_vs_true.png"),
-                        help="where to copy the predicted-vs-true plot of the best model")
+    parser.add_argument("--png", default=None,
+                        help="where to copy the predicted-vs-true plot of the best model "
+                             "(the README's is docs/predicted_vs_true.png)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # 2 shared cores: one thread avoids OpenMP spinning
     seeds = args.seeds[:1] if args.quick else args.seeds
