@@ -488,3 +488,16 @@ def test_two_fabric_ranks_write_shards_opened_as_one_zoo(tmp_path):
     b = np.lexsort((single[name].metrics["epoch"], single[name].metrics["run_id"]))
     for key, t in multi[name].params().items():
         torch.testing.assert_close(t[a], single[name].params()[key][b], rtol=0, atol=0)
+
+
+ZOO_RECIPES = [  # datasets/ also holds the GHN architecture family (no "kind")
+    p for p in sorted((REPO / "datasets").glob("*.yaml")) if "kind" in yaml.safe_load(p.read_text())
+]
+
+
+@pytest.mark.parametrize("path", ZOO_RECIPES, ids=lambda p: p.name)
+def test_shipped_recipes_load_and_plan(path: Path) -> None:
+    recipe = Recipe.load(path)
+    plans = recipe.plan(limit=3)
+    assert recipe.name == path.stem and len(plans) == 3
+    assert recipe.num_networks >= 3
