@@ -25,20 +25,15 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from scripts.bench_generalization import ensure_zoo, fit_and_test  # noqa: E402
+from scripts.bench_generalization import (  # noqa: E402
+    CNN_MODELS,
+    LABELS,
+    SPLITS,
+    ensure_zoo,
+    fit_and_test,
+)
 
-MODELS = ["statnn_gbt", "statnn", "dws", "nfn_np", "nfn_hnp", "unf", "gmn", "ngt"]
-LABELS = {
-    "statnn_gbt": "StatNN (GBT)",
-    "statnn": "StatNN (MLP head)",
-    "dws": "DWS",
-    "nfn_np": "NFN-NP",
-    "nfn_hnp": "NFN-HNP",
-    "unf": "UNF",
-    "gmn": "GMN",
-    "ngt": "NG-T",
-}
-SPLITS = "[0.7, 0.1, 0.2]"
+MODELS = CNN_MODELS  # every metanetwork applies to the one SIREN architecture
 
 
 def statnn_gbt(zoo_path: str, seed: int) -> dict[str, Any]:
