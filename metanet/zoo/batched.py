@@ -474,7 +474,7 @@ def train_chunk_batched(
 ):
     """:func:`metanet.zoo.train.train_chunk` with the hand-batched engine (same arguments,
     same records)."""
-    from metanet.zoo.train import assemble_records, hparam_column, init_networks
+    from metanet.zoo.train import assemble_records, hparam_column, init_networks, step_schedule
 
     device = torch.device(device)
     net = BatchedNet(arch)
@@ -498,13 +498,8 @@ def train_chunk_batched(
     n_train = x_all.shape[0]
     subset = data.subset.to(device)
     subset_size = subset.sum(1)
-    batch = torch.minimum(col("batch_size", n_train, torch.long), subset_size)
-    spe = (subset_size + batch - 1) // batch
-    epochs = col("epochs", 1, torch.long)
+    batch, spe, epochs, keep = step_schedule(plans, subset_size, n_train, keep_fractions, device)
     total = epochs * spe
-    keep = torch.stack(
-        [(epochs.double() * f).round().clamp_min(1).long() for f in keep_fractions], dim=1
-    )  # [N, K]
     full = bool((batch >= n_train).all()) and bool(subset.all())  # every step: all samples
     y_all = data.y_train.to(device)
 

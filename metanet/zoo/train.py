@@ -113,6 +113,30 @@ def hparam_column(
 # ------------------------------------------------------------------------------------------------
 # functional optimizer
 # ------------------------------------------------------------------------------------------------
+
+
+def step_schedule(
+    plans: Sequence[NetworkPlan],
+    subset_size: torch.Tensor,
+    n_train: int,
+    keep_fractions: Sequence[float],
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The per-network step schedule both engines follow: ``(batch, steps_per_epoch, epochs,
+    keep)``, each ``[N]`` except ``keep`` ``[N, K]`` (the epoch after which checkpoint slot ``k``
+    is taken: ``max(1, round(f_k * epochs))``). ``subset_size`` ``[N]``: training samples of each
+    network; a batch size above it (or unset) means full batches."""
+    batch = torch.minimum(
+        hparam_column(plans, "batch_size", n_train, torch.long, device), subset_size
+    )
+    steps_per_epoch = (subset_size + batch - 1) // batch
+    epochs = hparam_column(plans, "epochs", 1, torch.long, device)
+    keep = torch.stack(
+        [(epochs.double() * f).round().clamp_min(1).long() for f in keep_fractions], dim=1
+    )
+    return batch, steps_per_epoch, epochs, keep
+
+
 def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.view(-1, *([1] * (like.dim() - 1)))
 
@@ -276,15 +300,12 @@ def train_chunk(
     gen = torch.Generator(device="cpu").manual_seed(generator_seed)
     n_train = data.x_train.shape[0]
     subset_size = data.subset.sum(1).to(device)  # [N]
-    batch = torch.minimum(col("batch_size", n_train, torch.long), subset_size)
-    steps_per_epoch = (subset_size + batch - 1) // batch
-    epochs = col("epochs", 1, torch.long)
+    batch, steps_per_epoch, epochs, keep = step_schedule(
+        plans, subset_size, n_train, keep_fractions, device
+    )
     total_steps = epochs * steps_per_epoch
     b_max = int(batch.max())
     t_max = int(total_steps.max())
-    keep = torch.stack(
-        [(epochs.double() * f).round().clamp_min(1).long() for f in keep_fractions], dim=1
-    )  # [N, K]
 
     opt = FunctionalOptimizer(
         params,
