@@ -362,8 +362,11 @@ def predict(predictor: Any, nets: Sequence[Network], arch: Mapping | None = None
                 to_weightspace(chunk, predictor.spec), payload.get("weight_normalization")
             )
         else:
+            from metanet.nn.graph_features import DEFAULT_EDGE_DIM
+
             edges = getattr(predictor.model, "edges", None)
-            inputs = to_graphs(chunk, payload, arch, getattr(edges, "edge_in_dim", 9))
+            width = getattr(edges, "edge_in_dim", DEFAULT_EDGE_DIM)
+            inputs = to_graphs(chunk, payload, arch, width)
         with torch.no_grad():
             out += predictor.predict_accuracy(inputs).reshape(-1).tolist()
     return out
