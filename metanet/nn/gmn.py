@@ -208,7 +208,6 @@ class GMN(GraphMetanetwork):
             hidden, edge_dim, node_in_dim, edge_in_dim, num_layers, fourier_features,
             fourier_sigma, max_layers, max_positions, probe_dim, standardize, output,
         )  # fmt: skip
-        last_edges = self._last_layer_updates_edges(output, edge_pool)
         self.layers = nn.ModuleList(
             GMNLayer(
                 hidden,
@@ -216,8 +215,7 @@ class GMN(GraphMetanetwork):
                 aggregators,
                 scalers,
                 bidirectional,
-                update_edges=(update_edges or output == "edge")
-                and (i < num_layers - 1 or last_edges),
+                update_edges=self._layer_updates_edges(i, num_layers, update_edges, edge_pool),
                 residual=residual,
                 dropout=dropout,
             )  # fmt: skip

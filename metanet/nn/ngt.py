@@ -195,7 +195,6 @@ class NGT(GraphMetanetwork):
             hidden, edge_dim, node_in_dim, edge_in_dim, num_layers, fourier_features,
             fourier_sigma, max_layers, max_positions, probe_dim, standardize, output,
         )  # fmt: skip
-        last_edges = self._last_layer_updates_edges(output, edge_pool)
         self.layers = nn.ModuleList(
             NGTLayer(
                 hidden,
@@ -204,8 +203,7 @@ class NGT(GraphMetanetwork):
                 node_mlp,
                 edge_mlp,
                 bidirectional,
-                update_edges=(update_edges or output == "edge")
-                and (i < num_layers - 1 or last_edges),
+                update_edges=self._layer_updates_edges(i, num_layers, update_edges, edge_pool),
                 modulate_v=modulate_v,
                 dropout=dropout,
             )  # fmt: skip

@@ -152,10 +152,13 @@ class GraphMetanetwork(nn.Module):
                 nn.Linear(hidden, hidden), activation(), nn.Linear(hidden, node_out_dim)
             )
 
-    @staticmethod
-    def _last_layer_updates_edges(output: str, edge_pool: Sequence[str]) -> bool:
-        """Whether the last layer's edge update is used (edges are read out)."""
-        return output == "edge" or (output == "graph" and len(edge_pool) > 0)
+    def _layer_updates_edges(
+        self, i: int, num_layers: int, update_edges: bool, edge_pool: Sequence[str]
+    ) -> bool:
+        """Whether layer ``i`` updates edges: every layer when asked (always for
+        ``output="edge"``), except the last one unless its edges are read out."""
+        read_out = self.output == "edge" or (self.output == "graph" and len(edge_pool) > 0)
+        return (update_edges or self.output == "edge") and (i < num_layers - 1 or read_out)
 
     def embed(self, batch: object) -> tuple[Tensor, Tensor, GraphBatch]:
         """Final node ``[N, hidden]`` and edge ``[E, edge_dim]`` features of a batch."""
