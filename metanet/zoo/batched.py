@@ -5,14 +5,18 @@ networks of a chunk are trained without ``torch.func``: every layer of all netwo
 matmul over stacked weights, and each network gets its own exact gradient (the chunk's loss is
 the sum of the networks' independent losses):
 
-* ``Linear``: ``torch.baddbmm`` of ``[N, B, in]`` with ``[N, in, out]``. ReLU MLPs use a
-  hand-written backward (:meth:`BatchedNet.ce_grad`: softmax minus one-hot, then ``bmm``s), other
-  chains autograd through the batched forward;
-* ``Conv2d``: a channels-last im2col (:class:`Im2Col`: an ``index_select`` of patch positions,
-  backward one ``index_add_``) and ``baddbmm`` of ``[N, B*L, k*k*C_in]`` with
-  ``[N, k*k*C_in, C_out]`` (the grouped convolution ``vmap`` makes of a batched conv has a slow
-  backward on CPU). The first layer's patches of the whole data set are computed once;
-* dropout: per-network rates ``[N]``, one ``torch.rand`` mask for the whole chunk.
+* ``Linear``: ``torch.baddbmm`` of ``[N, B, in]`` with ``[N, in, out]``;
+* ``Conv2d``: feature maps are channels-last rows ``[N, B, H, W*C]``; a convolution is one GEMM
+  per output row (:class:`Band`): the ``k`` input rows it reads ``[N, B*Ho, k*W*C]`` times a
+  banded matrix ``[N, k*W*C, Wo*Co]`` gathered from the weights. On 8x8 maps with 1-8 channels
+  this runs GEMMs with tens of columns instead of ``C_out``, at the price of zeros in the band
+  (the grouped convolution ``vmap`` makes of a batched conv has a slow backward on CPU). The
+  first layer's row patches of the whole data set are computed once;
+* ReLU chains (MLP or CNN, with dropout, flatten or average-pool heads) use a hand-written
+  backward (:meth:`BatchedNet.ce_grad`: softmax minus one-hot, then ``bmm``s and the transposes
+  of the row gathers); other chains autograd through the batched forward;
+* dropout: per-network rates ``[N]``, masks from 16-bit random draws
+  (:func:`dropout_multipliers`).
 
 All networks' parameters live in one flat buffer ``[M, D]`` (``state_dict`` order, one row per
 *lane*), so the optimizer step (SGD with momentum and coupled weight decay on the first rows,
@@ -50,58 +54,99 @@ from metanet.zoo.architectures import (
 
 
 # ------------------------------------------------------------------------------------------------
-# im2col (channels-last) with a cheap backward
+# convolutions as banded GEMMs over rows (channels-last)
 # ------------------------------------------------------------------------------------------------
 def _out_size(size: int, k: int, s: int, pad: int) -> int:
     return (size + 2 * pad - k) // s + 1
 
 
-@functools.lru_cache(maxsize=32)
-def _patch_index(h: int, w: int, k: int, s: int, pad: int) -> torch.Tensor:
-    """Flat positions in the padded ``[h + 2 pad, w + 2 pad]`` map of the ``(Ho, Wo, k, k)``
-    patch entries (row-major)."""
-    wp = w + 2 * pad
-    ho, wo = _out_size(h, k, s, pad), _out_size(w, k, s, pad)
-    oy = torch.arange(ho).view(ho, 1, 1, 1) * s
-    ox = torch.arange(wo).view(1, wo, 1, 1) * s
-    ky = torch.arange(k).view(1, 1, k, 1)
-    kx = torch.arange(k).view(1, 1, 1, k)
-    return ((oy + ky) * wp + (ox + kx)).reshape(-1)
+@dataclass(frozen=True)
+class Band:
+    """A ``k x k`` convolution (stride ``s``, zero padding ``pad``) of ``[H, W, C]`` maps to
+    ``[Ho, Wo, Co]`` maps (channels-last) as one GEMM per output row: output row ``i`` is the
+    ``k`` input rows ``s*i - pad .. s*i - pad + k - 1`` (``[k*W*C]``, zero rows outside the map)
+    times a banded matrix ``[k*W*C, Wo*Co]`` filled from the conv weight. Tiny convolutions
+    (8x8 maps, 1-8 channels) then run as GEMMs with tens of columns instead of ``C_out``.
 
+    ``rows`` ``[Ho*k]``: the row of the row-padded map (``pad`` zero rows above and below) each
+    output row reads; ``index`` ``[k*W*C, Wo*Co]``: the entry of the flat weight
+    ``[Co*C*k*k]`` (PyTorch order) at each entry of the banded matrix, ``Co*C*k*k`` for zeros.
+    """
 
-def im2col(x: torch.Tensor, k: int, s: int, pad: int) -> torch.Tensor:
-    """Patches of ``x`` ``[M, H, W, C]`` (channels-last): ``[M, Ho, Wo, k, k, C]`` (zero
-    padding ``pad``, stride ``s``); ``patches.reshape(M, Ho*Wo, k*k*C)`` times a conv weight
-    ``[C_out, C, k, k]`` permuted to ``(k, k, C, C_out)`` is the convolution."""
-    m, h, w, c = x.shape
-    ho, wo = _out_size(h, k, s, pad), _out_size(w, k, s, pad)
-    xp = F.pad(x, (0, 0, pad, pad, pad, pad)) if pad else x
-    idx = _patch_index(h, w, k, s, pad).to(x.device)
-    cols = xp.reshape(m, -1, c).index_select(1, idx)
-    return cols.view(m, ho, wo, k, k, c)
+    h: int
+    w: int
+    c: int
+    co: int
+    k: int
+    s: int
+    pad: int
 
+    @property
+    def ho(self) -> int:
+        return _out_size(self.h, self.k, self.s, self.pad)
 
-class Im2Col(torch.autograd.Function):
-    """:func:`im2col` (an ``index_select`` of patch positions) whose backward is one
-    ``index_add_`` into the padded map (PyTorch's ``unfold``/``as_strided`` backward and strided
-    adds are several times slower on CPU for few channels)."""
+    @property
+    def wo(self) -> int:
+        return _out_size(self.w, self.k, self.s, self.pad)
 
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, k: int, s: int, pad: int) -> torch.Tensor:
-        ctx.shape, ctx.k, ctx.s, ctx.pad = x.shape, k, s, pad
-        return im2col(x, k, s, pad)
+    @property
+    def n_weights(self) -> int:
+        return self.co * self.c * self.k * self.k
 
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor):
-        m, h, w, c = ctx.shape
-        k, s, pad = ctx.k, ctx.s, ctx.pad
-        idx = _patch_index(h, w, k, s, pad).to(grad.device)
-        gp = grad.new_zeros(m, (h + 2 * pad) * (w + 2 * pad), c)
-        gp.index_add_(1, idx, grad.reshape(m, -1, c))
-        gp = gp.view(m, h + 2 * pad, w + 2 * pad, c)
-        if pad:
-            gp = gp[:, pad : pad + h, pad : pad + w]
-        return gp, None, None, None
+    @functools.cached_property
+    def rows(self) -> torch.Tensor:
+        i = torch.arange(self.ho).view(-1, 1) * self.s
+        return (i + torch.arange(self.k).view(1, -1)).reshape(-1)
+
+    @functools.cached_property
+    def index(self) -> torch.Tensor:
+        k, c, co = self.k, self.c, self.co
+        dy = torch.arange(k).view(k, 1, 1, 1, 1)
+        x = torch.arange(self.w).view(1, -1, 1, 1, 1)
+        ci = torch.arange(c).view(1, 1, c, 1, 1)
+        j = torch.arange(self.wo).view(1, 1, 1, -1, 1)
+        o = torch.arange(co).view(1, 1, 1, 1, co)
+        dx = x + self.pad - self.s * j
+        flat = ((o * c + ci) * k + dy) * k + dx.clamp(0, k - 1)
+        flat = torch.where((dx >= 0) & (dx < k), flat, self.n_weights)
+        return flat.reshape(k * self.w * c, self.wo * co)
+
+    def matrix(self, weight: torch.Tensor) -> torch.Tensor:
+        """Conv weights ``[N, Co, C, k, k]`` -> banded matrices ``[N, k*W*C, Wo*Co]``."""
+        flat = weight.reshape(weight.shape[0], -1)
+        flat = torch.cat([flat, flat.new_zeros(flat.shape[0], 1)], dim=1)
+        return flat[:, self.index.to(flat.device)]
+
+    def weight_grad(self, grad_matrix: torch.Tensor) -> torch.Tensor:
+        """Gradient of :meth:`matrix`: ``[N, k*W*C, Wo*Co]`` -> ``[N, Co*C*k*k]``."""
+        n = grad_matrix.shape[0]
+        out = grad_matrix.new_zeros(n, self.n_weights + 1)
+        out.index_add_(1, self.index.to(out.device).reshape(-1), grad_matrix.reshape(n, -1))
+        return out[:, :-1]
+
+    def bias_row(self, bias: torch.Tensor) -> torch.Tensor:
+        """Bias ``[N, Co]`` -> ``[N, 1, Wo*Co]`` (repeated over the output row)."""
+        return bias.repeat(1, self.wo).unsqueeze(1)
+
+    def cols(self, x: torch.Tensor) -> torch.Tensor:
+        """Row patches of maps ``[..., H, W*C]``: ``[..., Ho, k*W*C]`` (``k`` strided row slices
+        of the row-padded map, stacked)."""
+        if self.pad:
+            x = F.pad(x, (0, 0, self.pad, self.pad))
+        span = self.s * (self.ho - 1) + 1
+        out = torch.stack([x[..., dy : dy + span : self.s, :] for dy in range(self.k)], dim=-2)
+        return out.view(*x.shape[:-2], self.ho, self.k * x.shape[-1])
+
+    def cols_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        """Gradient of :meth:`cols`: ``[..., Ho, k*W*C]`` -> ``[..., H, W*C]``."""
+        lead = grad.shape[:-2]
+        wc = self.w * self.c
+        g = grad.reshape(*lead, self.ho, self.k, wc)
+        out = grad.new_zeros(*lead, self.h + 2 * self.pad, wc)
+        span = self.s * (self.ho - 1) + 1
+        for dy in range(self.k):
+            out[..., dy : dy + span : self.s, :] += g[..., dy, :]
+        return out[..., self.pad : self.pad + self.h, :] if self.pad else out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -124,16 +169,28 @@ def supports(arch: dict[str, Any]) -> bool:
     )
 
 
+def dropout_multipliers(shape: Sequence[int], rate: torch.Tensor) -> torch.Tensor:
+    """Inverted-dropout multipliers ``[N, ...]`` (``shape``) for per-network rates ``[N]``: 0 or
+    ``1 / (1 - q)``, ``q`` the rate rounded to a multiple of 1/65536. Draws 16 random bits per
+    entry (four per 64-bit draw), a third of the cost of ``torch.rand_like``."""
+    numel = math.prod(shape)
+    bits = torch.empty((numel + 3) // 4, dtype=torch.int64, device=rate.device)
+    bits = bits.random_(-(2**63), None).view(torch.int16)[:numel].view(*shape)
+    dropped = (rate * 65536.0).round().clamp(0.0, 65535.0)  # codes (of 65536) that drop
+    view = (-1, *([1] * (len(shape) - 1)))
+    threshold = (dropped - 32768.0).to(torch.int16).view(view)
+    scale = (65536.0 / (65536.0 - dropped)).view(view)
+    return torch.where(bits >= threshold, scale, 0.0)
+
+
 @dataclass
 class _Op:
     kind: str  # linear | conv | act | dropout | pool | flatten
     index: int = -1  # parameter slot (weights at 2*index, bias at 2*index+1) for linear/conv
     module: nn.Module | None = None  # activation
-    k: int = 1
-    s: int = 1
-    pad: int = 0
+    band: Band | None = None  # conv
     chw: tuple[int, int, int] | None = None  # linear after flatten of a [C, H, W] map
-    hw_out: tuple[int, int] = (0, 0)  # conv: output map size
+    hwc: tuple[int, int, int] | None = None  # pool: input map size
 
 
 class BatchedNet:
@@ -142,7 +199,8 @@ class BatchedNet:
     ``keys``/``shapes`` are the module's ``state_dict`` entries (all parameters; these archs
     have no buffers); :meth:`pack` / :meth:`unpack` convert ``{key: [N, *shape]}`` to and from
     the flat ``[N, D]`` buffer. :meth:`prepare` turns data ``[n, *input_shape]`` into what
-    :meth:`forward` consumes (for CNNs: the first layer's patches ``[n, L, k*k*C]``).
+    :meth:`forward` consumes (for CNNs: the first layer's row patches ``[n, Ho, k*W*C]``). CNN
+    feature maps are ``[N, B, H, W*C]`` (channels-last rows), convolutions :class:`Band` GEMMs.
     """
 
     def __init__(self, arch: dict[str, Any]) -> None:
@@ -171,14 +229,17 @@ class BatchedNet:
                 ops.append(_Op("linear", layer, chw=chw))
                 layer, chw = layer + 1, None
             elif isinstance(m, nn.Conv2d):
-                k, s, p = m.kernel_size[0], m.stride[0], m.padding[0]
-                size, channels = _out_size(size, k, s, p), m.out_channels
-                ops.append(_Op("conv", layer, k=k, s=s, pad=p, hw_out=(size, size)))
+                if m.bias is None:
+                    raise ValueError("the batched engine needs biases (arch 'bias: false')")
+                band = Band(size, size, channels, m.out_channels, m.kernel_size[0], m.stride[0],
+                            m.padding[0])  # fmt: skip
+                ops.append(_Op("conv", layer, band=band))
+                size, channels = band.ho, m.out_channels
                 layer += 1
             elif isinstance(m, SampledDropout):
                 ops.append(_Op("dropout"))
             elif isinstance(m, nn.AvgPool2d):
-                ops.append(_Op("pool"))
+                ops.append(_Op("pool", hwc=(size, size, channels)))
                 size = 1
             elif isinstance(m, nn.Flatten):
                 if size > 1:
@@ -190,9 +251,9 @@ class BatchedNet:
                 raise ValueError(f"unsupported layer {type(m).__name__}")
         self.ops = ops
         self.first = ops[0]
-        # plain ReLU MLPs (with dropout) get a hand-written backward: far fewer ops per step
-        self.manual = not self.conv and all(
-            o.kind in ("linear", "dropout", "flatten")
+        # ReLU chains get a hand-written backward (:meth:`ce_grad`): far fewer ops per step
+        self.manual = all(
+            o.kind in ("linear", "conv", "dropout", "flatten", "pool")
             or (o.kind == "act" and type(o.module) is nn.ReLU)
             for o in ops
         )
@@ -223,34 +284,43 @@ class BatchedNet:
     # -- data ----------------------------------------------------------------------------------
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """Data ``[n, *input_shape]`` -> the input of :meth:`forward` (``[n, in]`` for MLP/SIREN,
-        first-layer patches ``[n, L, k*k*C]`` for CNNs)."""
+        first-layer row patches ``[n, Ho, k*W*C]`` for CNNs)."""
         if not self.conv:
             return x.reshape(x.shape[0], -1)
-        op = self.first
-        xc = x.permute(0, 2, 3, 1)  # channels-last
-        cols = im2col(xc, op.k, op.s, op.pad)
-        return cols.reshape(x.shape[0], cols.shape[1] * cols.shape[2], -1)
+        n, c, h, w = x.shape
+        rows = x.permute(0, 2, 3, 1).reshape(n, h, w * c)  # channels-last rows
+        return self.first.band.cols(rows)
 
     # -- forward -------------------------------------------------------------------------------
     @staticmethod
-    def _conv_weight(w: torch.Tensor) -> torch.Tensor:
-        """Conv weights ``[N, Co, C, k, k]`` -> ``[N, k*k*C, Co]`` (im2col patch order)."""
-        n, co = w.shape[:2]
-        return w.permute(0, 3, 4, 2, 1).reshape(n, -1, co)
-
-    @staticmethod
     def _affine(x: torch.Tensor, wm: torch.Tensor, b: torch.Tensor, shared: bool) -> torch.Tensor:
-        """``x @ wm + b`` per network: ``wm [N, in, out]``, ``b [N, out]``; ``x`` is
+        """``x @ wm + b`` per network: ``wm [N, in, out]``, ``b [N, 1, out]``; ``x`` is
         ``[N, ..., in]`` or (``shared``) ``[..., in]`` for all networks (then one GEMM with the
         weights of all networks side by side). Returns ``[N, ..., out]``."""
         n, d_in, d_out = wm.shape
         if shared:
             lead = x.shape[:-1]
             flat = x.reshape(-1, d_in) @ wm.permute(1, 0, 2).reshape(d_in, n * d_out)
-            out = flat.view(-1, n, d_out).transpose(0, 1) + b.unsqueeze(1)
+            out = flat.view(-1, n, d_out).transpose(0, 1) + b
             return out.reshape(n, *lead, d_out)
-        out = torch.baddbmm(b.unsqueeze(1), x.reshape(n, -1, d_in), wm)
+        out = torch.baddbmm(b, x.reshape(n, -1, d_in), wm)
         return out.view(n, *x.shape[1:-1], d_out)
+
+    def _linear_weight(self, op: _Op, w: torch.Tensor) -> torch.Tensor:
+        """Linear weights ``[N, out, in]`` -> ``[N, in, out]``, inputs in this engine's
+        channels-last flatten order where the layer follows a flattened map."""
+        if op.chw is not None:  # Flatten order (C, H, W) -> our (H, W, C)
+            n, c, (hh, ww) = w.shape[0], op.chw[0], op.chw[1:]
+            w = w.view(n, -1, c, hh, ww).permute(0, 1, 3, 4, 2).reshape(n, -1, c * hh * ww)
+        return w.transpose(1, 2)
+
+    def _linear_weight_grad(self, op: _Op, g: torch.Tensor) -> torch.Tensor:
+        """Gradient ``[N, out, in]`` of :meth:`_linear_weight` (inputs in this engine's order)
+        -> ``[N, out * in]`` (PyTorch order)."""
+        if op.chw is not None:
+            n, c, (hh, ww) = g.shape[0], op.chw[0], op.chw[1:]
+            g = g.reshape(n, -1, hh, ww, c).permute(0, 1, 4, 2, 3)
+        return g.reshape(g.shape[0], -1)
 
     def forward(
         self,
@@ -268,37 +338,26 @@ class BatchedNet:
         """
         n = p[0].shape[0]
         h = x
-        hw: tuple[int, int] | None = None  # spatial size while h is a map [N, B, H, W, C]
         for j, op in enumerate(self.ops):
             first = shared and j == 0
             if op.kind == "conv":
-                wm = self._conv_weight(p[2 * op.index])
-                if j == 0:  # prepared patches [(N,) B, L, kkC]
-                    bsz, cols = x.shape[-3], x
-                else:
-                    bsz = h.shape[1]
-                    c = Im2Col.apply(h.reshape(n * bsz, hw[0], hw[1], -1), op.k, op.s, op.pad)
-                    cols = c.view(n, bsz, c.shape[1] * c.shape[2], -1)
-                hw = op.hw_out
-                out = self._affine(cols, wm, p[2 * op.index + 1], first)
-                h = out.view(n, bsz, hw[0], hw[1], -1)
+                band = op.band
+                cols = h if j == 0 else band.cols(h)
+                w, b = band.matrix(p[2 * op.index]), band.bias_row(p[2 * op.index + 1])
+                h = self._affine(cols, w, b, first)  # [N, B, Ho, Wo*Co]
             elif op.kind == "linear":
-                w = p[2 * op.index]
-                if op.chw is not None:  # Flatten order (C, H, W) -> our (H, W, C)
-                    c, hh, ww = op.chw
-                    w = w.view(n, -1, c, hh, ww).permute(0, 1, 3, 4, 2).reshape(n, -1, c * hh * ww)
-                h = self._affine(h, w.transpose(1, 2), p[2 * op.index + 1], first)
+                w = self._linear_weight(op, p[2 * op.index])
+                h = self._affine(h, w, p[2 * op.index + 1].unsqueeze(1), first)
             elif op.kind == "act":
                 h = op.module(h)
             elif op.kind == "dropout":
                 if dropout is not None:  # inverted dropout, rate per network
-                    rate = dropout.view(n, *([1] * (h.dim() - 1)))
-                    scale = 1.0 / (1.0 - rate).clamp_min(1e-6)
-                    h = h * ((torch.rand_like(h) >= rate) * scale)
+                    h = h * dropout_multipliers(h.shape, dropout)
             elif op.kind == "pool":
-                h, hw = h.mean(dim=(2, 3)), None  # [N, B, C]
-            elif op.kind == "flatten" and hw is not None:
-                h, hw = h.reshape(n, h.shape[1], -1), None
+                hh, ww, c = op.hwc
+                h = h.reshape(n, h.shape[1], hh * ww, c).mean(2)  # [N, B, C]
+            elif op.kind == "flatten":
+                h = h.reshape(n, h.shape[1], -1)
         return h
 
     @torch.no_grad()
@@ -311,47 +370,79 @@ class BatchedNet:
         dropout: torch.Tensor | None,
     ) -> torch.Tensor:
         """Gradient ``[M, D]`` (flat layout) of each network's weighted cross-entropy
-        ``sum_b w[m, b] * CE(net_m(x[m, b]), y[m, b])`` for a ReLU MLP (:attr:`manual`):
+        ``sum_b w[m, b] * CE(net_m(x[m, b]), y[m, b])`` for a ReLU chain (:attr:`manual`):
         forward with per-network dropout, then the backward written out by hand (softmax minus
-        one-hot, then ``bmm``s)."""
+        one-hot, then ``bmm``s and the transposes of the row gathers)."""
         m = flat.shape[0]
         p = self.views(flat, requires_grad=False)
         grads: list[torch.Tensor | None] = [None] * len(p)
-        saved: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []  # (layer, input, mask)
+        tape: list[tuple[_Op, Any]] = []  # each op with what its backward needs
         h = x
-        mask: torch.Tensor | None = None  # d h / d pre-activation of the current hidden layer
-        for op in self.ops:
-            if op.kind == "linear":
-                saved.append((op.index, h, mask))
-                w_, b = p[2 * op.index], p[2 * op.index + 1]
-                h = torch.baddbmm(b.unsqueeze(1), h, w_.transpose(1, 2))
-                mask = None
+        for j, op in enumerate(self.ops):
+            if op.kind == "conv":
+                cols = h if j == 0 else op.band.cols(h)
+                wm = op.band.matrix(p[2 * op.index])
+                tape.append((op, (cols, wm)))
+                h = self._affine(cols, wm, op.band.bias_row(p[2 * op.index + 1]), False)
+            elif op.kind == "linear":
+                wm = self._linear_weight(op, p[2 * op.index])
+                tape.append((op, (h, wm)))
+                h = torch.baddbmm(p[2 * op.index + 1].unsqueeze(1), h, wm)
             elif op.kind == "act":
-                mask = h > 0
-                h = h * mask
+                mult = h > 0
+                h = h * mult
+                tape.append((op, mult))
             elif op.kind == "dropout" and dropout is not None:
-                rate = dropout.view(m, 1, 1)
-                keep = (torch.rand_like(h) >= rate) * (1.0 / (1.0 - rate).clamp_min(1e-6))
-                h = h * keep
-                mask = keep if mask is None else mask * keep
+                mult = dropout_multipliers(h.shape, dropout)
+                h = h * mult
+                tape.append((op, mult))
+            elif op.kind == "pool":
+                tape.append((op, h.shape))
+                hh, ww, c = op.hwc
+                h = h.reshape(m, h.shape[1], hh * ww, c).mean(2)
+            elif op.kind == "flatten":
+                tape.append((op, h.shape))
+                h = h.reshape(m, h.shape[1], -1)
         g = torch.softmax(h, dim=-1)  # [M, B, C]
         g.scatter_add_(-1, y.unsqueeze(-1), torch.full_like(g[..., :1], -1.0))
         g.mul_(w.unsqueeze(-1))
-        for idx, inp, in_mask in reversed(saved):
-            grads[2 * idx] = torch.bmm(g.transpose(1, 2), inp)  # [M, out, in]
-            grads[2 * idx + 1] = g.sum(dim=1)
-            if idx > 0:
-                g = torch.bmm(g, p[2 * idx])
-                if in_mask is not None:
-                    g = g * in_mask
+        for j in range(len(tape) - 1, -1, -1):
+            op, saved = tape[j]
+            if op.kind in ("act", "dropout"):
+                g = g * saved
+            elif op.kind == "flatten":
+                g = g.reshape(saved)
+            elif op.kind == "pool":
+                hh, ww, c = op.hwc
+                g = (g / (hh * ww)).unsqueeze(2).expand(m, g.shape[1], hh * ww, c)
+                g = g.reshape(saved)
+            elif op.kind == "linear":
+                inp, wm = saved
+                g = g.reshape(m, -1, wm.shape[2])
+                gw = torch.bmm(g.transpose(1, 2), inp.reshape(m, -1, wm.shape[1]))
+                grads[2 * op.index] = self._linear_weight_grad(op, gw)
+                grads[2 * op.index + 1] = g.sum(dim=1)
+                if j > 0:
+                    g = torch.bmm(g, wm.transpose(1, 2)).view(inp.shape)
+            else:  # conv
+                cols, wm = saved
+                band = op.band
+                g2 = g.reshape(m, -1, wm.shape[2])  # [M, B*Ho, Wo*Co]
+                gm = torch.bmm(cols.reshape(m, -1, wm.shape[1]).transpose(1, 2), g2)
+                grads[2 * op.index] = band.weight_grad(gm)
+                grads[2 * op.index + 1] = g2.sum(dim=1).view(m, band.wo, band.co).sum(1)
+                if j > 0:
+                    gc = torch.bmm(g2, wm.transpose(1, 2)).view(cols.shape)
+                    g = band.cols_grad(gc)
         return torch.cat([t.reshape(m, -1) for t in grads], dim=1)
 
     @torch.no_grad()
     def forward_eval(self, p: Sequence[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """Evaluation outputs ``[N, B, out]`` (no dropout) of the ``N`` networks on the same
         data ``x`` (raw, ``[B, *input_shape]``). CNNs run as one convolution with ``N * C_out``
-        channels (first layer) and grouped convolutions (oneDNN forward kernels are fast; their
-        backward is what the training path avoids); others use :meth:`forward` (``shared``)."""
+        channels (first layer) and grouped convolutions (oneDNN's forward kernels beat the
+        banded GEMMs here, where all networks share the input); others use :meth:`forward`
+        (``shared``: the first layer of all networks is one GEMM)."""
         if not self.conv:
             return self.forward(p, self.prepare(x), None, shared=True)
         n = p[0].shape[0]
@@ -360,9 +451,8 @@ class BatchedNet:
         for op in self.ops:
             if op.kind == "conv":
                 w, b = p[2 * op.index], p[2 * op.index + 1]
-                w = w.reshape(-1, *w.shape[2:])
-                h = F.conv2d(h, w, b.reshape(-1), stride=op.s, padding=op.pad,
-                             groups=1 if first_conv else n)  # fmt: skip
+                h = F.conv2d(h, w.reshape(-1, *w.shape[2:]), b.reshape(-1), stride=op.band.s,
+                             padding=op.band.pad, groups=1 if first_conv else n)  # fmt: skip
                 first_conv = False
             elif op.kind == "act":
                 h = op.module(h)
