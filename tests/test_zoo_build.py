@@ -26,6 +26,7 @@ from metanet.zoo.train import classifier_data, init_network, train_chunk
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "data" / "zoo-tiny-mlp.yaml"
+_TRAIN_CHUNK_TO_FILE = build_mod.train_chunk_to_file
 
 
 @pytest.fixture(autouse=True)
@@ -434,6 +435,35 @@ def test_build_stores_every_network_and_metrics_match_modules(tmp_path):
     with pytest.raises(FileExistsError, match="--overwrite"):
         build_zoo(TINY, out, limit=5, progress=False)
     assert out.read_bytes() == before
+
+
+def test_worker_processes_build_the_same_zoo_as_one_process(tmp_path, monkeypatch):
+    """``workers=2`` trains the chunks in two forked processes: every record (parameters and
+    metrics) equals the one-process build exactly; a worker's error reaches the caller."""
+    one = build_zoo(TINY, tmp_path / "one.h5", progress=False)
+    two = build_zoo(TINY, tmp_path / "two.h5", progress=False, workers=2)
+    with Zoo.open(one) as a, Zoo.open(two) as b:
+        name = a.architectures[0]
+        ga, gb = a[name], b[name]
+        assert len(ga) == len(gb) >= 12
+        for k in ("run_id", "epoch", "train_acc", "test_loss"):
+            np.testing.assert_array_equal(ga.metrics[k], gb.metrics[k])
+        pa, pb = ga.params(), gb.params()
+        for k in pa:
+            assert torch.equal(pa[k], pb[k]), k
+    with pytest.raises(ValueError, match="workers"):
+        build_zoo(TINY, tmp_path / "bad.h5", progress=False, workers=0)
+    monkeypatch.setattr(build_mod, "train_chunk_to_file", _fail_on_chunk_one)
+    with pytest.raises(RuntimeError, match="chunk 1 failed"):
+        build_zoo(TINY, tmp_path / "fail.h5", progress=False, workers=2)
+    assert not (tmp_path / "fail.h5").exists()
+
+
+def _fail_on_chunk_one(recipe, chunk, *args, **kwargs):
+    """A chunk trainer for the worker test: chunk 1 fails, the others train as usual."""
+    if chunk.index == 1:
+        raise RuntimeError("chunk 1 failed")
+    return _TRAIN_CHUNK_TO_FILE(recipe, chunk, *args, **kwargs)
 
 
 def _parts(out: Path) -> list[Path]:

@@ -17,6 +17,10 @@ command again skips finished chunks (each network is trained and stored exactly 
 result is bit-identical to an uninterrupted build: every chunk's randomness derives from the
 recipe seed and the chunk index).
 
+Several cores of one machine (``workers > 1``): chunks are trained by a pool of forked worker
+processes (one torch thread each by default), each writing its own chunk files as above; the
+parent merges. Results are bit-identical to ``workers=1`` (a chunk's randomness is its own).
+
 Scale-out (``devices * num_nodes > 1``): Lightning Fabric launches the ranks (``ddp_spawn`` with
 the gloo backend on CPU); chunk ``i`` belongs to rank ``i % world_size``. Each rank merges its
 chunks into its own shard ``<out stem>.shards/rank-RRR-of-WWW.h5``; after a barrier rank 0 writes
@@ -29,11 +33,13 @@ from __future__ import annotations
 
 import glob
 import math
+import multiprocessing
 import os
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -213,6 +219,66 @@ def _shard_path(output: Path, rank: int, world: int) -> Path:
     return output.parent / f"{output.stem}.shards" / f"rank-{rank:03d}-of-{world:03d}.h5"
 
 
+def _chunk_cost(chunk: Chunk) -> float:
+    """Relative training cost of a chunk (samples it trains on)."""
+    return sum(
+        float(p.hparams.get("epochs", 1)) * float(p.hparams.get("train_fraction", 1.0))
+        for p in chunk.plans
+    )
+
+
+def _worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def train_chunks(
+    recipe: Recipe,
+    chunks: Sequence[Chunk],
+    parts: Path,
+    fingerprint: str,
+    device: str = "cpu",
+    engine: str = "auto",
+    workers: int = 1,
+    threads: int | None = None,
+    on_done: Callable[[Chunk], None] | None = None,
+) -> None:
+    """Train ``chunks`` into their files under ``parts`` (:func:`train_chunk_to_file`), in this
+    process (``workers=1``) or in a pool of ``workers`` worker processes (CPU only; forked where
+    the platform allows) with ``threads`` torch threads each (default: the cores divided between
+    the workers), costliest chunks first. ``on_done(chunk)`` is called as each chunk is written.
+    A failing chunk cancels the chunks not yet started and re-raises; written chunks are kept.
+    """
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if workers == 1 or len(chunks) <= 1 or device != "cpu":
+        for chunk in chunks:
+            train_chunk_to_file(recipe, chunk, parts / chunk.file_name, fingerprint,
+                                device=device, engine=engine)  # fmt: skip
+            if on_done is not None:
+                on_done(chunk)
+        return
+    workers = min(workers, len(chunks))
+    threads = threads or max(1, (os.cpu_count() or 1) // workers)
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    order = sorted(chunks, key=lambda c: (-_chunk_cost(c), c.index))
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
+                             initargs=(threads,)) as pool:  # fmt: skip
+        futures = {
+            pool.submit(train_chunk_to_file, recipe, c, parts / c.file_name, fingerprint,
+                        device, engine): c  # fmt: skip
+            for c in order
+        }
+        try:
+            for future in as_completed(futures):
+                future.result()
+                if on_done is not None:
+                    on_done(futures[future])
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+
+
 def _run(
     fabric: Any,
     recipe: Recipe,
@@ -221,14 +287,15 @@ def _run(
     overwrite: bool,
     progress: bool,
     device: str,
-    threads: int = 1,
+    threads: int | None = None,
     engine: str = "auto",
+    workers: int = 1,
 ) -> str:
     rank = fabric.global_rank if fabric is not None else 0
     world = fabric.world_size if fabric is not None else 1
     if fabric is not None:
         device = str(fabric.device)
-        if fabric.device.type == "cpu":  # cores shared between the ranks of this node
+        if fabric.device.type == "cpu" and threads:  # cores shared between the node's ranks
             torch.set_num_threads(threads)
     fingerprint = recipe.fingerprint(limit)
     done = _existing_ok(output, fingerprint, overwrite) if rank == 0 else False
@@ -259,11 +326,9 @@ def _run(
             f" [rank {rank}/{world}]" if world > 1 else ""),
         disable=not progress or rank != 0, dynamic_ncols=True,
     )  # fmt: skip
-    for chunk in todo:
-        train_chunk_to_file(
-            recipe, chunk, parts / chunk.file_name, fingerprint, device=device, engine=engine
-        )
-        bar.update(len(chunk.plans))
+    per_worker = max(1, threads // workers) if threads else None
+    train_chunks(recipe, todo, parts, fingerprint, device, engine, workers, per_worker,
+                 on_done=lambda c: bar.update(len(c.plans)))  # fmt: skip
     bar.close()
     attrs = _root_attrs(recipe, fingerprint, limit, len(plans), world)
     if world == 1:
@@ -302,6 +367,7 @@ def build_zoo(
     accelerator: str = "cpu",
     threads: int | None = None,
     engine: str = "auto",
+    workers: int = 1,
 ) -> Path:
     """Build (or finish building) the zoo of ``recipe`` into ``output``; returns its path.
 
@@ -321,6 +387,9 @@ def build_zoo(
             vmap), ``"batched"`` or ``"vmap"`` (see :func:`metanet.zoo.train.train_chunk`).
             Engines agree up to float rounding; resume a build with the engine it started with
             for a bit-identical result.
+        workers: worker processes per rank training chunks side by side (CPU; each with
+            ``threads`` torch threads, default the cores divided between them). Tiny networks
+            use one core far better per process than per thread; results are identical.
 
     Running the same call again after an interruption resumes from the finished chunks.
     """
@@ -341,16 +410,18 @@ def build_zoo(
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     if devices * num_nodes == 1:
         device = "cuda" if accelerator in ("cuda", "gpu") else "cpu"
         if accelerator == "auto" and torch.cuda.is_available():
             device = "cuda"
-        return Path(_run(None, *args, device, 1, engine))
+        return Path(_run(None, *args, device, threads, engine, workers))
     from lightning.fabric import Fabric
 
     fabric = Fabric(
         accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy="ddp_spawn"
     )
     per_rank = threads or max(1, (os.cpu_count() or 1) // devices)
-    result = fabric.launch(_fabric_entry, *args, "cpu", per_rank, engine)
+    result = fabric.launch(_fabric_entry, *args, "cpu", per_rank, engine, workers)
     return Path(result if result is not None else output)

@@ -2,7 +2,7 @@
 
     metanet zoo build RECIPE.yaml [-o OUT.h5] [--devices N --num_nodes M] [--limit K]
                                   [--overwrite] [--accelerator cpu|cuda|auto] [--threads T]
-                                  [--engine auto|batched|vmap] [--no-progress]
+                                  [--engine auto|batched|vmap] [--workers W] [--no-progress]
     metanet zoo info ZOO.h5       # groups, records, test-accuracy quantiles and histogram
 
 ``build`` resumes an interrupted build of the same recipe (run the same command again).
@@ -38,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--engine", default="auto", choices=["auto", "batched", "vmap"],
                    help="training engine: hand-batched matmuls where the arch allows (auto), "
                         "or torch.func vmap for every arch")  # fmt: skip
+    b.add_argument("--workers", type=int, default=1,
+                   help="worker processes training chunks side by side on this machine's CPU "
+                        "cores (default 1; results are identical)")  # fmt: skip
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     i = sub.add_parser("info", help="summarize a zoo file")
     i.add_argument("zoo", help="zoo HDF5 file")
@@ -105,6 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             accelerator="cuda" if args.accelerator == "gpu" else args.accelerator,
             threads=args.threads,
             engine=args.engine,
+            workers=args.workers,
         )
     except (RecipeError, ArchError, FileExistsError, FileNotFoundError, ValueError) as err:
         print(f"metanet zoo build: error: {err}", file=sys.stderr)
