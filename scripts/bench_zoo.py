@@ -8,22 +8,25 @@ size and epochs, on the same digits split).
 * metanet: ``build_zoo(recipe, limit=nets)`` end to end into a temporary file - chunked training
   (``--engine``: ``auto`` = hand-batched matmuls, ``vmap`` = ``torch.func``), evaluation of
   every kept checkpoint on the full train and test splits, HDF5 chunk files and the merge.
+  ``--workers W`` trains the chunks in W worker processes (one torch thread each).
 * plain: the ordinary loop, one network at a time: ``nn.Module`` (``nn.Dropout``) +
   ``torch.optim`` (SGD with momentum / AdamW), a fresh ``randperm`` per epoch, the same batch
-  size and epochs; it evaluates test accuracy once at the end (less work than metanet). By
+  size and epochs; after each kept epoch it evaluates loss and accuracy on the full train and
+  test splits, as the zoo records (the same work as metanet's build). By
   default it trains the same ``--nets`` networks (``--plain-nets K``: only the first K; steps per
   network vary ~50x across a recipe, so a small subset gives a noisy rate).
 
 Both run in this process with the same torch thread count. The machine may be shared, so the
 table gives rates by wall-clock time and by this process's CPU time (``time.process_time``,
-which other processes' load does not inflate); with one thread they agree on an idle machine.
+which other processes' load does not inflate; with ``--workers``, the workers' CPU time is
+included); with one thread they agree on an idle machine.
 
 INR probe (``--inr-probe ZOO.h5``): logistic regression on the flattened weights of the INRs of
 the digits train split, scored on the INRs of the test split (chance = 10%), next to the same
 classifier on the raw pixels; prints the PSNR spread of the zoo.
 
     python scripts/bench_zoo.py [--recipe datasets/digits-mlp.yaml --recipe ...] [--nets 200]
-                                [--plain-nets K] [--threads 1] [--engine auto]
+                                [--plain-nets K] [--threads 1] [--engine auto] [--workers 1]
     python scripts/bench_zoo.py --inr-probe .cache/zoos/digits-siren.h5
 """
 
@@ -60,8 +63,27 @@ def plain_model(arch: dict, plan: NetworkPlan) -> nn.Module:
     return model
 
 
-def plain_train(arch: dict, plan: NetworkPlan, data: TaskData, i: int) -> float:
-    """Train network ``i`` of ``data`` alone with torch.optim; return its test accuracy."""
+PLAIN_EVAL_SECONDS = [0.0]  # wall time the plain loop spends evaluating checkpoints
+
+
+@torch.no_grad()
+def plain_evaluate(model: nn.Module, data: TaskData) -> dict[str, float]:
+    """Loss and accuracy on the full train and test splits: what a zoo stores per checkpoint."""
+    model.eval()
+    out = {}
+    for split, x in data.x_eval.items():
+        logits, y = model(x), data.y_eval[split]
+        out[f"{split}_loss"] = float(F.cross_entropy(logits, y))
+        out[f"{split}_acc"] = float((logits.argmax(1) == y).float().mean())
+    model.train()
+    return out
+
+
+def plain_train(
+    arch: dict, plan: NetworkPlan, data: TaskData, i: int, keep_fractions: list[float]
+) -> float:
+    """Train network ``i`` of ``data`` alone with torch.optim, evaluating it after each kept
+    epoch (as the zoo records); return its final test accuracy."""
     hp = plan.hparams
     model = plain_model(arch, plan)
     if hp["optimizer"] == "sgd":
@@ -71,9 +93,11 @@ def plain_train(arch: dict, plan: NetworkPlan, data: TaskData, i: int) -> float:
         opt = torch.optim.AdamW(model.parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"])
     idx = data.subset[i].nonzero().squeeze(1)
     x, y = data.x_train[idx], data.y_train[i][idx]
-    bs = int(hp["batch_size"])
+    bs, epochs = int(hp["batch_size"]), int(hp["epochs"])
+    keep = {max(1, round(f * epochs)) for f in keep_fractions}
+    records = {}
     model.train()
-    for _ in range(int(hp["epochs"])):
+    for epoch in range(1, epochs + 1):
         perm = torch.randperm(len(idx))
         for s in range(0, len(idx), bs):
             b = perm[s : s + bs]
@@ -81,17 +105,20 @@ def plain_train(arch: dict, plan: NetworkPlan, data: TaskData, i: int) -> float:
             opt.zero_grad()
             loss.backward()
             opt.step()
-    model.eval()
-    with torch.no_grad():
-        out = model(data.x_eval["test"])
-    return float((out.argmax(1) == data.y_eval["test"]).float().mean())
+        if epoch in keep:
+            t0 = time.perf_counter()
+            records[epoch] = plain_evaluate(model, data)
+            PLAIN_EVAL_SECONDS[0] += time.perf_counter() - t0
+    return records[epochs]["test_acc"]
 
 
 def _clock() -> tuple[float, float]:
-    return time.perf_counter(), time.process_time()
+    """Wall-clock time and CPU time of this process and its finished children (workers)."""
+    t = os.times()
+    return time.perf_counter(), t.user + t.system + t.children_user + t.children_system
 
 
-def bench_recipe(path: str, nets: int, plain_nets: int, engine: str) -> dict:
+def bench_recipe(path: str, nets: int, plain_nets: int, engine: str, workers: int = 1) -> dict:
     """Time the metanet build and the plain loop on ``path``; returns one table row."""
     recipe = Recipe.load(path)
     if recipe.kind != "classifier":
@@ -106,7 +133,8 @@ def bench_recipe(path: str, nets: int, plain_nets: int, engine: str) -> dict:
         # warm-up (imports, first traces, allocator) on a tiny build, not timed
         build_zoo(recipe, Path(tmp) / "warm.h5", limit=2, progress=False, engine=engine)
         w0, c0 = _clock()
-        out = build_zoo(recipe, Path(tmp) / "zoo.h5", limit=nets, progress=False, engine=engine)
+        out = build_zoo(recipe, Path(tmp) / "zoo.h5", limit=nets, progress=False, engine=engine,
+                        workers=workers)  # fmt: skip
         w1, c1 = _clock()
         from metanet.data.zoo_store import Zoo
 
@@ -117,9 +145,11 @@ def bench_recipe(path: str, nets: int, plain_nets: int, engine: str) -> dict:
             records = len(g)
     sub = plans[:plain_nets]
     data = classifier_data(sub, flat, recipe.data["split_seed"], recipe.data["test_fraction"])
-    plain_train(arch, sub[0], data, 0)  # warm-up, not timed
+    keep = list(recipe.keep_fractions)
+    plain_train(arch, sub[0], data, 0, keep)  # warm-up, not timed
+    PLAIN_EVAL_SECONDS[0] = 0.0
     p0, q0 = _clock()
-    plain_acc = [plain_train(arch, p, data, i) for i, p in enumerate(sub)]
+    plain_acc = [plain_train(arch, p, data, i, keep) for i, p in enumerate(sub)]
     p1, q1 = _clock()
     epochs = [p.hparams["epochs"] for p in plans]
     return {
@@ -134,6 +164,7 @@ def bench_recipe(path: str, nets: int, plain_nets: int, engine: str) -> dict:
         "meta_wall": 60 * len(plans) / (w1 - w0),
         "meta_cpu": 60 * len(plans) / (c1 - c0),
         "plain_acc": float(np.mean(plain_acc)),
+        "plain_eval_share": PLAIN_EVAL_SECONDS[0] / (p1 - p0),
         "meta_acc": acc,
     }
 
@@ -192,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="networks trained one by one (default: all --nets, equal work)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for both")
     parser.add_argument("--engine", default="auto", choices=["auto", "batched", "vmap"])
+    parser.add_argument("--workers", type=int, default=1,
+                        help="metanet worker processes (the plain loop stays one process)")
     parser.add_argument("--inr-probe", default=None, metavar="ZOO.h5",
                         help="only run the INR learnability probe on this zoo")  # fmt: skip
     args = parser.parse_args(argv)
@@ -203,21 +236,23 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     recipes = args.recipe or ["datasets/digits-mlp.yaml", "datasets/digits-cnn.yaml"]
     plain = args.nets if args.plain_nets is None else args.plain_nets
-    rows = [bench_recipe(r, args.nets, plain, args.engine) for r in recipes]
+    rows = [bench_recipe(r, args.nets, plain, args.engine, args.workers) for r in recipes]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"machine: {platform.machine()} cpus={os.cpu_count()} torch={torch.__version__} "
-          f"threads={args.threads} engine={args.engine} load1={load:.1f}")  # fmt: skip
+          f"threads={args.threads} engine={args.engine} workers={args.workers} "
+          f"load1={load:.1f}")  # fmt: skip
     print()
     print("| arch (recipe) | nets (metanet / plain) | epochs per net | plain nets/min | "
           "metanet nets/min | ratio | plain nets/CPU-min | metanet nets/CPU-min | CPU ratio | "
-          "mean final test acc (plain / metanet) |")  # fmt: skip
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "mean final test acc (plain / metanet) | plain time evaluating |")  # fmt: skip
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(f"| {r['arch']} ({r['recipe']}) | {r['nets']} / {r['plain_nets']} | {r['epochs']} | "
               f"{r['plain_wall']:.0f} | {r['meta_wall']:.0f} | "
               f"{r['meta_wall'] / r['plain_wall']:.1f}x | {r['plain_cpu']:.0f} | "
               f"{r['meta_cpu']:.0f} | {r['meta_cpu'] / r['plain_cpu']:.1f}x | "
-              f"{r['plain_acc']:.3f} / {r['meta_acc']:.3f} |")  # fmt: skip
+              f"{r['plain_acc']:.3f} / {r['meta_acc']:.3f} | "
+              f"{100 * r['plain_eval_share']:.0f}% |")  # fmt: skip
     return 0
 
 

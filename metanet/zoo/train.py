@@ -62,7 +62,9 @@ def init_network(arch: dict[str, Any], seed: int, scheme: str = "default", scale
     zero unless ``"default"``, which keeps PyTorch's/SIREN's init), weights multiplied by
     ``scale``."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        # the CPU generator only: torch.manual_seed also queues lazy CUDA seeding, which
+        # records a stack trace per call (most of the cost of initializing a tiny network)
+        torch.default_generator.manual_seed(seed)
         module = build_module(arch)
         with torch.no_grad():
             for layer in module.modules():
