@@ -543,6 +543,54 @@ def test_sigkill_mid_build_then_rerun_completes_exactly_once(tmp_path, monkeypat
     )
 
 
+_KILL_WORKERS_DRIVER = """
+import os, sys, time
+from metanet.zoo import build
+def held(recipe, chunk, *args, **kwargs):
+    open(os.path.join(os.environ["PID_DIR"], str(os.getpid())), "w").close()
+    time.sleep(600)
+build.train_chunk_to_file = held
+from metanet.zoo.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_sigkill_of_a_build_with_workers_leaves_no_orphan_worker(tmp_path):
+    """SIGKILL of ``metanet zoo build --workers 2`` while both workers train: the workers exit
+    on their own (no orphan keeps training or idling)."""
+    pid_dir = tmp_path / "pids"
+    pid_dir.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PID_DIR": str(pid_dir)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILL_WORKERS_DRIVER, "build", str(TINY), "-o",
+         str(tmp_path / "w.h5"), "--no-progress", "--workers", "2"],  # fmt: skip
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    deadline = time.time() + 120
+    while len(list(pid_dir.iterdir())) < 2 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    workers = [int(p.name) for p in pid_dir.iterdir()]
+    assert len(workers) == 2 and all(_alive(w) for w in workers), proc.stderr.read()[-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 10
+    while any(_alive(w) for w in workers) and time.time() < deadline:
+        time.sleep(0.05)
+    orphans = [w for w in workers if _alive(w)]
+    for w in orphans:  # do not leave them sleeping if the test fails
+        os.kill(w, signal.SIGKILL)
+    assert not orphans
+
+
 @pytest.mark.slow
 def test_two_fabric_ranks_write_shards_opened_as_one_zoo(tmp_path):
     """--devices 2 (gloo): each rank writes its shard; the zoo file is virtual over them and

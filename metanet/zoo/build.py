@@ -37,6 +37,7 @@ import multiprocessing
 import os
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -227,8 +228,17 @@ def _chunk_cost(chunk: Chunk) -> float:
     )
 
 
-def _worker_init(threads: int) -> None:
+def _worker_init(threads: int, parent: int) -> None:
+    """Set a chunk worker's torch threads; exit it as soon as its parent is gone (a killed build
+    must not leave workers training, or idling, as orphans)."""
     torch.set_num_threads(threads)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="metanet-parent-watch", daemon=True).start()
 
 
 def train_chunks(
@@ -263,7 +273,7 @@ def train_chunks(
     context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
     order = sorted(chunks, key=lambda c: (-_chunk_cost(c), c.index))
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
-                             initargs=(threads,)) as pool:  # fmt: skip
+                             initargs=(threads, os.getpid())) as pool:  # fmt: skip
         futures = {
             pool.submit(train_chunk_to_file, recipe, c, parts / c.file_name, fingerprint,
                         device, engine): c  # fmt: skip
