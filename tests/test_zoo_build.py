@@ -18,7 +18,9 @@ import yaml
 from metanet.data.digits import digit_image_coordinates, load_digits
 from metanet.data.zoo_store import Zoo
 from metanet.weightspace import WeightSpaceSpec
+from metanet.zoo import batched as batched_mod
 from metanet.zoo import build as build_mod
+from metanet.zoo import native as native_mod
 from metanet.zoo.architectures import ArchError, arch_name, build_module, has_weight_space
 from metanet.zoo.build import build_zoo, make_chunks
 from metanet.zoo.recipe import Recipe, RecipeError
@@ -153,7 +155,8 @@ CNN_POOL = {"type": "cnn", "channels": [3, 5], "strides": [2, 1], "kernel": 5, "
         ("batched", CNN_POOL),
     ],
 )
-def test_chunk_engines_match_plain_per_network_training(engine, arch):
+@pytest.mark.parametrize("native", [True, False])
+def test_chunk_engines_match_plain_per_network_training(engine, arch, native, monkeypatch):
     """Full-batch training (deterministic) of networks with different optimizers, lrs, weight
     decay, train subsets, label noise and epochs in ONE chunk (torch.func vmap engine and
     hand-batched engine) equals training each network alone with torch.optim on its own subset
@@ -174,6 +177,10 @@ def test_chunk_engines_match_plain_per_network_training(engine, arch):
             "epochs": {"int_uniform": [2, 4]},
         },
     )
+    if not native:  # the PyTorch ops of metanet.zoo.batched, as where no C compiler exists
+        monkeypatch.setattr(batched_mod, "native_chain", lambda *a, **k: None)
+    elif engine == "vmap":
+        pytest.skip("the vmap engine has no native path")
     r = Recipe.from_dict(raw)
     plans = r.plan(limit=4)
     assert len({p.hparams["optimizer"] for p in plans}) == 2
@@ -308,6 +315,59 @@ def test_manual_gradient_equals_autograd_with_dropout(arch):
     ref = torch.cat([g.reshape(4, -1) for g in torch.autograd.grad(loss, leaves)], dim=1)
     scale = ref.abs().max()
     torch.testing.assert_close(grad / scale, ref / scale, atol=1e-6, rtol=1e-5)
+
+
+NATIVE_ARCHS = [
+    {"type": "mlp", "widths": [32, 16], "dropout": True},
+    {"type": "cnn", "channels": [4, 8], "strides": [1, 2], "kernel": 3, "head": "flatten",
+     "dropout": True},
+    {"type": "cnn", "channels": [3, 5], "strides": [2, 1], "kernel": 5, "head": "pool"},
+    {"type": "cnn", "channels": [2, 3], "strides": [2, 2], "kernel": 1, "head": "flatten"},
+]  # fmt: skip
+
+
+@pytest.mark.skipif(native_mod.library() is None, reason="no C compiler")
+@pytest.mark.parametrize("arch", NATIVE_ARCHS)
+def test_native_kernels_equal_the_pytorch_engine(arch):
+    """The fused C kernels: gradients, losses and evaluation logits equal the batched PyTorch
+    ops (no dropout), for odd batch sizes (partial SIMD blocks) and several networks."""
+    net = batched_mod.BatchedNet(arch)
+    chain = native_mod.NativeChain(net)
+    m, b = 3, 13
+    flat = torch.randn(m, net.dim) * 0.5
+    raw = torch.randn(m * b, 64) if not net.conv else torch.randn(m * b, 1, 8, 8)
+    x = net.prepare(raw).view(m, b, *net.prepare(raw).shape[1:])
+    y, w = torch.randint(0, 10, (m, b)), torch.rand(m, b)
+    grad, loss = chain.ce_grad(flat, raw.view(m, b, -1), y, w, None, seed=0)
+    ref = net.ce_grad(flat, x, y, w, None)
+    scale = ref.abs().max()
+    torch.testing.assert_close(grad / scale, ref / scale, atol=2e-6, rtol=1e-5)
+    out = net.forward(net.views(flat, False), x)
+    ref_loss = (F.cross_entropy(out.reshape(-1, 10), y.reshape(-1), reduction="none")
+                .view(m, b) * w).sum(1)  # fmt: skip
+    torch.testing.assert_close(loss, ref_loss, atol=1e-4, rtol=1e-5)
+    logits = chain.forward(flat, raw[:11])
+    torch.testing.assert_close(logits, net.forward_eval(net.views(flat, False), raw[:11]),
+                               atol=1e-4, rtol=1e-5)  # fmt: skip
+
+
+@pytest.mark.skipif(native_mod.library() is None, reason="no C compiler")
+def test_native_dropout_is_seeded_and_drops_everything_at_rate_one():
+    net = batched_mod.BatchedNet(NATIVE_ARCHS[1])
+    chain = native_mod.NativeChain(net)
+    flat = torch.randn(2, net.dim) * 0.5
+    x, y, w = torch.randn(2, 16, 64), torch.randint(0, 10, (2, 16)), torch.full((2, 16), 1 / 16)
+    half = torch.tensor([0.5, 0.5])
+    g1, _ = chain.ce_grad(flat, x, y, w, half, seed=1)
+    g1b, _ = chain.ce_grad(flat, x, y, w, half, seed=1)
+    g2, _ = chain.ce_grad(flat, x, y, w, half, seed=2)
+    g0, _ = chain.ce_grad(flat, x, y, w, torch.zeros(2), seed=1)
+    assert torch.equal(g1, g1b) and not torch.equal(g1, g2) and not torch.equal(g1, g0)
+    torch.testing.assert_close(g0, chain.ce_grad(flat, x, y, w, None, seed=9)[0])
+    # everything dropped after each ReLU: only the output bias gets a gradient
+    g, _ = chain.ce_grad(flat, x, y, w, torch.ones(2), seed=3)
+    bias = net.offsets[-2]
+    assert g[:, :bias].abs().max() == 0 and g[:, bias:].abs().max() > 0
 
 
 def test_dropout_multipliers_keep_the_rate_and_the_mean():

@@ -529,6 +529,19 @@ class FlatOptimizer:
             p.sub_(self.m / denom * (lr / c1))
 
 
+def native_chain(net: BatchedNet, device: torch.device, regression: bool = False) -> Any:
+    """The fused C kernels (:class:`metanet.zoo.native.NativeChain`) for ``net`` where they
+    apply (a ReLU chain trained with cross-entropy on the CPU, the kernels compiled), else
+    ``None`` (the PyTorch ops of this module)."""
+    from metanet.zoo import native
+
+    if regression or not net.manual or torch.device(device).type != "cpu":
+        return None
+    if native.library() is None:
+        return None
+    return native.NativeChain(net)
+
+
 def plan_lanes(steps: Sequence[int], groups: Sequence[int]) -> list[list[int]]:
     """Assign networks (``steps[i]`` training steps, pool ``groups[i]``) to *lanes*: rows of
     the batch that train their networks one after another (continuous batching). Per pool,
@@ -584,7 +597,8 @@ def train_chunk_batched(
     is_adam = [h.get("optimizer", "adam") == "adam" for h in hp]
 
     regression = data.regression
-    x_all = net.prepare(data.x_train.to(device))
+    native = native_chain(net, device, regression)
+    x_all = net.prepare(data.x_train.to(device)) if native is None else data.x_train.flatten(1)
     n_train = x_all.shape[0]
     subset = data.subset.to(device)
     subset_size = subset.sum(1)
@@ -698,6 +712,8 @@ def train_chunk_batched(
         m = flat.shape[0]
         if full:
             xb, yb, wb, shared = x_all, st["y"], full_w, True
+            if native is not None:
+                xb, wb = x_all.expand(m, *x_all.shape), full_w.expand(m, -1)
         else:
             if t >= w1:
                 w0, w1 = t, min(t_max, t + window)
@@ -705,7 +721,10 @@ def train_chunk_batched(
             idx, yb, wb = (v[:, t - w0] for v in sched)
             xb = x_all[idx]
             shared = False
-        if manual:  # non-finite logits give non-finite gradients: the test below sees them
+        if native is not None:  # fused C kernels (metanet.zoo.native)
+            grad, losses = native.ce_grad(flat, xb, yb, wb, st["drop"] if use_dropout else None,
+                                          seed=generator_seed * 1_000_003 + t)  # fmt: skip
+        elif manual:  # non-finite logits give non-finite gradients: the test below sees them
             grad = net.ce_grad(flat, xb, yb, wb, st["drop"] if use_dropout else None)
             losses = grad[:, 0]
         else:
@@ -764,7 +783,7 @@ def train_chunk_batched(
     rec_net = torch.tensor([r[0] for r in records], dtype=torch.long, device=device)
     rec_slot = torch.tensor([r[1] for r in records], dtype=torch.long, device=device)
     rec_flat = snaps[rec_slot, rec_net]  # [R, D]
-    stats = _evaluate(net, rec_flat, rec_net, data, device, eval_batch)
+    stats = _evaluate(net, rec_flat, rec_net, data, device, eval_batch, native=native)
     params = net.unpack(rec_flat.cpu())
     return assemble_records(
         plans, records, params, stats, epochs.cpu(), diverged.cpu(), regression,
@@ -781,6 +800,7 @@ def _evaluate(
     device: torch.device,
     eval_batch: int,
     nets_per_pass: int = 64,
+    native: Any = None,
 ) -> dict[str, torch.Tensor]:
     """Loss and accuracy ``[R]`` of each record on the train and test splits (``{split}_loss``,
     ``{split}_acc``); SIRENs: MSE and the fraction of pixels within 1/32."""
@@ -800,7 +820,10 @@ def _evaluate(
             p = net.views(rec_flat[rows], requires_grad=False)
             nets = rec_net[rows]
             for s in range(0, xp.shape[0], eval_batch):
-                o = net.forward_eval(p, xp[s : s + eval_batch])  # [r, b, C]
+                if native is not None and net.conv:  # fused C kernel (MLPs: one GEMM wins)
+                    o = native.forward(rec_flat[rows], xp[s : s + eval_batch])
+                else:
+                    o = net.forward_eval(p, xp[s : s + eval_batch])  # [r, b, C]
                 yb = y[s : s + eval_batch] if shared_y else y[nets, s : s + eval_batch]
                 if shared_y:
                     yb = yb.expand(o.shape[0], *yb.shape)
