@@ -173,7 +173,23 @@ static void unpad_maps(const v8 *inp, v8 *out, int c_n, int h, int w, int pad) {
 static void linear_fwd(const int *d, const float *p, const v8 *in, v8 *out) {
     const int n_in = feat_in(d), n_out = feat_out(d);
     const float *w = p + d[D_WOFF], *b = p + d[D_BOFF];
-    for (int o = 0; o < n_out; o++) {
+    int o = 0;
+    for (; o + 4 <= n_out; o += 4) { /* four outputs per pass: each input loaded once */
+        const float *w0 = w + (size_t)o * n_in, *w1 = w0 + n_in, *w2 = w1 + n_in, *w3 = w2 + n_in;
+        v8 a0 = splat(b[o]), a1 = splat(b[o + 1]), a2 = splat(b[o + 2]), a3 = splat(b[o + 3]);
+        for (int i = 0; i < n_in; i++) {
+            const v8 x = in[i];
+            a0 += w0[i] * x;
+            a1 += w1[i] * x;
+            a2 += w2[i] * x;
+            a3 += w3[i] * x;
+        }
+        out[o] = a0;
+        out[o + 1] = a1;
+        out[o + 2] = a2;
+        out[o + 3] = a3;
+    }
+    for (; o < n_out; o++) {
         v8 acc = splat(b[o]);
         const float *wr = w + (size_t)o * n_in;
         for (int i = 0; i < n_in; i++) acc += wr[i] * in[i];
@@ -181,18 +197,22 @@ static void linear_fwd(const int *d, const float *p, const v8 *in, v8 *out) {
     }
 }
 
+/* gin (any content) is overwritten when not NULL. */
 static void linear_bwd(const int *d, const float *p, const v8 *in, const v8 *gout, v8 *gw, v8 *gb,
                        v8 *gin) {
     const int n_in = feat_in(d), n_out = feat_out(d);
     const float *w = p + d[D_WOFF];
     for (int o = 0; o < n_out; o++) {
         const v8 g = gout[o];
-        const float *wr = w + (size_t)o * n_in;
         v8 *gwr = gw + (size_t)o * n_in;
         gb[o] += g;
         for (int i = 0; i < n_in; i++) gwr[i] += g * in[i];
-        if (gin)
-            for (int i = 0; i < n_in; i++) gin[i] += wr[i] * g;
+    }
+    if (!gin) return;
+    for (int i = 0; i < n_in; i++) { /* gin[i] = sum_o w[o][i] g[o], accumulated in a register */
+        v8 acc = splat(0.0f);
+        for (int o = 0; o < n_out; o++) acc += w[(size_t)o * n_in + i] * gout[o];
+        gin[i] = acc;
     }
 }
 
@@ -203,7 +223,11 @@ typedef struct {
     v8 *act, *mult, *ga, *gb, *gvec, *pads, *gpad;
 } work_t;
 
+static void work_free(work_t *wk);
+
+/* Scratch buffers for one chain; frees everything and returns -1 when out of memory. */
 static int work_init(work_t *wk, int n_ops, const int *desc, int dim) {
+    memset(wk, 0, sizeof(*wk));
     wk->n_ops = n_ops;
     wk->offset = malloc(sizeof(size_t) * (n_ops + 2));
     size_t total = 0;
@@ -233,10 +257,11 @@ static int work_init(work_t *wk, int n_ops, const int *desc, int dim) {
     wk->ga = aligned_alloc(32, sizeof(v8) * max_feat);
     wk->gb = aligned_alloc(32, sizeof(v8) * max_feat);
     wk->gvec = aligned_alloc(32, sizeof(v8) * (dim > 0 ? dim : 1));
-    return wk->offset && wk->act && wk->mult && wk->ga && wk->gb && wk->gvec && wk->padded &&
-                   wk->pads && wk->gpad
-               ? 0
-               : -1;
+    if (wk->offset && wk->act && wk->mult && wk->ga && wk->gb && wk->gvec && wk->padded &&
+        wk->pads && wk->gpad)
+        return 0;
+    work_free(wk);
+    return -1;
 }
 
 static void work_free(work_t *wk) {
@@ -326,10 +351,7 @@ int chain_ce_grad(int n_ops, const int *desc, int m_nets, int batch, int dim, co
                   const float *x, const int64_t *y, const float *w, const float *rate,
                   uint64_t seed, float *grad, float *loss) {
     work_t wk;
-    if (work_init(&wk, n_ops, desc, dim)) {
-        work_free(&wk);
-        return -1;
-    }
+    if (work_init(&wk, n_ops, desc, dim)) return -1;
     const int f0 = feat_in(desc), n_cls = feat_out(desc + (n_ops - 1) * DESC);
     for (int m = 0; m < m_nets; m++) {
         const float *p = params + (size_t)m * dim;
@@ -383,7 +405,6 @@ int chain_ce_grad(int n_ops, const int *desc, int m_nets, int batch, int dim, co
                 case OP_CONV:
                 case OP_LINEAR: {
                     v8 *gin = j > 0 ? gnext : NULL;
-                    if (gin) memset(gin, 0, sizeof(v8) * fi);
                     if (d[D_TYPE] == OP_CONV) {
                         const int pad = d[D_PAD], hp = d[D_HIN] + 2 * pad, wp = d[D_WIN] + 2 * pad;
                         v8 *gpad = gin ? wk.gpad : NULL;
@@ -416,10 +437,7 @@ int chain_ce_grad(int n_ops, const int *desc, int m_nets, int batch, int dim, co
 int chain_forward(int n_ops, const int *desc, int m_nets, int n_samples, int dim,
                   const float *params, const float *x, float *out) {
     work_t wk;
-    if (work_init(&wk, n_ops, desc, dim)) {
-        work_free(&wk);
-        return -1;
-    }
+    if (work_init(&wk, n_ops, desc, dim)) return -1;
     const int f0 = feat_in(desc), n_cls = feat_out(desc + (n_ops - 1) * DESC);
     for (int m = 0; m < m_nets; m++) {
         const float *p = params + (size_t)m * dim;

@@ -820,7 +820,7 @@ def _evaluate(
             p = net.views(rec_flat[rows], requires_grad=False)
             nets = rec_net[rows]
             for s in range(0, xp.shape[0], eval_batch):
-                if native is not None and net.conv:  # fused C kernel (MLPs: one GEMM wins)
+                if native is not None:  # fused C kernel
                     o = native.forward(rec_flat[rows], xp[s : s + eval_batch])
                 else:
                     o = net.forward_eval(p, xp[s : s + eval_batch])  # [r, b, C]
