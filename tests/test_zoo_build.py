@@ -321,6 +321,34 @@ def test_manual_gradient_equals_autograd_with_dropout(arch):
     torch.testing.assert_close(grad / scale, ref / scale, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "arch",
+    [
+        {"type": "mlp", "widths": [7, 5], "dropout": True},
+        {"type": "cnn", "channels": [3, 4], "strides": [1, 2], "kernel": 3, "head": "flatten"},
+        {"type": "cnn", "channels": [2], "kernel": 5, "head": "pool", "activation": "tanh"},
+        {"type": "siren", "widths": [6, 6]},
+    ],
+)  # fmt: skip
+def test_init_rows_equal_one_module_per_network(arch):
+    """The batched engine's initialization (one module re-initialized per network) gives exactly
+    the parameters of :func:`init_network` for every scheme, scale and seed."""
+    from metanet.zoo.recipe import NetworkPlan
+    from metanet.zoo.train import init_rows
+
+    schemes = ["default", "kaiming_uniform", "kaiming_normal", "xavier_uniform", "xavier_normal",
+               "orthogonal", "normal"]  # fmt: skip
+    plans = [
+        NetworkPlan(i, 0, 100 + i, {"init": schemes[i % len(schemes)], "init_scale": 0.5 + i / 4})
+        for i in range(9)
+    ]
+    rows = init_rows(arch, plans)
+    for row, p in zip(rows, plans):
+        m = init_network(arch, p.weight_seed, p.hparams["init"], p.hparams["init_scale"])
+        ref = torch.cat([q.detach().reshape(-1) for q in m.parameters()])
+        assert torch.equal(row, ref), p.hparams
+
+
 NATIVE_ARCHS = [
     {"type": "mlp", "widths": [32, 16], "dropout": True},
     {"type": "cnn", "channels": [4, 8], "strides": [1, 2], "kernel": 3, "head": "flatten",

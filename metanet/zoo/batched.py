@@ -582,7 +582,7 @@ def train_chunk_batched(
 ):
     """:func:`metanet.zoo.train.train_chunk` with the hand-batched engine (same arguments,
     same records)."""
-    from metanet.zoo.train import assemble_records, hparam_column, init_networks, step_schedule
+    from metanet.zoo.train import assemble_records, hparam_column, init_rows, step_schedule
 
     device = torch.device(device)
     net = BatchedNet(arch)
@@ -592,13 +592,7 @@ def train_chunk_batched(
     def col(key: str, default: Any, dtype=torch.float32) -> torch.Tensor:
         return hparam_column(plans, key, default, dtype, device)
 
-    modules = init_networks(arch, plans)
-    flat0 = torch.stack(
-        [
-            torch.cat([dict(m.named_parameters())[k].detach().reshape(-1) for k in net.keys])
-            for m in modules
-        ]  # fmt: skip
-    ).to(device)
+    flat0 = init_rows(arch, plans).to(device)  # net.keys order = named_parameters order
     is_adam = [h.get("optimizer", "adam") == "adam" for h in hp]
 
     regression = data.regression

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from metanet.zoo.architectures import SampledDropout, build_module
+from metanet.zoo.architectures import ACTIVATIONS, SampledDropout, build_module, normalize_arch
 from metanet.zoo.recipe import NetworkPlan
 
 ENGINES = ("auto", "batched", "vmap")
@@ -57,6 +57,35 @@ class ChunkResult:
 # ------------------------------------------------------------------------------------------------
 # initialization
 # ------------------------------------------------------------------------------------------------
+_INIT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+@torch.no_grad()
+def _apply_scheme(layers: Sequence[nn.Module], scheme: str, scale: float) -> None:
+    """Re-initialize the weights of ``layers`` with ``scheme`` (biases zeroed; ``"default"``
+    keeps them as constructed) and multiply them by ``scale``."""
+    for layer in layers:
+        w = layer.weight
+        if scheme != "default":
+            if scheme == "kaiming_uniform":
+                nn.init.kaiming_uniform_(w, nonlinearity="relu")
+            elif scheme == "kaiming_normal":
+                nn.init.kaiming_normal_(w, nonlinearity="relu")
+            elif scheme == "xavier_uniform":
+                nn.init.xavier_uniform_(w)
+            elif scheme == "xavier_normal":
+                nn.init.xavier_normal_(w)
+            elif scheme == "orthogonal":
+                nn.init.orthogonal_(w)
+            elif scheme == "normal":
+                nn.init.normal_(w, std=0.05)
+            else:
+                raise ValueError(f"unknown init scheme {scheme!r}")
+            if layer.bias is not None:
+                layer.bias.zero_()
+        w.mul_(scale)
+
+
 def init_network(arch: dict[str, Any], seed: int, scheme: str = "default", scale: float = 1.0):
     """A module of ``arch`` initialized from ``seed``: ``scheme`` for Linear/Conv weights (biases
     zero unless ``"default"``, which keeps PyTorch's/SIREN's init), weights multiplied by
@@ -66,30 +95,39 @@ def init_network(arch: dict[str, Any], seed: int, scheme: str = "default", scale
         # records a stack trace per call (most of the cost of initializing a tiny network)
         torch.default_generator.manual_seed(seed)
         module = build_module(arch)
-        with torch.no_grad():
-            for layer in module.modules():
-                if not isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d)):
-                    continue
-                w = layer.weight
-                if scheme != "default":
-                    if scheme == "kaiming_uniform":
-                        nn.init.kaiming_uniform_(w, nonlinearity="relu")
-                    elif scheme == "kaiming_normal":
-                        nn.init.kaiming_normal_(w, nonlinearity="relu")
-                    elif scheme == "xavier_uniform":
-                        nn.init.xavier_uniform_(w)
-                    elif scheme == "xavier_normal":
-                        nn.init.xavier_normal_(w)
-                    elif scheme == "orthogonal":
-                        nn.init.orthogonal_(w)
-                    elif scheme == "normal":
-                        nn.init.normal_(w, std=0.05)
-                    else:
-                        raise ValueError(f"unknown init scheme {scheme!r}")
-                    if layer.bias is not None:
-                        layer.bias.zero_()
-                w.mul_(scale)
+        _apply_scheme([m for m in module.modules() if isinstance(m, _INIT_LAYERS)], scheme, scale)
     return module
+
+
+def init_rows(arch: dict[str, Any], plans: Sequence[NetworkPlan]) -> torch.Tensor:
+    """The initial parameters of every plan's network as rows ``[N, D]`` (``named_parameters``
+    order), equal to :func:`init_network`'s, without building a module per network: one module
+    is re-initialized per plan (``reset_parameters`` of each layer in construction order draws
+    what the constructors draw). Plain MLP/CNN chains only; other archs go through
+    :func:`init_network`."""
+    template = build_module(arch)
+    layers = [m for m in template.modules() if isinstance(m, _INIT_LAYERS)]
+    plain = normalize_arch(arch)["type"] in ("mlp", "cnn") and all(
+        isinstance(m, (*_INIT_LAYERS, nn.Sequential, nn.Flatten, nn.AvgPool2d, SampledDropout,
+                       *ACTIVATIONS.values()))  # fmt: skip
+        for m in template.modules()
+    )
+    params = list(template.parameters())
+    if not plain:
+        rows = [torch.cat([q.detach().reshape(-1) for q in init_network(
+            arch, p.weight_seed, p.hparams.get("init", "default"),
+            float(p.hparams.get("init_scale", 1.0))).parameters()]) for p in plans]  # fmt: skip
+        return torch.stack(rows)
+    out = torch.empty(len(plans), sum(q.numel() for q in params))
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        for i, plan in enumerate(plans):
+            torch.default_generator.manual_seed(plan.weight_seed)
+            for layer in layers:
+                layer.reset_parameters()
+            _apply_scheme(layers, plan.hparams.get("init", "default"),
+                          float(plan.hparams.get("init_scale", 1.0)))  # fmt: skip
+            torch.cat([q.reshape(-1) for q in params], out=out[i])
+    return out
 
 
 def init_networks(arch: dict[str, Any], plans: Sequence[NetworkPlan]) -> list[nn.Module]:
