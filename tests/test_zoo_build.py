@@ -383,6 +383,28 @@ def test_native_kernels_equal_the_pytorch_engine(arch):
                                atol=1e-4, rtol=1e-5)  # fmt: skip
 
 
+def test_native_kernels_fall_back_with_a_warning_where_they_cannot_be_built(tmp_path,
+                                                                           monkeypatch):
+    """An unwritable cache folder or a failing compiler: ``library()`` is ``None`` with a warning
+    naming the cause, and the batched engine uses its PyTorch ops."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("METANET_CACHE", str(blocker))
+    native_mod.library.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="unavailable"):
+            assert native_mod.library() is None
+        native_mod.library.cache_clear()
+        monkeypatch.setenv("METANET_CACHE", str(tmp_path / "cache"))
+        monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+        with pytest.warns(UserWarning, match="compiling"):
+            assert native_mod.library() is None
+        net = batched_mod.BatchedNet({"type": "mlp", "widths": [8]})
+        assert batched_mod.native_chain(net, torch.device("cpu")) is None
+    finally:
+        native_mod.library.cache_clear()
+
+
 @pytest.mark.skipif(native_mod.library() is None, reason="no C compiler")
 def test_native_dropout_is_seeded_and_drops_everything_at_rate_one():
     net = batched_mod.BatchedNet(NATIVE_ARCHS[1])

@@ -57,7 +57,8 @@ def _cache_dir() -> Path:
 
 @functools.lru_cache(maxsize=1)
 def library() -> ctypes.CDLL | None:
-    """The compiled kernels (built on first use), or ``None`` where they are unavailable."""
+    """The compiled kernels (built on first use), or ``None`` where they are unavailable (no C
+    compiler, a failed compile, an unwritable cache folder: each with a warning naming why)."""
     if os.environ.get("METANET_NO_NATIVE", "") not in ("", "0"):
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
@@ -66,18 +67,24 @@ def library() -> ctypes.CDLL | None:
     flags = _compile_flags()
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
     target = _cache_dir() / "kernels" / f"chain-{key}-{platform.machine()}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            out = Path(tmp) / target.name
-            cmd = [compiler, *flags, str(SOURCE), "-o", str(out), "-lm"]
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode != 0:
-                msg = f"metanet: compiling {SOURCE.name} failed; the zoo builder uses PyTorch ops"
-                warnings.warn(f"{msg}:\n{done.stderr[-2000:]}", stacklevel=2)
-                return None
-            os.replace(out, target)  # atomic: concurrent builders never load a partial file
-    lib = ctypes.CDLL(str(target))
+    fallback = "the zoo builder uses PyTorch ops instead"
+    try:
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+                out = Path(tmp) / target.name
+                cmd = [compiler, *flags, str(SOURCE), "-o", str(out), "-lm"]
+                done = subprocess.run(cmd, capture_output=True, text=True)
+                if done.returncode != 0:
+                    warnings.warn(f"metanet: compiling {SOURCE} failed; {fallback}:\n"
+                                  f"{done.stderr[-2000:]}", stacklevel=2)  # fmt: skip
+                    return None
+                os.replace(out, target)  # atomic: concurrent builders never load a partial file
+        lib = ctypes.CDLL(str(target))
+    except OSError as err:
+        warnings.warn(f"metanet: the native zoo kernels at {target} are unavailable ({err}); "
+                      f"{fallback}", stacklevel=2)  # fmt: skip
+        return None
     c_int, c_ptr = ctypes.c_int, ctypes.c_void_p
     lib.chain_ce_grad.argtypes = [c_int, c_ptr, c_int, c_int, c_int, c_ptr, c_ptr, c_ptr, c_ptr,
                                   c_ptr, ctypes.c_uint64, c_ptr, c_ptr]  # fmt: skip
