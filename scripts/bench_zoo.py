@@ -63,9 +63,6 @@ def plain_model(arch: dict, plan: NetworkPlan) -> nn.Module:
     return model
 
 
-PLAIN_EVAL_SECONDS = [0.0]  # wall time the plain loop spends evaluating checkpoints
-
-
 @torch.no_grad()
 def plain_evaluate(model: nn.Module, data: TaskData) -> dict[str, float]:
     """Loss and accuracy on the full train and test splits: what a zoo stores per checkpoint."""
@@ -81,9 +78,10 @@ def plain_evaluate(model: nn.Module, data: TaskData) -> dict[str, float]:
 
 def plain_train(
     arch: dict, plan: NetworkPlan, data: TaskData, i: int, keep_fractions: list[float]
-) -> float:
+) -> tuple[float, float]:
     """Train network ``i`` of ``data`` alone with torch.optim, evaluating it after each kept
-    epoch (as the zoo records); return its final test accuracy."""
+    epoch (as the zoo records); return its final test accuracy and the seconds spent
+    evaluating."""
     hp = plan.hparams
     model = plain_model(arch, plan)
     if hp["optimizer"] == "sgd":
@@ -96,6 +94,7 @@ def plain_train(
     bs, epochs = int(hp["batch_size"]), int(hp["epochs"])
     keep = {max(1, round(f * epochs)) for f in keep_fractions}
     records = {}
+    eval_seconds = 0.0
     model.train()
     for epoch in range(1, epochs + 1):
         perm = torch.randperm(len(idx))
@@ -108,8 +107,8 @@ def plain_train(
         if epoch in keep:
             t0 = time.perf_counter()
             records[epoch] = plain_evaluate(model, data)
-            PLAIN_EVAL_SECONDS[0] += time.perf_counter() - t0
-    return records[epochs]["test_acc"]
+            eval_seconds += time.perf_counter() - t0
+    return records[epochs]["test_acc"], eval_seconds
 
 
 def _clock() -> tuple[float, float]:
@@ -147,9 +146,8 @@ def bench_recipe(path: str, nets: int, plain_nets: int, engine: str, workers: in
     data = classifier_data(sub, flat, recipe.data["split_seed"], recipe.data["test_fraction"])
     keep = list(recipe.keep_fractions)
     plain_train(arch, sub[0], data, 0, keep)  # warm-up, not timed
-    PLAIN_EVAL_SECONDS[0] = 0.0
     p0, q0 = _clock()
-    plain_acc = [plain_train(arch, p, data, i, keep) for i, p in enumerate(sub)]
+    plain_acc, plain_eval = zip(*(plain_train(arch, p, data, i, keep) for i, p in enumerate(sub)))
     p1, q1 = _clock()
     epochs = [p.hparams["epochs"] for p in plans]
     return {
@@ -164,7 +162,7 @@ def bench_recipe(path: str, nets: int, plain_nets: int, engine: str, workers: in
         "meta_wall": 60 * len(plans) / (w1 - w0),
         "meta_cpu": 60 * len(plans) / (c1 - c0),
         "plain_acc": float(np.mean(plain_acc)),
-        "plain_eval_share": PLAIN_EVAL_SECONDS[0] / (p1 - p0),
+        "plain_eval_share": sum(plain_eval) / (p1 - p0),
         "meta_acc": acc,
     }
 

@@ -217,7 +217,7 @@ static void linear_bwd(const int *d, const float *p, const v8 *in, const v8 *gou
 }
 
 typedef struct {
-    int n_ops, max_feat;
+    int n_ops;
     size_t *offset; /* start of each op's input activation in act (op n_ops: the logits) */
     size_t *padded; /* start of each conv op's padded input in pads */
     v8 *act, *mult, *ga, *gb, *gvec, *pads, *gpad;
@@ -229,7 +229,7 @@ static void work_free(work_t *wk);
 static int work_init(work_t *wk, int n_ops, const int *desc, int dim) {
     memset(wk, 0, sizeof(*wk));
     wk->n_ops = n_ops;
-    wk->offset = malloc(sizeof(size_t) * (n_ops + 2));
+    wk->offset = malloc(sizeof(size_t) * (n_ops + 1));
     size_t total = 0;
     int max_feat = feat_in(desc);
     for (int j = 0; j <= n_ops; j++) {
@@ -238,8 +238,6 @@ static int work_init(work_t *wk, int n_ops, const int *desc, int dim) {
         total += f;
         if (f > max_feat) max_feat = f;
     }
-    wk->offset[n_ops + 1] = total;
-    wk->max_feat = max_feat;
     wk->padded = malloc(sizeof(size_t) * (n_ops + 1));
     size_t pads = 0, max_pad = 1;
     for (int j = 0; j < n_ops; j++) {
@@ -344,6 +342,14 @@ static void forward_block(const work_t *wk, const int *desc, const float *p, int
     }
 }
 
+/* Samples b0 .. b0 + 7 of x [n, f0] into the lanes of a0 [f0][8]; lanes past n are zeros. */
+static void load_block(v8 *a0, const float *x, int f0, int n, int b0) {
+    for (int l = 0; l < LANES; l++) {
+        const int b = b0 + l;
+        for (int i = 0; i < f0; i++) a0[i][l] = b < n ? x[(size_t)b * f0 + i] : 0.0f;
+    }
+}
+
 /* Gradient of each network's weighted cross-entropy sum_b w[b] CE(net(x[b]), y[b]).
  * params [M, D]; x [M, B, F0]; y [M, B]; w [M, B]; rate [M] (dropout) or NULL; grad [M, D];
  * loss [M]. Returns 0, or -1 when out of memory. */
@@ -359,13 +365,11 @@ int chain_ce_grad(int n_ops, const int *desc, int m_nets, int batch, int dim, co
         memset(wk.gvec, 0, sizeof(v8) * dim);
         double loss_m = 0.0;
         for (int b0 = 0; b0 < batch; b0 += LANES) {
-            v8 *a0 = wk.act;
             float wl[LANES];
             int64_t yl[LANES];
+            load_block(wk.act, x + (size_t)m * batch * f0, f0, batch, b0);
             for (int l = 0; l < LANES; l++) {
                 const int b = b0 + l;
-                const float *xs = x + ((size_t)m * batch + (b < batch ? b : 0)) * f0;
-                for (int i = 0; i < f0; i++) a0[i][l] = b < batch ? xs[i] : 0.0f;
                 wl[l] = b < batch ? w[(size_t)m * batch + b] : 0.0f;
                 yl[l] = b < batch ? y[(size_t)m * batch + b] : 0;
             }
@@ -442,11 +446,7 @@ int chain_forward(int n_ops, const int *desc, int m_nets, int n_samples, int dim
     for (int m = 0; m < m_nets; m++) {
         const float *p = params + (size_t)m * dim;
         for (int b0 = 0; b0 < n_samples; b0 += LANES) {
-            v8 *a0 = wk.act;
-            for (int l = 0; l < LANES; l++) {
-                const int b = b0 + l < n_samples ? b0 + l : n_samples - 1;
-                for (int i = 0; i < f0; i++) a0[i][l] = x[(size_t)b * f0 + i];
-            }
+            load_block(wk.act, x, f0, n_samples, b0);
             forward_block(&wk, desc, p, 0, 0.0f, 0);
             const v8 *logit = wk.act + wk.offset[n_ops];
             for (int l = 0; l < LANES && b0 + l < n_samples; l++)

@@ -114,10 +114,8 @@ def init_rows(arch: dict[str, Any], plans: Sequence[NetworkPlan]) -> torch.Tenso
     )
     params = list(template.parameters())
     if not plain:
-        rows = [torch.cat([q.detach().reshape(-1) for q in init_network(
-            arch, p.weight_seed, p.hparams.get("init", "default"),
-            float(p.hparams.get("init_scale", 1.0))).parameters()]) for p in plans]  # fmt: skip
-        return torch.stack(rows)
+        return torch.stack([torch.cat([q.detach().reshape(-1) for q in m.parameters()])
+                            for m in init_networks(arch, plans)])  # fmt: skip
     out = torch.empty(len(plans), sum(q.numel() for q in params))
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         for i, plan in enumerate(plans):
