@@ -389,6 +389,7 @@ def test_native_kernels_fall_back_with_a_warning_where_they_cannot_be_built(tmp_
     naming the cause, and the batched engine uses its PyTorch ops."""
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")
+    monkeypatch.delenv("METANET_NO_NATIVE", raising=False)  # the kernels are wanted here
     monkeypatch.setenv("METANET_CACHE", str(blocker))
     native_mod.library.cache_clear()
     try:
