@@ -13,6 +13,7 @@ The other sub-commands are metanet's own jobs:
 from __future__ import annotations
 
 import importlib
+import pickle
 import sys
 from collections.abc import Sequence
 
@@ -27,12 +28,23 @@ LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
 class MetanetCLI:
-    """LightningCLI with metanet's defaults: tasks and data modules chosen by class path."""
+    """LightningCLI with metanet's defaults: tasks and data modules chosen by class path, and
+    ``--ckpt_path`` read tensors-only (``--weights_only false`` is the explicit way to trust a
+    checkpoint that needs the full unpickler)."""
 
     def __new__(cls, args: Sequence[str] | None = None, run: bool = True):
         from lightning.pytorch.cli import LightningCLI
 
-        return LightningCLI(
+        class _SafeCLI(LightningCLI):
+            def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
+                kwargs = super()._prepare_subcommand_kwargs(subcommand)
+                if kwargs.get("weights_only") is None and "weights_only" in (
+                    self._subcommand_method_arguments.get(subcommand) or ()
+                ):
+                    kwargs["weights_only"] = True
+                return kwargs
+
+        return _SafeCLI(
             subclass_mode_model=True,
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
@@ -65,7 +77,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(job(argv[1:]) or 0)
     if command in LIGHTNING_SUBCOMMANDS or command.startswith("--"):
         # LightningCLI reads sys.argv itself (and warns when handed a copy of it).
-        MetanetCLI(None if from_sys_argv else argv)
+        try:
+            MetanetCLI(None if from_sys_argv else argv)
+        except pickle.UnpicklingError as err:  # a --ckpt_path that is not tensors-only
+            reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+            print(f"metanet {command}: error: --ckpt_path holds pickled Python objects that "
+                  f"metanet does not load ({reason})", file=sys.stderr)  # fmt: skip
+            return 2
         return 0
     print(f"metanet: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
     return 2

@@ -99,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     config = os.path.join(ROOT, "configs", "predict_gen", f"{args.model}.yaml")
     checkpoint = (
-        '[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": '
+        '[{"class_path": "metanet.tasks.checkpoint.ModelCheckpoint", "init_args": '
         f'{{"dirpath": "{run}/checkpoints", "filename": "best", "monitor": "val/kendall_tau", '
         '"mode": "max", "save_last": true, "enable_version_counter": false}}]'
     )

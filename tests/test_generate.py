@@ -301,7 +301,7 @@ def test_generate_rejects_foreign_and_corrupt_checkpoints(tmp_path, capsys) -> N
     torch.save(build_module(ARCH).state_dict(), plain)
     for path, message in (
         (other, "task 'generalization'"),
-        (corrupt, "not a readable checkpoint"),
+        (corrupt, "not a readable PyTorch file"),
         (plain, "not a metanet checkpoint"),
         (tmp_path / "missing.ckpt", "no such file"),
     ):

@@ -128,6 +128,10 @@ def test_ranks_every_checkpoint_format(ws_predictor, nets, capsys):
     files, group = nets
     keys = ["sd3", "sd7", "sd11", "module", "lightning", "renamed"]
     code, out, err = _run(["--predictor", path, *(files[k] for k in keys)], capsys)
+    assert code == 2 and "mlp_module.pt holds pickled Python objects" in err  # needs trust
+    assert "--trust-pickle" in err and err.count("\n") == 1
+    code, out, err = _run(["--predictor", path, "--trust-pickle", *(files[k] for k in keys)],
+                          capsys)  # fmt: skip
     assert code == 0, err
     rows = _rows(out)
     assert [r[0] for r in rows] == list(range(1, len(keys) + 1))
@@ -171,7 +175,8 @@ def test_json_output(ws_predictor, nets, capsys):
 def test_bad_networks_give_clear_errors(ws_predictor, nets, capsys, key, pattern):
     files, _ = nets
     target = files.get(key, "/nonexistent/model.pt")
-    code, out, err = _run(["--predictor", ws_predictor[0], files["sd3"], target], capsys)
+    trust = ["--trust-pickle"] if key in ("cnn", "bn") else []  # pickled modules
+    code, out, err = _run(["--predictor", ws_predictor[0], *trust, files["sd3"], target], capsys)
     assert code == 2
     assert err.startswith("error: ") and re.search(pattern, err), err
     assert "Traceback" not in err and out == ""
@@ -217,8 +222,8 @@ def test_graph_predictor_reads_any_architecture(zoo, nets, tmp_path, capsys):
     dm = ParamGraphDataModule(zoo.path, batch_size=8, splits=(0.7, 0.3))
     task = GeneralizationTask(functools.partial(NGT, hidden=8, edge_dim=8, num_layers=1, heads=2))
     path = _fit(task, dm, tmp_path)
-    code, out, err = _run(["--predictor", path, files["sd3"], files["cnn"], files["cnn_sd"],
-                           files["module"]], capsys)  # fmt: skip
+    code, out, err = _run(["--predictor", path, "--trust-pickle", files["sd3"], files["cnn"],
+                           files["cnn_sd"], files["module"]], capsys)  # fmt: skip
     assert code == 0, err
     assert len(_rows(out)) == 4
     # a bare state_dict of an architecture it never saw needs --arch
@@ -231,7 +236,7 @@ def test_graph_predictor_reads_any_architecture(zoo, nets, tmp_path, capsys):
     code, out, err = _run(["--predictor", path, sd_path, "--arch", arch], capsys)
     assert code == 0 and len(_rows(out)) == 1, err
     # the whole module works without --arch; a norm layer is fine for graph predictors
-    code, out, err = _run(["--predictor", path, files["bn"]], capsys)
+    code, out, err = _run(["--predictor", path, "--trust-pickle", files["bn"]], capsys)
     assert code == 0, err
     code, _, err = _run(["--predictor", path, files["nan"]], capsys)
     assert code == 2 and "NaN" in err

@@ -353,6 +353,29 @@ def test_cli_fit_then_test_writes_run_folder(zoo_path, tmp_path, monkeypatch):
           "--ckpt_path", str(best)])  # fmt: skip
     pngs = list(run.glob("logs/version_*/predicted_vs_true.png"))
     assert len(pngs) == 1
+    # each kept checkpoint has a pickle-free copy that predicts exactly what the .ckpt does
+    from metanet.serialization import is_safetensors
+    from metanet.tasks.predict_cli import load_predictor
+
+    copies = sorted(p.name for p in (run / "checkpoints").glob("*.safetensors"))
+    assert copies == ["best.safetensors", "last.safetensors"]
+    assert is_safetensors(run / "checkpoints" / "best.safetensors")
+    a, b = load_predictor(str(best)), load_predictor(str(run / "checkpoints" / "best.safetensors"))
+    assert b.payload_loaded == a.payload_loaded
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
+    # a --ckpt_path whose pickle would run code is refused, and the code does not run
+    import builtins
+
+    class Hostile:
+        def __reduce__(self):
+            return (builtins.exec, (f"open({str(tmp_path / 'pwned')!r}, 'w').close()",))
+
+    hostile = tmp_path / "hostile.ckpt"
+    torch.save({**torch.load(best, weights_only=True), "hyper_parameters": {"x": Hostile()}},
+               hostile)  # fmt: skip
+    code = main(["test", "--config", config, *data, "--ckpt_path", str(hostile)])
+    assert code == 2 and not (tmp_path / "pwned").exists()
 
 
 def test_graph_factory_gets_the_data_edge_width_unless_set() -> None:

@@ -616,21 +616,18 @@ def read_small_cnn_zoo(
 # ------------------------------------------------------------------------------------------------
 # folder of torch checkpoints
 # ------------------------------------------------------------------------------------------------
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors")
+
+
 def _load_checkpoint(
     path: str, trust_pickle: bool
 ) -> tuple[dict[str, torch.Tensor], nn.Module | None]:
+    from metanet.serialization import FileError, check_state_dict, load_file
+
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
-    except Exception as err:  # noqa: BLE001 - torch.load raises many types
-        hint = (
-            " (it may be a pickled module: pass trust_pickle=True if you trust the file)"
-            if not trust_pickle and "weights_only" in str(err)
-            else ""
-        )
-        raise ZooReadError(
-            f"{path}: cannot be loaded as a torch checkpoint: {type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}{hint}"
-        ) from None
+        obj = load_file(path, trust_pickle=trust_pickle)
+    except FileError as err:
+        raise ZooReadError(str(err)) from None
     module = None
     if isinstance(obj, nn.Module):
         module, obj = obj, obj.state_dict()
@@ -651,6 +648,10 @@ def _load_checkpoint(
     bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise ZooReadError(f"{path}: entries {bad[:5]} are not tensors (not a state_dict)")
+    try:
+        check_state_dict(obj, path)
+    except FileError as err:
+        raise ZooReadError(str(err)) from None
     return {str(k): v.detach() for k, v in obj.items()}, module
 
 
@@ -691,7 +692,7 @@ def read_checkpoint_folder(
         metrics: CSV file name (relative to ``folder``) with one row per checkpoint: a
             ``filename_column`` and metric columns (``test_acc``/``test_accuracy``, ``epoch``,
             ``run_id``, ...; text columns and ``config.*`` become hyperparameters). ``None``: every
-            ``*.pt`` file of the folder, no metrics.
+            checkpoint file of the folder (``CHECKPOINT_SUFFIXES``), no metrics.
         filename_column: column naming each checkpoint file (relative to ``folder``).
         module_factory: builds the networks' module (default: from ``arch``, or a copy of a
             pickled module); needed for ``module(i)`` and graph DataModules.
@@ -723,9 +724,9 @@ def read_checkpoint_folder(
         files = [r[header.index(filename_column)] for r in body]
         table_metrics, table_hparams = _split_table(header, body, skip=(filename_column,))
     else:
-        files = sorted(f for f in os.listdir(folder) if f.endswith(".pt"))
+        files = sorted(f for f in os.listdir(folder) if f.endswith(CHECKPOINT_SUFFIXES))
         if not files:
-            raise ZooReadError(f"{folder}: no *.pt files")
+            raise ZooReadError(f"{folder}: no checkpoint files ({', '.join(CHECKPOINT_SUFFIXES)})")
         table_metrics, table_hparams = {}, {}
     n = len(files)
     table_metrics.setdefault("run_id", np.arange(n, dtype=np.int64))

@@ -1,12 +1,15 @@
 """``metanet init-weights``: write GHN-predicted initial weights of a model as a state_dict.
 
     metanet init-weights --ghn RUN.ckpt --model package.module:ClassName \\
-        [--kwargs '{"width": 64}' | --kwargs width=64 depth=3] -o init.pt [--fallback-init]
+        [--kwargs '{"width": 64}' | --kwargs width=64 depth=3] -o init.safetensors [--fallback-init]
 
-``--ghn`` takes a Lightning checkpoint of :class:`metanet.tasks.hypernet.GHNTask` or a file from
+``--ghn`` takes a Lightning checkpoint of :class:`metanet.tasks.hypernet.GHNTask` (read
+tensors-only; ``--trust-pickle`` allows a full unpickle) or a file from
 :meth:`metanet.hyper.ghn.GHN.save`. The model class is imported and instantiated with the
 keyword arguments (JSON object, or ``key=value`` pairs whose values are parsed as JSON when they
-can be, else kept as strings); the output is ``torch.save(model.state_dict(), OUT)``.
+can be, else kept as strings): that runs the user's own code, named on the command line, never
+code from a file. The output is the model's state_dict, as a safetensors file (or with
+``torch.save`` when OUT ends in ``.pt``/``.pth``; both load tensors-only), written atomically.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -80,7 +82,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--ghn", required=True, help="GHN checkpoint (Lightning .ckpt or GHN.save)")
     ap.add_argument("--model", required=True, help="package.module:ClassName of the model")
     ap.add_argument("--kwargs", nargs="*", default=[], help="JSON object or key=value pairs")
-    ap.add_argument("-o", "--output", required=True, help="where to write the state_dict (.pt)")
+    ap.add_argument("-o", "--output", required=True,
+                    help="where to write the state_dict (.safetensors, or .pt for torch.save)")
+    ap.add_argument("--trust-pickle", action="store_true",
+                    help="allow a GHN checkpoint that needs the full unpickler (runs code named "
+                         "in the file: only for files you trust)")  # fmt: skip
     ap.add_argument("--fallback-init", action="store_true",
                     help="keep the model's own init for ops the GHN cannot predict (logged)")
     args = ap.parse_args(list(argv) if argv is not None else None)
@@ -88,9 +94,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from metanet.graph.arch import ArchTraceError
     from metanet.hyper.ghn import GHN, GHNVocabularyError
+    from metanet.serialization import save_state_dict
 
     try:
-        ghn = GHN.load(args.ghn)
+        ghn = GHN.load(args.ghn, trust_pickle=args.trust_pickle)
         cls = resolve_class(args.model)
         kwargs = parse_kwargs(args.kwargs)
         try:
@@ -101,9 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"{args.model} did not return an nn.Module")
         ghn.eval()
         ghn.apply(model, fallback_init=args.fallback_init)
-        out = Path(args.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(model.state_dict(), out)
+        out = save_state_dict(args.output, model.state_dict())
     except (ValueError, FileNotFoundError, GHNVocabularyError, ArchTraceError) as exc:
         print(f"metanet init-weights: error: {exc}", file=sys.stderr)
         return 2

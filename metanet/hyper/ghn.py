@@ -297,25 +297,36 @@ class GHN(nn.Module):
 
     # -- files ------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
-        """Write the GHN (config + state_dict) to ``path`` (``torch.save``)."""
-        torch.save({"format": FORMAT, "ghn_config": self.config, "state_dict": self.state_dict()},
-                   path)  # fmt: skip
+        """Write the GHN (config + state_dict) to ``path`` as one safetensors file (no pickle;
+        the config is JSON in its metadata), atomically. ``.safetensors`` is the usual suffix."""
+        from metanet.serialization import save_tree
+
+        save_tree(path, {"format": FORMAT, "ghn_config": self.config,
+                         "state_dict": self.state_dict()})  # fmt: skip
 
     @classmethod
-    def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> GHN:
+    def load(
+        cls,
+        path: str | Path,
+        map_location: str | torch.device = "cpu",
+        trust_pickle: bool = False,
+    ) -> GHN:
         """Load a GHN saved by :meth:`save` or a Lightning checkpoint of
-        :class:`metanet.tasks.hypernet.GHNTask`.
+        :class:`metanet.tasks.hypernet.GHNTask` (read tensors-only; ``trust_pickle`` allows a
+        full unpickle, which runs code named in the file: only for files you trust).
 
         Raises:
             FileNotFoundError / ValueError: missing file, or a file that is neither (names it).
         """
+        from metanet.serialization import FileError, load_file
+
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"GHN checkpoint not found: {path}")
         try:
-            ckpt = torch.load(path, map_location=map_location, weights_only=False)
-        except Exception as exc:  # noqa: BLE001
-            raise ValueError(f"cannot read GHN checkpoint {path}: {exc}") from exc
+            ckpt = load_file(path, trust_pickle=trust_pickle)
+        except FileError as exc:
+            raise ValueError(f"cannot read GHN checkpoint: {exc}") from None
         if not isinstance(ckpt, dict):
             raise ValueError(f"{path} is not a GHN checkpoint (got {type(ckpt).__name__})")
         if ckpt.get("format") == FORMAT:
@@ -331,4 +342,4 @@ class GHN(nn.Module):
             raise ValueError(f"{path} is not a GHN checkpoint (keys: {sorted(ckpt)[:8]})")
         ghn = cls(**config)
         ghn.load_state_dict(state)
-        return ghn
+        return ghn.to(map_location)

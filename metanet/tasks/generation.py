@@ -542,31 +542,26 @@ _GENERATOR_CLASSES = {
 }
 
 
-def _read_checkpoint(path: str) -> dict[str, Any]:
-    import pickle
+def _read_checkpoint(path: str, trust_pickle: bool = False) -> dict[str, Any]:
+    from metanet.serialization import FileError, load_file
 
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise GenerationError(f"{path}: no such file") from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
-        msg = str(err)
-        if "weights_only" in msg or "Unsupported global" in msg:
-            try:
-                ckpt = torch.load(path, map_location="cpu", weights_only=False)
-            except Exception as err2:  # noqa: BLE001 - report any unreadable file the same way
-                raise GenerationError(f"{path}: not a readable checkpoint ({err2})") from None
-        else:
-            raise GenerationError(
-                f"{path}: not a readable checkpoint ({msg.splitlines()[0]})"
-            ) from None
+        ckpt = load_file(path, trust_pickle=trust_pickle)
+    except FileError as err:
+        raise GenerationError(str(err)) from None
     if not isinstance(ckpt, dict):
         raise GenerationError(f"{path}: not a checkpoint (a {type(ckpt).__name__})")
     return ckpt
 
 
-def load_generator(path_or_checkpoint: str | dict[str, Any]) -> GenerationTask:
-    """A trained generator from a checkpoint written by ``metanet fit`` (CPU, eval mode).
+def load_generator(
+    path_or_checkpoint: str | dict[str, Any], trust_pickle: bool = False
+) -> GenerationTask:
+    """A trained generator from a checkpoint written by ``metanet fit`` (a Lightning ``.ckpt``,
+    read tensors-only, or its pickle-free ``.safetensors`` copy), on CPU in eval mode.
+
+    ``trust_pickle`` allows a full unpickle of a ``.ckpt`` that needs it (runs code named in the
+    file: only for files you trust).
 
     Raises:
         GenerationError: the file is missing/corrupt or a checkpoint of another task.
@@ -574,7 +569,8 @@ def load_generator(path_or_checkpoint: str | dict[str, Any]) -> GenerationTask:
     if isinstance(path_or_checkpoint, dict):
         ckpt, where = path_or_checkpoint, "checkpoint"
     else:
-        ckpt, where = _read_checkpoint(str(path_or_checkpoint)), str(path_or_checkpoint)
+        where = str(path_or_checkpoint)
+        ckpt = _read_checkpoint(where, trust_pickle)
     payload = ckpt.get(PAYLOAD_KEY)
     if not isinstance(payload, dict):
         raise GenerationError(f"{where}: not a metanet checkpoint (no '{PAYLOAD_KEY}' entry)")

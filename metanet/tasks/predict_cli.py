@@ -7,10 +7,15 @@
 ``--predictor`` is a checkpoint of :class:`~metanet.tasks.generalization.GeneralizationTask`
 (written by ``metanet fit --config configs/predict_gen/<model>.yaml``). Each network file may be
 
-* a ``state_dict`` (``torch.save(model.state_dict(), path)``),
-* a pickled module (``torch.save(model, path)``; loading it runs pickle: only use files you trust),
+* a ``state_dict`` (``torch.save(model.state_dict(), path)`` or a ``.safetensors`` file),
 * a Lightning checkpoint of a classifier (its ``state_dict``; a common key prefix such as
-  ``model.`` is stripped).
+  ``model.`` is stripped),
+* a pickled module (``torch.save(model, path)``) only with ``--trust-pickle``: unpickling it runs
+  code named in the file, so metanet refuses it unless told the file is trusted.
+
+Every file is read tensors-only (:func:`metanet.serialization.load_file`); the predictor may be the
+Lightning ``.ckpt`` or its pickle-free ``.safetensors`` copy written beside it by
+:class:`metanet.tasks.checkpoint.ModelCheckpoint`.
 
 Weight-space predictors (StatNN, DWS, NFN, UNF) read networks of the architecture they were trained
 on (same layer shapes; layer names may differ); graph predictors (GMN, NG-T) read any architecture
@@ -26,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pickle
 import sys
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -55,23 +59,14 @@ class Network:
 # ------------------------------------------------------------------------------------------------
 # loading files
 # ------------------------------------------------------------------------------------------------
-def _torch_load(path: str, allow_pickle: bool) -> Any:
-    """``torch.load`` of ``path``: tensors-only first, full pickle only if ``allow_pickle``."""
-    if not os.path.exists(path):
-        raise PredictError(f"{path}: no such file")
-    if os.path.isdir(path):
-        raise PredictError(f"{path} is a folder, not a checkpoint file")
+def _load(path: str, trust_pickle: bool) -> Any:
+    """The contents of ``path``, read tensors-only unless ``trust_pickle``."""
+    from metanet.serialization import FileError, load_file
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        if not allow_pickle:
-            raise PredictError(f"{path}: cannot be read safely: {err}") from None
-    except Exception as err:  # noqa: BLE001 - torch raises many kinds for corrupt files
-        raise PredictError(f"{path} is not a readable PyTorch file ({_short(err)})") from None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001
-        raise PredictError(f"{path} is not a readable PyTorch file ({_short(err)})") from None
+        return load_file(path, trust_pickle=trust_pickle)
+    except FileError as err:
+        raise PredictError(str(err)) from None
 
 
 def _short(err: BaseException) -> str:
@@ -79,8 +74,9 @@ def _short(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
 
 
-def load_predictor(path: str) -> Any:
-    """The :class:`GeneralizationTask` stored in a predictor checkpoint, in eval mode.
+def load_predictor(path: str, trust_pickle: bool = False) -> Any:
+    """The :class:`GeneralizationTask` stored in a predictor checkpoint (a ``metanet fit`` .ckpt
+    or its ``.safetensors`` copy), in eval mode. ``trust_pickle`` allows a full unpickle.
 
     Raises:
         PredictError: not a metanet checkpoint, a checkpoint of another task, or a metanetwork
@@ -89,7 +85,7 @@ def load_predictor(path: str) -> Any:
     from metanet.tasks.generalization import GeneralizationTask
     from metanet.weightspace import WeightSpaceSpec
 
-    ckpt = _torch_load(path, allow_pickle=True)
+    ckpt = _load(path, trust_pickle)
     if not isinstance(ckpt, Mapping):
         raise PredictError(
             f"{path} is not a predictor checkpoint (it holds a {type(ckpt).__name__}); pass the "
@@ -133,9 +129,10 @@ def load_predictor(path: str) -> Any:
     return model.eval()
 
 
-def load_network(path: str) -> Network:
-    """Read a network file (state_dict, pickled module or Lightning checkpoint)."""
-    obj = _torch_load(path, allow_pickle=True)
+def load_network(path: str, trust_pickle: bool = False) -> Network:
+    """Read a network file (state_dict, Lightning checkpoint, or with ``trust_pickle`` a pickled
+    module)."""
+    obj = _load(path, trust_pickle)
     if isinstance(obj, nn.Module):
         return Network(path, _tensors(obj.state_dict(), path), obj)
     if isinstance(obj, Mapping):
@@ -159,20 +156,13 @@ def load_network(path: str) -> Network:
 
 
 def _tensors(sd: Mapping[str, Any], path: str) -> dict[str, torch.Tensor]:
-    out = OrderedDict()
-    for key, value in sd.items():
-        if not isinstance(value, torch.Tensor):
-            raise PredictError(
-                f"{path}: entry '{key}' is a {type(value).__name__}, not a tensor; expected a "
-                "state_dict, a pickled nn.Module or a Lightning checkpoint"
-            )
-        out[str(key)] = value.detach().cpu()
-    if not out:
-        raise PredictError(f"{path} holds no parameters")
-    for key, value in out.items():
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise PredictError(f"{path}: parameter '{key}' contains NaN or inf values")
-    return out
+    from metanet.serialization import FileError, check_state_dict
+
+    try:
+        check_state_dict(sd, path)
+    except FileError as err:
+        raise PredictError(str(err)) from None
+    return OrderedDict((str(k), v.detach().cpu()) for k, v in sd.items())
 
 
 def _strip_common_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -391,6 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="arch dict (JSON/YAML text or file) for bare state_dicts (graph "
                              "predictors)")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="allow files that need the full unpickler (pickled modules); this "
+                             "runs code named in the files: only for files you trust")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
 
@@ -402,9 +395,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if args.batch_size < 1:
             raise PredictError("--batch-size must be at least 1")
-        predictor = load_predictor(args.predictor)
+        predictor = load_predictor(args.predictor, args.trust_pickle)
         arch = _parse_arch(args.arch)
-        nets = [load_network(p) for p in args.networks]
+        nets = [load_network(p, args.trust_pickle) for p in args.networks]
         preds = predict(predictor, nets, arch, args.batch_size)
         target = str(predictor.hparams.get("target", "test_acc"))
         if target.endswith("acc"):  # an accuracy: a regression outside [0, 1] means 0 or 1

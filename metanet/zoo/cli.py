@@ -90,8 +90,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``metanet zoo ...``; returns an exit code."""
     args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.command == "info":
-        print(summarize(args.zoo, args.metric))
+        from metanet.limits import MemoryLimitError
+
+        try:
+            print(summarize(args.zoo, args.metric))
+        except (OSError, ValueError, KeyError, MemoryLimitError) as err:
+            print(f"metanet zoo info: error: {err}", file=sys.stderr)
+            return 2
         return 0
+    from metanet.limits import MemoryLimitError
     from metanet.zoo.architectures import ArchError
     from metanet.zoo.build import build_zoo
     from metanet.zoo.recipe import RecipeError
@@ -110,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             engine=args.engine,
             workers=args.workers,
         )
-    except (RecipeError, ArchError, FileExistsError, FileNotFoundError, ValueError) as err:
+    except (RecipeError, ArchError, OSError, ValueError, MemoryLimitError) as err:
         print(f"metanet zoo build: error: {err}", file=sys.stderr)
         return 2
     print(out)

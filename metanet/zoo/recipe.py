@@ -49,6 +49,14 @@ INIT_SCHEMES = (
 _NUM = (int, float)
 
 
+def _yaml_problem(err: Exception) -> str:
+    """PyYAML's error in one line: the problem and where (``line 2, column 7``)."""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    mark = getattr(err, "problem_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    return f"{problem}{where}"
+
+
 def _positive(v: Any) -> str | None:
     ok = isinstance(v, _NUM) and not isinstance(v, bool) and math.isfinite(v) and v > 0
     return None if ok else "must be a positive number"
@@ -171,7 +179,7 @@ class Recipe:
         except FileNotFoundError:
             raise FileNotFoundError(f"recipe file {path} does not exist") from None
         except yaml.YAMLError as err:
-            raise RecipeError(f"{path}: not valid YAML: {err}") from None
+            raise RecipeError(f"{path}: not valid YAML: {_yaml_problem(err)}") from None
         return cls.from_dict(raw, source=path)
 
     @classmethod
