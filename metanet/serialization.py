@@ -124,7 +124,7 @@ def load_file(path: str | os.PathLike, trust_pickle: bool = False) -> Any:
     except Exception as err:  # noqa: BLE001 - torch raises many kinds for corrupt files
         raise FileError(f"{path} is not a readable PyTorch file ({_short(err)})") from None
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except Exception as err:  # noqa: BLE001
         raise FileError(f"{path} is not a readable PyTorch file ({_short(err)})") from None
 

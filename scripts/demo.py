@@ -126,12 +126,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     _banner("3/4 metanet test --ckpt_path best.ckpt  (held-out training runs)")
     metanet(["test", *common, "--ckpt_path", best, "--trainer.enable_progress_bar", "false"])
 
-    _banner("4/4 metanet predict-accuracy --predictor best.ckpt <checkpoint files>")
+    _banner("4/4 metanet predict-accuracy --predictor best.safetensors <checkpoint files>")
+    shared = os.path.join(run, "checkpoints", "best.safetensors")  # the pickle-free copy
     files = _export_checkpoints(zoo, args.seed, os.path.join(work, "checkpoints"),
                                 args.checkpoints)  # fmt: skip
-    print("$ metanet predict-accuracy --predictor " + os.path.relpath(best, ROOT) + " "
+    print("$ metanet predict-accuracy --predictor " + os.path.relpath(shared, ROOT) + " "
           + " ".join(os.path.relpath(p, ROOT) for p, _ in files))  # fmt: skip
-    code = metanet(["predict-accuracy", "--predictor", best, *(p for p, _ in files)])
+    code = metanet(["predict-accuracy", "--predictor", shared, *(p for p, _ in files)])
     if code:
         return code
     print("\ntrue test accuracy of those checkpoints (measured when the zoo was built):")

@@ -5,6 +5,12 @@
   ``read_checkpoint_folder`` (``*.pt`` files + metrics CSV), ``write_zoo`` (to HDF5).
 * :mod:`metanet.data.datamodules` - ``WeightSpaceDataModule``, ``ParamGraphDataModule``.
 * :mod:`metanet.data.digits` - scikit-learn's digits with metanet's fixed split.
+* :mod:`metanet.data.tasks` - ``load_task_data(config)`` -> ``TaskData`` (train / val / test
+  ``Split`` s, ``fingerprint()``), the one data interface of every job; ``register_provider``,
+  ``available_providers``, ``TaskDataError``, ``LazyArray`` (data larger than memory).
+* :mod:`metanet.data.providers` - the providers (``digits``, ``dataset``, ``tensors``,
+  ``image_folder``, ``signals``); ``ProviderConfig`` (for writing one), ``SignalData`` and
+  ``coordinates`` (images / 1-D signals as coordinate -> value samples for INRs).
 
 Names are imported lazily, so ``import metanet.data.digits`` does not pull in Lightning or h5py.
 """
@@ -18,6 +24,16 @@ _EXPORTS = {
     "Digits": "metanet.data.digits",
     "load_digits": "metanet.data.digits",
     "digit_image_coordinates": "metanet.data.digits",
+    "LazyArray": "metanet.data.tasks",
+    "Split": "metanet.data.tasks",
+    "TaskData": "metanet.data.tasks",
+    "TaskDataError": "metanet.data.tasks",
+    "available_providers": "metanet.data.tasks",
+    "load_task_data": "metanet.data.tasks",
+    "register_provider": "metanet.data.tasks",
+    "ProviderConfig": "metanet.data.providers.config",
+    "SignalData": "metanet.data.providers.signals",
+    "coordinates": "metanet.data.providers.signals",
     "Zoo": "metanet.data.zoo_store",
     "ZooGroup": "metanet.data.zoo_store",
     "ZooWriter": "metanet.data.zoo_store",
