@@ -139,8 +139,19 @@ class InMemoryZooGroup:
         return idx
 
     def params(self, indices: Any = None) -> dict[str, torch.Tensor]:
-        """Stacked state_dict entries ``{key: [k, *shape]}`` of records ``indices`` (None: all)."""
+        """Stacked state_dict entries ``{key: [k, *shape]}`` of records ``indices`` (None: all).
+
+        Raises:
+            MemoryLimitError: the copy would exceed metanet's memory limit.
+        """
+        from metanet.limits import check_memory
+
         idx = torch.from_numpy(self._index(indices))
+        per_record = sum(v[0].numel() * v.element_size() for v in self._params.values() if len(v))
+        check_memory(
+            per_record * idx.numel(),
+            f"{self.path}: reading {idx.numel():,} records of '{self.name}'",
+        )
         return {k: v.index_select(0, idx) for k, v in self._params.items()}
 
     def state_dict(self, index: int) -> dict[str, torch.Tensor]:
@@ -396,7 +407,19 @@ class SmallCNNZooGroup(InMemoryZooGroup):
             raise ZooReadError(f"{self.path}: record {index}: {err}") from None
 
     def params(self, indices: Any = None) -> dict[str, torch.Tensor]:
+        """Records ``indices`` (None: all) cut out of ``weights.npy`` rows, in PyTorch layout.
+
+        Raises:
+            MemoryLimitError: the rows (read, then converted: twice their size) would exceed
+                metanet's memory limit.
+        """
+        from metanet.limits import check_memory, tensor_bytes
+
         idx = self._index(indices)
+        check_memory(
+            2 * tensor_bytes((idx.size, self._weights.shape[1]), np.float32),
+            f"{self.path}: reading {idx.size:,} records of '{self.name}'",
+        )
         rows = self._rows[idx]
         order = np.argsort(rows, kind="stable")
         data = np.empty((len(rows), self._weights.shape[1]), dtype=np.float32)
@@ -506,6 +529,35 @@ def _find(folder: str, names: Sequence[str]) -> str:
     raise ZooReadError(f"{folder}: none of {list(names)} found (Small CNN Zoo layout)")
 
 
+def _check_npy_size(path: str) -> None:
+    """Refuse a ``.npy`` file whose header declares more data than the file holds (nothing is
+    read but the header)."""
+    from numpy.lib import format as npy_format
+
+    from metanet.limits import format_bytes, tensor_bytes
+
+    try:
+        with open(path, "rb") as fh:
+            version = npy_format.read_magic(fh)
+            read = (
+                npy_format.read_array_header_1_0
+                if version == (1, 0)
+                else npy_format.read_array_header_2_0
+            )
+            shape, _, dtype = read(fh)
+            offset = fh.tell()
+    except (OSError, ValueError, EOFError) as err:
+        raise ZooReadError(f"{path}: cannot be read as a .npy array: {err}") from None
+    declared = tensor_bytes(shape, dtype)
+    held = os.path.getsize(path) - offset
+    if declared > held:
+        raise ZooReadError(
+            f"{path}: header declares a {dtype} array of shape {tuple(shape)} "
+            f"({format_bytes(declared)}) but the file holds {format_bytes(held)} of data "
+            "(truncated or corrupt)"
+        )
+
+
 def read_small_cnn_zoo(
     folder: str | os.PathLike,
     steps: int | Sequence[int] | None = None,
@@ -531,7 +583,8 @@ def read_small_cnn_zoo(
         ``config.*`` columns become hyperparameters without the prefix.
 
     Raises:
-        ZooReadError: missing or malformed files, or tables that disagree (naming the file).
+        ZooReadError: missing or malformed files, a ``weights.npy`` whose header declares more
+            data than the file holds, or tables that disagree (naming the file).
     """
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
@@ -539,8 +592,9 @@ def read_small_cnn_zoo(
     w_path = _find(folder, ["weights.npy"])
     m_path = _find(folder, ["metrics.csv.gz", "metrics.csv"])
     l_path = _find(folder, ["layout.csv"])
+    _check_npy_size(w_path)
     try:
-        weights = np.load(w_path, mmap_mode="r")
+        weights = np.load(w_path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, EOFError) as err:
         raise ZooReadError(f"{w_path}: cannot be read as a .npy array: {err}") from None
     if weights.ndim != 2 or weights.dtype.kind != "f":

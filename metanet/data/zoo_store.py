@@ -23,6 +23,14 @@ whole), which :class:`Zoo` reads like any other zoo.
 Reading: :meth:`Zoo.open` checks the format and opens the HDF5 file lazily, once per process
 (the handle is re-opened after ``fork`` and dropped when pickled), so a ``Zoo`` can be handed to
 ``DataLoader`` workers.
+
+Limits (:mod:`metanet.limits`): opening refuses, with a :class:`ZooFormatError` naming the file,
+the dataset and its declared shape, any dataset that declares more bytes than the file could
+hold (:func:`check_declared_size`: contiguous or unfiltered data must fit in the file, filtered
+chunks may compress up to :data:`MAX_COMPRESSION_RATIO` times). Reads of many records at once
+(``params()``, ``weight_space()``, ``metrics``, :func:`merge_zoos`) estimate their bytes first
+and raise :class:`~metanet.limits.MemoryLimitError` past the memory limit; reading a few records
+(``state_dict(i)``, ``params([i, j])``) works for zoos of any size.
 """
 
 from __future__ import annotations
@@ -38,10 +46,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from metanet.limits import check_memory, format_bytes, tensor_bytes
+
 FORMAT_VERSION = 1
 FORMAT_ATTR = "metanet_zoo_format"
 REQUIRED_METRICS = ("test_acc", "train_acc", "test_loss", "train_loss", "epoch", "run_id", "seed")
 STRING_DTYPE = "S64"
+#: how many times its share of the file a filtered (compressed) chunked dataset may declare:
+#: gzip/deflate cannot exceed ~1032:1, so a larger declared size is a corrupt or forged shape
+MAX_COMPRESSION_RATIO = 1000
 
 
 class ZooFormatError(ValueError):
@@ -269,13 +282,9 @@ def merge_zoos(
                 g = zoo[name]
                 if len(g) == 0:
                     continue
-                f = g._group()
-                writer.add(
-                    g.arch,
-                    {k: f["params"][k][()] for k in g.keys},
-                    g.metrics,
-                    g._raw_hparams(),
-                )
+                # read once and converted once by the writer: twice the group in memory
+                g._check_read("params", len(g), copies=2.0)
+                writer.add(g.arch, g.params(), g.metrics, g._raw_hparams())
     for z in zoos:
         z.close()
 
@@ -347,6 +356,39 @@ def write_virtual_zoo(
 # ------------------------------------------------------------------------------------------------
 # reading
 # ------------------------------------------------------------------------------------------------
+def check_declared_size(ds: h5py.Dataset, path: str, file_bytes: int | None = None) -> int:
+    """Refuse a dataset whose declared shape the file cannot hold; return its declared bytes.
+
+    Nothing is read. Contiguous (and compact) datasets and chunked ones without filters store
+    every element, so their ``shape x itemsize`` must fit in ``file_bytes``; filtered
+    (compressed) and virtual datasets may declare up to :data:`MAX_COMPRESSION_RATIO` times it.
+
+    Args:
+        ds: an open dataset.
+        path: the file, for the message.
+        file_bytes: bytes that can back the dataset (default ``os.path.getsize(path)``; for a
+            virtual zoo, the file plus its shards).
+
+    Raises:
+        ZooFormatError: ``"<file>: dataset '<name>' declares shape (...) <dtype> (<size>), ..."``.
+    """
+    declared = tensor_bytes(ds.shape, ds.dtype) if ds.shape is not None else 0
+    size = os.path.getsize(path) if file_bytes is None else int(file_bytes)
+    if ds.is_virtual:
+        ratio, how = MAX_COMPRESSION_RATIO, f"{MAX_COMPRESSION_RATIO}x its shard files"
+    elif ds.chunks is not None and ds.id.get_create_plist().get_nfilters() > 0:
+        ratio, how = MAX_COMPRESSION_RATIO, f"{MAX_COMPRESSION_RATIO}x compression"
+    else:
+        ratio, how = 1, "uncompressed"
+    if declared > ratio * size:
+        raise ZooFormatError(
+            f"{path}: dataset '{ds.name}' declares shape {tuple(ds.shape)} {ds.dtype} "
+            f"({format_bytes(declared)}), more than the {format_bytes(size)} file can hold "
+            f"({how}); the file is corrupt or forged"
+        )
+    return declared
+
+
 class ZooGroup:
     """The records of one architecture in a zoo (lazy: parameters are read on demand).
 
@@ -374,6 +416,8 @@ class ZooGroup:
         self._spec = None
         self._metrics: dict[str, np.ndarray] | None = None
         self._hparams: dict[str, np.ndarray] | None = None
+        # bytes of one record of every column, per sub-group (shapes are fixed once written)
+        self._row_bytes: dict[str, dict[str, int]] = {"params": {}, "metrics": {}, "hparams": {}}
         for sub in ("params", "metrics", "hparams"):
             if sub not in g:
                 raise ZooFormatError(f"{zoo.path}: group '{name}' has no '{sub}' group")
@@ -382,6 +426,12 @@ class ZooGroup:
                 raise ZooFormatError(f"{zoo.path}: group '{name}' has no parameter '{key}'")
         for sub in ("params", "metrics", "hparams"):
             for col, ds in g[sub].items():
+                if not isinstance(ds, h5py.Dataset) or not ds.shape:
+                    raise ZooFormatError(
+                        f"{zoo.path}: '{name}/{sub}/{col}' is not a dataset with a record axis"
+                    )
+                check_declared_size(ds, zoo.path, zoo._backing_bytes)
+                self._row_bytes[sub][col] = tensor_bytes(ds.shape[1:], ds.dtype)
                 if ds.shape[0] < self._num:
                     raise ZooFormatError(
                         f"{zoo.path}: '{name}/{sub}/{col}' has {ds.shape[0]} records, "
@@ -397,6 +447,22 @@ class ZooGroup:
 
     def _group(self) -> h5py.Group:
         return self.zoo._handle()[self.name]
+
+    @property
+    def record_bytes(self) -> int:
+        """Bytes of one record's parameters (all state_dict entries) once read."""
+        return sum(self._row_bytes["params"][k] for k in self.keys)
+
+    def _check_read(self, sub: str, records: int, copies: float = 1.0) -> None:
+        """Refuse reading ``records`` rows of every column of ``sub`` past the memory limit."""
+        row = self._row_bytes[sub]
+        columns = self.keys if sub == "params" else list(row)
+        sizes = [row[c] * records for c in columns]
+        # the largest column is held twice while it is put in request order
+        estimate = sum(sizes) * copies + max(sizes, default=0)
+        check_memory(
+            estimate, f"{self.path}: reading {sub} of {records:,} records of '{self.name}'"
+        )
 
     def __len__(self) -> int:
         return self._num
@@ -435,6 +501,7 @@ class ZooGroup:
     def params(self, indices: Any = None) -> dict[str, torch.Tensor]:
         """Stacked state_dict entries ``{key: [k, *shape]}`` of records ``indices`` (all: None)."""
         rows, inverse = self._rows(indices)
+        self._check_read("params", int(inverse.size))
         params = self._group()["params"]
         out = {}
         for key in self.keys:
@@ -480,11 +547,13 @@ class ZooGroup:
     def metrics(self) -> dict[str, np.ndarray]:
         """name -> ``[len(self)]`` array (read once, then cached)."""
         if self._metrics is None:
+            self._check_read("metrics", self._num)
             g = self._group()["metrics"]
             self._metrics = {k: ds[: self._num] for k, ds in g.items()}
         return self._metrics
 
     def _raw_hparams(self) -> dict[str, np.ndarray]:
+        self._check_read("hparams", self._num)
         g = self._group()["hparams"]
         return {k: ds[: self._num] for k, ds in g.items()}
 
@@ -537,7 +606,7 @@ class Zoo:
             raise ZooFormatError(
                 f"{self.path} has zoo format {int(version)}; this metanet reads <= {FORMAT_VERSION}"
             )
-        self._check_virtual_sources(f)
+        self._backing_bytes = os.path.getsize(self.path) + self._check_virtual_sources(f)
         try:
             self._groups = {name: ZooGroup(self, name) for name in f.keys()}
         except Exception:
@@ -550,8 +619,9 @@ class Zoo:
 
         Raises:
             FileNotFoundError: no such file.
-            ZooFormatError: not HDF5, truncated, not a metanet zoo, missing shard files, or an
-                inconsistent group; the message names the file.
+            ZooFormatError: not HDF5, truncated, not a metanet zoo, missing shard files, an
+                inconsistent group, or a dataset whose declared shape the file cannot hold (see
+                :func:`check_declared_size`); the message names the file.
         """
         return cls(path)
 
@@ -569,9 +639,11 @@ class Zoo:
             self._pid = pid
         return self._fh
 
-    def _check_virtual_sources(self, f: h5py.File) -> None:
+    def _check_virtual_sources(self, f: h5py.File) -> int:
+        """Check that every shard of a virtual zoo exists and is a zoo; their total bytes."""
         folder = os.path.dirname(os.path.abspath(self.path))
         seen: set[str] = set()
+        total = [0]
 
         def visit(_name: str, obj: Any) -> None:
             if isinstance(obj, h5py.Dataset) and obj.is_virtual:
@@ -582,6 +654,7 @@ class Zoo:
                     full = os.path.join(folder, src.file_name)
                     if not os.path.exists(full):
                         raise ZooFormatError(f"{self.path}: shard file {full} is missing")
+                    total[0] += os.path.getsize(full)
                     try:
                         with h5py.File(full, "r", locking=False) as sf:
                             if FORMAT_ATTR not in sf.attrs:
@@ -592,6 +665,7 @@ class Zoo:
                         ) from None
 
         f.visititems(visit)
+        return total[0]
 
     @property
     def architectures(self) -> list[str]:

@@ -5,9 +5,12 @@
 ``load_into`` go back exactly. See :mod:`metanet.graph.paramgraph` for the stored tensors and
 :mod:`metanet.graph.tracing` for the constructions. ``ArchGraph.from_module`` gives the op-level
 computational graph (one node per op) that graph hypernetworks read.
+``estimate_graph_memory(module)`` gives the nodes, edges and bytes ``from_module`` will need
+(it refuses, with :class:`metanet.limits.MemoryLimitError`, graphs over the memory limit).
 """
 
 from metanet.graph.arch import ArchGraph, ArchTraceError
+from metanet.graph.memory import GraphMemoryEstimate, estimate_graph_memory
 from metanet.graph.paramgraph import (
     NODE_FEATURES,
     EdgeType,
@@ -23,11 +26,13 @@ __all__ = [
     "ArchTraceError",
     "NODE_FEATURES",
     "EdgeType",
+    "GraphMemoryEstimate",
     "NodeType",
     "ParamGraph",
     "ParamLayout",
     "ParamSlot",
     "UnsupportedOpError",
+    "estimate_graph_memory",
     "from_module",
     "graphs_from_state_dicts",
 ]

@@ -28,6 +28,8 @@ from metanet.graph.paramgraph import (
     NodeType,
     ParamSlot,
 )
+from metanet.limits import ENV_VAR, MemoryLimitError, format_bytes
+from metanet.limits import itemsize as _itemsize
 
 
 class UnsupportedOpError(ValueError):
@@ -93,9 +95,16 @@ _CHANNEL_AXIS_MODULES = (nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, n
 class _Builder:
     """Accumulates nodes, edges and parameter slots (edges in creation order)."""
 
-    def __init__(self, max_kernel_size: int, dtype: torch.dtype) -> None:
+    def __init__(self, max_kernel_size: int, dtype: torch.dtype,
+                 budget: tuple[int, str] | None = None) -> None:  # fmt: skip
         self.k = max_kernel_size
         self.dtype = dtype
+        # (limit in bytes, what is built): add_nodes / add_edges raise MemoryLimitError before
+        # allocating past it; a safety net behind metanet.graph.memory's estimate
+        self.budget = budget
+        self.bytes = 0
+        self._node_bytes = len(NODE_FEATURES) * _itemsize(dtype) + 3 * 8
+        self._edge_bytes = max_kernel_size * _itemsize(dtype) + 3 * 8
         self.n = 0
         self.node_type: list[Tensor] = []
         self.node_layer: list[Tensor] = []
@@ -112,6 +121,7 @@ class _Builder:
     def add_nodes(
         self, count: int, ntype: NodeType, layer: int, pos: Tensor | None = None
     ) -> Tensor:
+        self._reserve(count * self._node_bytes, f"{count:,} nodes")
         ids = torch.arange(self.n, self.n + count)
         self.n += count
         self.node_type.append(torch.full((count,), int(ntype), dtype=torch.long))
@@ -121,6 +131,15 @@ class _Builder:
         )
         self.x.append(torch.zeros(count, len(NODE_FEATURES), dtype=self.dtype))
         return ids
+
+    def _reserve(self, nbytes: int, what: str) -> None:
+        self.bytes += nbytes
+        if self.budget is not None and self.bytes > self.budget[0]:
+            limit, built = self.budget
+            raise _tagged(MemoryLimitError(
+                f"{built}: adding {what} takes the graph to {format_bytes(self.bytes)}, over "
+                f"metanet's memory limit of {format_bytes(limit)} (set {ENV_VAR} to change it)"
+            ))  # fmt: skip
 
     def set_node_values(self, ids: Tensor, col: int, values: Tensor) -> None:
         """Nodes created by one ``add_nodes`` call are contiguous; write their column."""
@@ -139,6 +158,7 @@ class _Builder:
         self, src: Tensor, dst: Tensor, etype: EdgeType, values: Tensor | None = None
     ) -> Tensor:
         count = src.numel()
+        self._reserve(count * self._edge_bytes, f"{count:,} edges")
         ids = torch.arange(self.e, self.e + count)
         self.e += count
         self.src.append(src.long().cpu())

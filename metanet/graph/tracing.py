@@ -66,6 +66,7 @@ from metanet.graph.fx_builder import (
     _Builder,
     _Tracer,
 )
+from metanet.graph.memory import GraphMemoryEstimate, estimate_graph_memory
 from metanet.graph.paramgraph import (
     NODE_FEATURES,
     NodeType,
@@ -75,6 +76,7 @@ from metanet.graph.paramgraph import (
     _ptr,
     check_finite,
 )
+from metanet.limits import MemoryLimitError, check_memory, format_bytes, memory_limit_bytes
 
 __all__ = ["UnsupportedOpError", "from_module", "graphs_from_state_dicts"]
 
@@ -190,13 +192,31 @@ def _example_candidates(
     return [torch.randn(s, dtype=dtype, device=device) for s in shapes]
 
 
-def _build(gm: fx.GraphModule, example: Tensor, max_kernel_size: int, dtype: torch.dtype
-           ) -> tuple[_Builder, _Tracer]:  # fmt: skip
-    builder = _Builder(max_kernel_size, dtype)
+def _check_graph_memory(module: nn.Module, est: GraphMemoryEstimate, gm: fx.GraphModule) -> None:
+    """Refuse (:class:`MemoryLimitError`) a graph whose estimated peak exceeds the limit."""
+    name = type(module).__name__
+    try:
+        check_memory(est.peak_bytes, f"building the parameter graph of {name} ({est.describe()})")
+    except MemoryLimitError as err:
+        hint = ""
+        if est.max_kernel < est.edge_dim:
+            smaller = estimate_graph_memory(module, est.max_kernel, est.dtype, traced=gm)
+            hint = (
+                f"; its largest kernel has {est.max_kernel} element(s): "
+                f"max_kernel_size={est.max_kernel} would need {format_bytes(smaller.peak_bytes)}"
+            )
+        raise MemoryLimitError(f"{err}{hint}") from None
+
+
+def _build(gm: fx.GraphModule, example: Tensor, max_kernel_size: int, dtype: torch.dtype,
+           budget: tuple[int, str] | None = None) -> tuple[_Builder, _Tracer]:  # fmt: skip
+    builder = _Builder(max_kernel_size, dtype, budget)
     tracer = _Tracer(gm, builder, _input_axis(gm, example))
     try:
         with torch.no_grad():
             tracer.run(example)
+    except MemoryLimitError as exc:  # drop fx.Interpreter's context lines
+        raise MemoryLimitError(getattr(exc, "metanet_message", str(exc))) from None
     except ValueError as exc:
         message = getattr(exc, "metanet_message", None)
         if message is None:
@@ -224,6 +244,10 @@ def from_module(
     Returns:
         A :class:`ParamGraph` whose values are copies of the parameters.
     Raises:
+        MemoryLimitError: the graph is estimated to need more than metanet's memory limit
+            (:mod:`metanet.limits`; the message names the module class and the estimate); checked
+            from the parameter shapes before anything graph-sized is allocated, and again as the
+            graph grows.
         ValueError: non-finite values (naming the parameter); a conv kernel larger than
             ``max_kernel_size`` (naming the layer); no usable example input could be guessed.
         UnsupportedOpError: an op without a graph construction (naming the op and module path),
@@ -234,7 +258,6 @@ def from_module(
     if max_kernel_size < 1:
         raise ValueError(f"max_kernel_size must be >= 1, got {max_kernel_size}")
     state = module.state_dict()
-    check_finite(state, allow_nonfinite)
     dtype = torch.get_default_dtype()
     for v in state.values():
         if torch.is_floating_point(v):
@@ -243,10 +266,15 @@ def from_module(
     try:
         module.eval()
         gm = _trace(module)
+        est = estimate_graph_memory(module, max_kernel_size, dtype, traced=gm)
+        _check_graph_memory(module, est, gm)  # before anything proportional to the weights
+        check_finite(state, allow_nonfinite)
+        # safety net for constructions the estimate misses: the builder stops past the limit
+        budget = (memory_limit_bytes(), f"building the parameter graph of {type(module).__name__}")
         if example_input is not None:
             if not isinstance(example_input, Tensor):
                 raise TypeError("example_input must be a single tensor")
-            builder, tracer = _build(gm, example_input, max_kernel_size, dtype)
+            builder, tracer = _build(gm, example_input, max_kernel_size, dtype, budget)
         else:
             first = next(iter(module.parameters()), None)
             candidates = _example_candidates(
@@ -261,7 +289,7 @@ def from_module(
             last_exc: Exception | None = None
             for cand in candidates:
                 try:
-                    builder, tracer = _build(gm, cand, max_kernel_size, dtype)
+                    builder, tracer = _build(gm, cand, max_kernel_size, dtype, budget)
                     break
                 except RuntimeError as exc:  # a shape mismatch for this guess
                     last_exc = exc
@@ -297,25 +325,28 @@ def _finalize(module: nn.Module, state: dict, b: _Builder, tracer: _Tracer) -> P
     node_type[out_nodes[not_input]] = int(NodeType.OUTPUT)
     node_pos[out_nodes[not_input]] = torch.arange(out_nodes.numel())[not_input]
     n = b.n
-    src, dst = torch.cat(b.src), torch.cat(b.dst)
-    perm = torch.argsort(dst * max(n, 1) + src, stable=True)
-    inv = torch.empty_like(perm)
-    inv[perm] = torch.arange(perm.numel())
+    # Chunks are consumed (and freed) as they are merged, so that building holds little more
+    # than the finished graph (see metanet.graph.memory._peak_bytes).
+    edge_index, inv = _sorted_edges(b, n)
     slots = {}
-    for key, s in b.slots.items():
+    for key in list(b.slots):
+        s = b.slots.pop(key)
         rows = inv[s.rows] if s.source == "edge" else s.rows
         slots[key] = ParamSlot(s.key, s.shape, s.dtype, s.source, rows, s.col, s.width)
-    edge_index = torch.stack([src[perm], dst[perm]])
+    num_edges = int(inv.numel())
+    edge_attr = _scatter_chunks(b.eattr, inv, (num_edges, b.k), b.dtype)
+    edge_type = _scatter_chunks(b.etype, inv, (num_edges,), torch.long)
+    del inv
     layout = ParamLayout(
         slots=slots, extras=extras, keys=list(state.keys()), num_nodes=n,
-        num_edges=int(perm.numel()), node_dim=len(NODE_FEATURES), edge_dim=b.k,
+        num_edges=num_edges, node_dim=len(NODE_FEATURES), edge_dim=b.k,
         module_type=type(module).__name__,
     )  # fmt: skip
     return ParamGraph(
         x=torch.cat(b.x),
         edge_index=edge_index,
-        edge_attr=torch.cat(b.eattr)[perm],
-        edge_type=torch.cat(b.etype)[perm],
+        edge_attr=edge_attr,
+        edge_type=edge_type,
         node_type=node_type,
         node_layer=torch.cat(b.node_layer),
         node_pos=node_pos,
@@ -324,7 +355,63 @@ def _finalize(module: nn.Module, state: dict, b: _Builder, tracer: _Tracer) -> P
     )
 
 
+def _sorted_edges(b: _Builder, n: int) -> tuple[Tensor, Tensor]:
+    """``edge_index`` sorted by ``(dst, src)`` and the inverse permutation (new row of every
+    edge in creation order); empties the builder's ``src`` / ``dst`` chunks."""
+    key = torch.cat(b.dst) if b.dst else torch.zeros(0, dtype=torch.long)
+    b.dst.clear()
+    key.mul_(max(n, 1))
+    for chunk, start in zip(b.src, _offsets(b.src)):
+        key[start : start + chunk.numel()] += chunk
+    b.src.clear()
+    sorted_key, perm = torch.sort(key, stable=True)
+    del key
+    edge_index = torch.empty(2, sorted_key.numel(), dtype=torch.long)
+    torch.remainder(sorted_key, max(n, 1), out=edge_index[0])
+    torch.div(sorted_key, max(n, 1), rounding_mode="floor", out=edge_index[1])
+    del sorted_key
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel())
+    return edge_index, inv
+
+
+def _offsets(chunks: list[Tensor]) -> list[int]:
+    out, total = [], 0
+    for c in chunks:
+        out.append(total)
+        total += c.size(0)
+    return out
+
+
+def _scatter_chunks(chunks: list[Tensor], inv: Tensor, shape: tuple[int, ...],
+                    dtype: torch.dtype) -> Tensor:  # fmt: skip
+    """``torch.cat(chunks)[perm]`` for ``inv`` the inverse of ``perm``, freeing each chunk as it
+    is placed (empties ``chunks``)."""
+    out = torch.empty(shape, dtype=dtype)
+    start = 0
+    while chunks:
+        chunk = chunks.pop(0)
+        out[inv[start : start + chunk.size(0)]] = chunk
+        start += chunk.size(0)
+        del chunk
+    return out
+
+
 def graphs_from_state_dicts(template: ParamGraph, state_dicts: Sequence[dict],
                             allow_nonfinite: bool = False) -> list[ParamGraph]:  # fmt: skip
-    """Graphs of many checkpoints of ``template``'s architecture (no re-tracing)."""
+    """Graphs of many checkpoints of ``template``'s architecture (no re-tracing).
+
+    Raises:
+        MemoryLimitError: the graphs' own values (``x`` and ``edge_attr`` per checkpoint; the
+            structure tensors are shared) would exceed metanet's memory limit.
+    """
+    per_graph = template.x.numel() * template.x.element_size()
+    per_graph += template.edge_attr.numel() * template.edge_attr.element_size()
+    layout = getattr(template, "layout", None)
+    name = layout.module_type if isinstance(layout, ParamLayout) else "a module"
+    check_memory(
+        per_graph * len(state_dicts),
+        f"the parameter graphs of {len(state_dicts)} checkpoints of {name} "
+        f"({format_bytes(per_graph)} each)",
+    )
     return [template.with_state_dict(sd, allow_nonfinite) for sd in state_dicts]
