@@ -47,8 +47,9 @@ from torch import nn
 
 from metanet.zoo.architectures import SampledDropout
 from metanet.zoo.build import build_zoo
+from metanet.zoo.data import recipe_task
 from metanet.zoo.recipe import NetworkPlan, Recipe
-from metanet.zoo.train import TaskData, cached_digits, classifier_data, init_network
+from metanet.zoo.train import ChunkData, classifier_data, init_network
 
 
 def plain_model(arch: dict, plan: NetworkPlan) -> nn.Module:
@@ -64,7 +65,7 @@ def plain_model(arch: dict, plan: NetworkPlan) -> nn.Module:
 
 
 @torch.no_grad()
-def plain_evaluate(model: nn.Module, data: TaskData) -> dict[str, float]:
+def plain_evaluate(model: nn.Module, data: ChunkData) -> dict[str, float]:
     """Loss and accuracy on the full train and test splits: what a zoo stores per checkpoint."""
     model.eval()
     out = {}
@@ -77,7 +78,7 @@ def plain_evaluate(model: nn.Module, data: TaskData) -> dict[str, float]:
 
 
 def plain_train(
-    arch: dict, plan: NetworkPlan, data: TaskData, i: int, keep_fractions: list[float]
+    arch: dict, plan: NetworkPlan, data: ChunkData, i: int, keep_fractions: list[float]
 ) -> tuple[float, float]:
     """Train network ``i`` of ``data`` alone with torch.optim, evaluating it after each kept
     epoch (as the zoo records); return its final test accuracy and the seconds spent
@@ -127,7 +128,7 @@ def bench_recipe(path: str, nets: int, plain_nets: int, engine: str, workers: in
     if len(recipe.architectures) > 1:
         raise SystemExit(f"{path}: compare one-architecture recipes")
     flat = arch["type"] == "mlp"
-    cached_digits(recipe.data["split_seed"], recipe.data["test_fraction"])
+    task = recipe_task(recipe.data)  # read once, before any timing
     with tempfile.TemporaryDirectory() as tmp:
         # warm-up (imports, first traces, allocator) on a tiny build, not timed
         build_zoo(recipe, Path(tmp) / "warm.h5", limit=2, progress=False, engine=engine)
@@ -143,7 +144,7 @@ def bench_recipe(path: str, nets: int, plain_nets: int, engine: str, workers: in
             acc = float(np.mean(g.metrics["test_acc"][final]))
             records = len(g)
     sub = plans[:plain_nets]
-    data = classifier_data(sub, flat, recipe.data["split_seed"], recipe.data["test_fraction"])
+    data = classifier_data(sub, flat, task)
     keep = list(recipe.keep_fractions)
     plain_train(arch, sub[0], data, 0, keep)  # warm-up, not timed
     p0, q0 = _clock()
@@ -190,9 +191,9 @@ def inr_probe(path: str) -> str:
             scaler = StandardScaler().fit(x[tr])
             clf = LogisticRegression(max_iter=3000).fit(scaler.transform(x[tr]), y[tr])
             acc_w = clf.score(scaler.transform(x[te]), y[te])
-            d = cached_digits(zoo.attrs["data"]["split_seed"], zoo.attrs["data"]["test_fraction"])
-            pix_tr = d.x_train.flatten(1).numpy()[np.asarray(m["image_index"])[tr]]
-            pix_te = d.x_test.flatten(1).numpy()[np.asarray(m["image_index"])[te]]
+            d = recipe_task(zoo.attrs["data"])
+            pix_tr = d.train.x.flatten(1).numpy()[np.asarray(m["image_index"])[tr]]
+            pix_te = d.test.x.flatten(1).numpy()[np.asarray(m["image_index"])[te]]
             clf_p = LogisticRegression(max_iter=3000).fit(pix_tr, y[tr])
             acc_p = clf_p.score(pix_te, y[te])
             psnr = np.asarray(m["psnr"])

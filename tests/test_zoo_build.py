@@ -23,8 +23,9 @@ from metanet.zoo import build as build_mod
 from metanet.zoo import native as native_mod
 from metanet.zoo.architectures import ArchError, arch_name, build_module, has_weight_space
 from metanet.zoo.build import build_zoo, make_chunks
+from metanet.zoo.data import recipe_task
 from metanet.zoo.recipe import Recipe, RecipeError
-from metanet.zoo.train import classifier_data, init_network, train_chunk
+from metanet.zoo.train import classifier_data, init_network, resolve_engine, train_chunk
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "data" / "zoo-tiny-mlp.yaml"
@@ -190,7 +191,7 @@ def test_chunk_engines_match_plain_per_network_training(engine, arch, native, mo
     assert len({p.hparams["optimizer"] for p in plans}) == 2
     arch = r.architectures[0]
     flat = arch["type"] == "mlp"
-    data = classifier_data(plans, flat=flat)
+    data = classifier_data(plans, flat=flat, task=recipe_task(r.data))
     res = train_chunk(arch, plans, data, r.keep_fractions, engine=engine)
     for i, plan in enumerate(plans):
         hp = plan.hparams
@@ -444,7 +445,8 @@ def test_diverging_networks_are_frozen_and_flagged():
                            "init_scale": 10.0})  # fmt: skip
     r = Recipe.from_dict(raw)
     plans = r.plan(limit=2)
-    res = train_chunk(r.architectures[0], plans, classifier_data(plans, flat=True), [1.0])
+    data = classifier_data(plans, flat=True, task=recipe_task(r.data))
+    res = train_chunk(r.architectures[0], plans, data, [1.0])
     assert res.metrics["diverged"].tolist() == [1, 1]
     assert all(torch.isfinite(v).all() for v in res.params.values())
 
@@ -533,7 +535,9 @@ def test_build_stores_every_network_and_metrics_match_modules(tmp_path):
     r = Recipe.load(TINY)
     out = build_zoo(TINY, tmp_path / "z.h5", limit=6, progress=False)
     zoo = _check_zoo(out, r, limit=6)
-    assert zoo.attrs["fingerprint"] == r.fingerprint(6)
+    assert list(zoo.attrs["engines"]) == [resolve_engine(a) for a in r.architectures]
+    assert zoo.attrs["fingerprint"] == r.fingerprint(6, list(zoo.attrs["engines"]))
+    assert zoo.attrs["data_provider"] == "digits" and len(zoo.attrs["data_fingerprint"]) == 64
     assert yaml.safe_load(zoo.attrs["recipe"])["name"] == "zoo-tiny-mlp"
     assert zoo.attrs["data"]["split_seed"] == 0 and zoo.attrs["data"]["test_fraction"] == 0.25
     assert not (tmp_path / "z.h5.parts").exists()

@@ -6,12 +6,20 @@ An *arch dict* fully determines a module's structure (not its weights)::
     {"type": "cnn", "channels": [8, 16], "kernel": 3, "activation": "relu",
      "residual": False, "norm": None, "head": "pool"}
     {"type": "siren", "widths": [32, 32], "w0": 30.0}
+    {"type": "module", "class_path": "mypackage.models:Net", "init_args": {"width": 64},
+     "input_shape": [3, 32, 32]}          # any nn.Module of the user's (``class_path`` alone
+                                          # is accepted too and means type "module")
 
 :func:`normalize_arch` fills defaults and rejects unknown keys / impossible values,
 :func:`build_module` makes the ``nn.Module`` and :func:`arch_name` gives a stable, readable group
 name (the HDF5 group of the architecture). Modules are ``nn.Sequential`` chains (state_dict keys
 ``"0.weight"``, ...), so :meth:`metanet.weightspace.WeightSpaceSpec.from_module` reads plain MLPs,
 CNNs and SIRENs; residual blocks and norm layers make an arch graph-only (:func:`has_weight_space`).
+
+User modules are code: a class named in a *file* (a zoo, a checkpoint's payload) is imported
+only when its module is trusted - ``torch.nn`` and ``metanet`` always are; others through
+:func:`trust_code`, the ``METANET_TRUST_CODE`` environment variable (comma-separated module
+prefixes), or by naming the class in a recipe the user runs (a recipe, like a config, is code).
 
 ``"dropout": True`` inserts a :class:`SampledDropout` after each hidden activation: its rate is a
 non-persistent buffer (not in the state_dict), so the zoo trainer can give every network of a
@@ -20,8 +28,11 @@ non-persistent buffer (not in the state_dict), so the zoo trainer can give every
 
 from __future__ import annotations
 
+import hashlib
+import importlib
 import json
 import math
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -52,7 +63,66 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
             "activation": "relu", "residual": False, "norm": None, "head": "pool", "out": 10,
             "dropout": False},
     "siren": {"in": 2, "widths": [32, 32], "out": 1, "w0": 30.0, "w0_first": None},
+    "module": {"class_path": None, "init_args": {}, "input_shape": None},
 }  # fmt: skip
+
+TRUST_ENV = "METANET_TRUST_CODE"
+_TRUSTED_PREFIXES: set[str] = {"torch.nn", "metanet"}
+
+
+def trust_code(*names: str) -> None:
+    """Allow metanet to import user classes under these module prefixes (``"mypackage"``) or of
+    these class paths (``"mypackage.models:Net"``: its module) when a file names them. Classes
+    named in the user's own recipes are trusted this way when the recipe is read."""
+    for name in names:
+        prefix = name.partition(":")[0].strip().rstrip(".")
+        if not prefix:
+            raise ValueError(f"trust_code needs a module prefix or class path, got {name!r}")
+        _TRUSTED_PREFIXES.add(prefix)
+
+
+def module_of(class_path: str) -> str:
+    """The module part of ``package.module:Class`` or ``package.module.Class``."""
+    return class_path.partition(":")[0] if ":" in class_path else class_path.rpartition(".")[0]
+
+
+def is_trusted(class_path: str) -> bool:
+    """Whether the module of ``class_path`` is under a trusted prefix (see :func:`trust_code`)."""
+    module = module_of(class_path) or class_path
+    env = {p.strip() for p in os.environ.get(TRUST_ENV, "").split(",") if p.strip()}
+    return any(module == p or module.startswith(p + ".") for p in _TRUSTED_PREFIXES | env)
+
+
+def resolve_module_class(class_path: str) -> type[nn.Module]:
+    """Import the ``nn.Module`` subclass ``package.module:Class`` (or ``package.module.Class``).
+
+    Raises:
+        ArchError: the module is not trusted (see :func:`trust_code`), does not import, lacks the
+            class, or the class is not an ``nn.Module`` subclass.
+    """
+    if not isinstance(class_path, str) or not module_of(class_path):
+        raise ArchError(f"arch key 'class_path': must look like package.module:Class "
+                        f"(got {class_path!r})")  # fmt: skip
+    if not is_trusted(class_path):
+        raise ArchError(
+            f"arch key 'class_path': {class_path!r} is user code named in a file; metanet imports "
+            f"it only when trusted: set {TRUST_ENV}={module_of(class_path).split('.')[0]} or call "
+            "metanet.zoo.architectures.trust_code(...)"
+        )
+    module_name = module_of(class_path)
+    attr = class_path.partition(":")[2] if ":" in class_path else class_path.rpartition(".")[2]
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except Exception as err:  # noqa: BLE001 - any import failure is the user's to see
+        raise ArchError(f"arch key 'class_path': cannot import {module_name!r} "
+                        f"({type(err).__name__}: {err})") from None  # fmt: skip
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ArchError(f"arch key 'class_path': {module_name!r} has no {attr!r}")
+        obj = getattr(obj, part)
+    if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
+        raise ArchError(f"arch key 'class_path': {class_path!r} is not an nn.Module subclass")
+    return obj
 
 
 class Sine(nn.Module):
@@ -131,6 +201,8 @@ def normalize_arch(arch: Mapping[str, Any]) -> dict[str, Any]:
     """
     if not isinstance(arch, Mapping):
         raise ArchError(f"an arch must be a mapping, got {type(arch).__name__}")
+    if "class_path" in arch and "type" not in arch:
+        arch = {"type": "module", **arch}
     kind = arch.get("type")
     if kind not in _DEFAULTS:
         raise ArchError(f"arch key 'type': must be one of {sorted(_DEFAULTS)} (got {kind!r})")
@@ -144,6 +216,8 @@ def normalize_arch(arch: Mapping[str, Any]) -> dict[str, Any]:
     for key, default in defaults.items():
         value = arch.get(key, default)
         out[key] = list(value) if isinstance(value, tuple) else value
+    if kind == "module":
+        return _normalize_module_arch(out)
     if kind in ("mlp", "siren"):
         out["in"], out["out"] = _pos_int(out, "in"), _pos_int(out, "out")
         out["widths"] = _int_list(out, "widths", allow_empty=(kind == "mlp"))
@@ -184,6 +258,23 @@ def normalize_arch(arch: Mapping[str, Any]) -> dict[str, Any]:
                 prev = c
             _check(ok, "residual", True,
                    "no conv layer keeps its input shape (equal channels, stride 1)")  # fmt: skip
+    return out
+
+
+def _normalize_module_arch(out: dict[str, Any]) -> dict[str, Any]:
+    path = out["class_path"]
+    _check(isinstance(path, str) and bool(module_of(path)), "class_path", path,
+           "must look like package.module:Class")  # fmt: skip
+    _check(isinstance(out["init_args"], Mapping), "init_args", out["init_args"],
+           "must be a mapping of keyword arguments")  # fmt: skip
+    try:
+        init_args = json.loads(json.dumps(dict(out["init_args"]), sort_keys=True))
+    except (TypeError, ValueError):
+        raise ArchError("arch key 'init_args': values must be plain data (numbers, strings, "
+                        "lists, mappings)") from None  # fmt: skip
+    out["init_args"] = init_args
+    if out["input_shape"] is not None:
+        out["input_shape"] = _int_list(out, "input_shape")
     return out
 
 
@@ -233,9 +324,18 @@ def build_module(arch: Mapping[str, Any]) -> nn.Module:
     ``"flatten"`` (Flatten, Linear); input ``[N, in_channels, input_size, input_size]``.
     SIREN: ``[Linear, Sine(w0)] * len(widths) + [Linear]`` with SIREN initialization; input
     ``[N, in]`` coordinates, output ``[N, out]``.
+    Module: ``Class(**init_args)`` of the user's ``class_path`` (trusted, see the module
+    docstring); input ``[N, *input_shape]``.
     """
     a = normalize_arch(arch)
     kind = a["type"]
+    if kind == "module":
+        cls = resolve_module_class(a["class_path"])
+        try:
+            return cls(**a["init_args"])
+        except Exception as err:  # noqa: BLE001 - the user's constructor can raise anything
+            raise ArchError(f"arch {a['class_path']} with init_args {a['init_args']} does not "
+                            f"build ({type(err).__name__}: {err})") from None  # fmt: skip
     layers: list[nn.Module] = []
     if kind == "mlp":
         prev = a["in"]
@@ -300,6 +400,14 @@ def has_weight_space(arch: Mapping[str, Any]) -> bool:
     """Whether networks of ``arch`` form a plain :class:`WeightSpaceSpec` chain (no residual
     blocks, no norm layers); otherwise they are read as graphs (``metanet.graph``)."""
     a = normalize_arch(arch)
+    if a["type"] == "module":
+        from metanet.weightspace import WeightSpaceError, WeightSpaceSpec
+
+        try:
+            WeightSpaceSpec.from_module(build_module(a))
+        except (WeightSpaceError, ValueError, TypeError):
+            return False
+        return True
     if a["type"] != "cnn":
         return True
     return a["norm"] is None and not (
@@ -316,6 +424,11 @@ def input_shape(arch: Mapping[str, Any]) -> tuple[int, ...]:
     a = normalize_arch(arch)
     if a["type"] == "cnn":
         return (a["in_channels"], a["input_size"], a["input_size"])
+    if a["type"] == "module":
+        if a["input_shape"] is None:
+            raise ArchError(f"arch {a['class_path']}: no 'input_shape' (the recipe fills it "
+                            "from the data; pass it for a module used on its own)")  # fmt: skip
+        return tuple(a["input_shape"])
     return (a["in"],)
 
 
@@ -327,6 +440,8 @@ def arch_name(arch: Mapping[str, Any]) -> str:
     """
     a = normalize_arch(arch)
     kind = a["type"]
+    if kind == "module":
+        return _module_arch_name(a)
     if kind == "mlp":
         widths = "x".join(map(str, a["widths"])) or "linear"
         parts = ["mlp", f"i{a['in']}", f"w{widths}", f"o{a['out']}", a["activation"]]
@@ -352,6 +467,24 @@ def arch_name(arch: Mapping[str, Any]) -> str:
         if a["dropout"]:
             parts.append("drop")
     return "-".join(parts).replace(".", "p")
+
+
+def _module_arch_name(a: Mapping[str, Any]) -> str:
+    """``module-<Class>-<key><value>...`` for short scalar init_args, else with a hash."""
+    cls = a["class_path"].replace(":", ".").rsplit(".", 1)[-1]
+    parts = ["module", cls]
+    args = a["init_args"]
+    simple = all(isinstance(v, (int, float, str, bool)) and len(str(v)) <= 12
+                 for v in args.values())  # fmt: skip
+    if simple and len(args) <= 4:
+        parts += [f"{k}{v}" for k, v in sorted(args.items())]
+    elif args:
+        parts.append(hashlib.sha256(json.dumps(args, sort_keys=True).encode()).hexdigest()[:8])
+    if a["input_shape"] is not None:
+        parts.append("i" + "x".join(map(str, a["input_shape"])))
+    name = "-".join(parts)
+    path_hash = hashlib.sha256(a["class_path"].encode()).hexdigest()[:4]
+    return f"{name}-{path_hash}".replace(".", "p").replace("/", "_").replace(" ", "")
 
 
 def arch_to_json(arch: Mapping[str, Any]) -> str:

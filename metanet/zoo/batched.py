@@ -164,6 +164,8 @@ def supports(arch: dict[str, Any]) -> bool:
     """Whether ``arch`` is a plain chain this engine trains (MLP, SIREN, CNN without norm layers
     and residual blocks)."""
     a = normalize_arch(arch)
+    if a["type"] == "module":  # a user's module: the reference (vmap) engine trains any
+        return False
     if a["type"] != "cnn":
         return True
     return a["norm"] is None and not any(

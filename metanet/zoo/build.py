@@ -91,12 +91,11 @@ def _steps(plan: NetworkPlan, n_train: int) -> int:
 
 def make_chunks(recipe: Recipe, plans: Sequence[NetworkPlan]) -> list[Chunk]:
     """Cut ``plans`` into chunks: per architecture and batch size, sorted by step count."""
-    from metanet.zoo.train import cached_digits
+    from metanet.zoo.data import recipe_task
 
-    n_train = 64
+    n_train = 0
     if recipe.kind == "classifier":
-        d = cached_digits(recipe.data["split_seed"], recipe.data["test_fraction"])
-        n_train = d.x_train.shape[0]
+        n_train = recipe_task(recipe.data).train.num_samples
     chunks: list[Chunk] = []
     for a in range(len(recipe.architectures)):
         mine = [p for p in plans if p.arch_index == a]
@@ -125,17 +124,17 @@ def train_chunk_to_file(
 ) -> None:
     """Train ``chunk`` (with ``engine``, see :func:`metanet.zoo.train.train_chunk`) and write its
     records to ``path`` (atomically)."""
+    from metanet.zoo.data import recipe_task
     from metanet.zoo.train import classifier_data, siren_data, train_chunk
 
     arch = recipe.architectures[chunk.arch_index]
     plans = list(chunk.plans)
-    split = (recipe.data["split_seed"], recipe.data["test_fraction"])
+    task = recipe_task(recipe.data)
     extra: dict[str, list[Any]] | None = None
     if recipe.kind == "classifier":
-        data = classifier_data(plans, flat=arch["type"] == "mlp", split_seed=split[0],
-                               test_fraction=split[1])  # fmt: skip
+        data = classifier_data(plans, flat=arch["type"] == "mlp", task=task)
     else:
-        data, labels = siren_data(plans, split_seed=split[0], test_fraction=split[1])
+        data, labels = siren_data(plans, task)
         extra = {
             "label": labels,
             "split": [p.split for p in plans],
@@ -176,13 +175,20 @@ def _chunk_done(path: Path, chunk: Chunk, fingerprint: str) -> bool:
     return ok
 
 
-def _root_attrs(recipe: Recipe, fingerprint: str, limit: int | None, n: int, world: int) -> dict:
+def _root_attrs(recipe: Recipe, fingerprint: str, limit: int | None, n: int, world: int,
+                engines: list[str]) -> dict:  # fmt: skip
     import yaml
 
+    from metanet.zoo.data import recipe_task
+
+    task = recipe_task(recipe.data)
     return {
         "name": recipe.name,
         "kind": recipe.kind,
         "data": recipe.data,
+        "data_provider": str(task.config.get("provider", task.name)),
+        "data_fingerprint": task.fingerprint(),
+        "engines": list(engines),
         "recipe": yaml.safe_dump(recipe.to_dict(), sort_keys=False),
         "fingerprint": fingerprint,
         "num_networks": n,
@@ -198,7 +204,8 @@ def _existing_ok(output: Path, fingerprint: str, overwrite: bool) -> bool:
         return False
     try:
         with Zoo.open(output) as z:
-            same = z.attrs.get("fingerprint") == fingerprint
+            theirs = z.attrs.get("fingerprint")
+            same = theirs == fingerprint
     except (ZooFormatError, OSError) as err:
         if overwrite:
             return False
@@ -211,8 +218,9 @@ def _existing_ok(output: Path, fingerprint: str, overwrite: bool) -> bool:
     if overwrite:
         return False
     raise FileExistsError(
-        f"{output} exists and was built from another recipe or --limit; it was left untouched - "
-        "pass --overwrite to replace it"
+        f"{output} exists and was built from another recipe, data, engine or --limit "
+        f"(fingerprint {theirs}, this build {fingerprint}); it was left untouched - pass "
+        "--overwrite to replace it"
     )
 
 
@@ -307,7 +315,11 @@ def _run(
         device = str(fabric.device)
         if fabric.device.type == "cpu" and threads:  # cores shared between the node's ranks
             torch.set_num_threads(threads)
-    fingerprint = recipe.fingerprint(limit)
+    from metanet.zoo.train import resolve_engine
+
+    engines = [resolve_engine(a, engine, recipe.kind == "siren", device)
+               for a in recipe.architectures]  # fmt: skip
+    fingerprint = recipe.fingerprint(limit, engines)
     done = _existing_ok(output, fingerprint, overwrite) if rank == 0 else False
     if fabric is not None:
         done = bool(fabric.broadcast(done, src=0))
@@ -340,7 +352,7 @@ def _run(
     train_chunks(recipe, todo, parts, fingerprint, device, engine, workers, per_worker,
                  on_done=lambda c: bar.update(len(c.plans)))  # fmt: skip
     bar.close()
-    attrs = _root_attrs(recipe, fingerprint, limit, len(plans), world)
+    attrs = _root_attrs(recipe, fingerprint, limit, len(plans), world, engines)
     if world == 1:
         merge_zoos([parts / c.file_name for c in chunks], output, attrs=attrs)
         shutil.rmtree(parts_root, ignore_errors=True)

@@ -36,7 +36,15 @@ from typing import Any
 
 import numpy as np
 
-from metanet.zoo.architectures import ArchError, normalize_arch
+from metanet.data.tasks import TaskDataError
+from metanet.zoo.architectures import module_of, trust_code
+from metanet.zoo.data import (
+    check_module_output,
+    expand_module_choices,
+    fill_arch_from_data,
+    normalize_data,
+    recipe_task,
+)
 
 KINDS = ("classifier", "siren")
 OPTIMIZERS = ("sgd", "adam")
@@ -120,10 +128,6 @@ _TOP_KEYS = {
     "name", "kind", "seed", "data", "architectures", "networks_per_arch", "chunk_size",
     "keep_fractions", "hparams", "description", "shared_init",
 }  # fmt: skip
-_DATA_KEYS = {
-    "classifier": {"split_seed", "test_fraction"},
-    "siren": {"split_seed", "test_fraction", "train_images", "test_images"},
-}
 _SAMPLERS = ("uniform", "log_uniform", "int_uniform", "choice")
 
 
@@ -207,44 +211,33 @@ class Recipe:
         if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
             raise fail("seed", f"must be an integer >= 0 (got {seed!r})")
 
-        data = dict(raw.get("data") or {})
-        if not isinstance(raw.get("data", {}), (Mapping, type(None))):
-            raise fail("data", "must be a mapping")
-        bad = sorted(set(data) - _DATA_KEYS[kind])
-        if bad:
-            raise fail(f"data.{bad[0]}", f"unknown key (allowed: {sorted(_DATA_KEYS[kind])})")
-        data.setdefault("split_seed", 0)
-        data.setdefault("test_fraction", 0.25)
-        if not isinstance(data["split_seed"], int) or data["split_seed"] < 0:
-            raise fail("data.split_seed", f"must be an integer >= 0 (got {data['split_seed']!r})")
-        tf = data["test_fraction"]
-        if not isinstance(tf, _NUM) or not 0 < tf < 1:
-            raise fail("data.test_fraction", f"must be in (0, 1) (got {tf!r})")
-        if kind == "siren":
-            for key in ("train_images", "test_images"):
-                data.setdefault(key, 0)
-                v = data[key]
-                if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                    raise fail(f"data.{key}", f"must be an integer >= 0 (got {v!r})")
-            if data["train_images"] + data["test_images"] == 0:
-                raise fail("data.train_images", "a siren zoo needs at least one image")
-        data["dataset"] = "digits"
+        data = normalize_data(raw.get("data"), kind, fail)
+        try:
+            task = recipe_task(data)
+        except TaskDataError as err:
+            raise fail("data", str(err)) from None
+        if kind == "classifier" and (task.target_kind != "classes" or not task.num_classes):
+            raise fail("data", f"a classifier zoo needs class labels; {task.name} has "
+                       f"{task.target_kind} targets")  # fmt: skip
 
         archs_raw = raw["architectures"]
         if not isinstance(archs_raw, list) or not archs_raw:
             raise fail("architectures", "must be a non-empty list of arch mappings")
         archs = []
         for i, arch in enumerate(archs_raw):
-            try:
-                a = normalize_arch(arch)
-            except ArchError as err:
-                raise fail(f"architectures[{i}]", str(err)) from None
-            if (kind == "siren") != (a["type"] == "siren"):
-                raise fail(
-                    f"architectures[{i}].type",
-                    f"a '{kind}' recipe cannot train '{a['type']}' networks",
-                )
-            archs.append(a)
+            where = f"architectures[{i}]"
+            if not isinstance(arch, Mapping):
+                raise fail(where, f"an arch must be a mapping, got {type(arch).__name__}")
+            if isinstance(arch.get("class_path"), str) and arch["class_path"]:
+                trust_code(module_of(arch["class_path"]) or arch["class_path"])  # the user's code
+            for expanded in expand_module_choices(arch, fail, where):
+                a = fill_arch_from_data(expanded, task, kind, fail, where)
+                if (kind == "siren") != (a["type"] == "siren"):
+                    why = f"a '{kind}' recipe cannot train '{a['type']}' networks"
+                    raise fail(f"{where}.type", why)
+                if a["type"] == "module":
+                    check_module_output(a, task, fail, where)
+                archs.append(a)
         if len({json.dumps(a, sort_keys=True) for a in archs}) != len(archs):
             raise fail("architectures", "lists the same architecture twice")
 
@@ -321,9 +314,14 @@ class Recipe:
             **({"shared_init": self.shared_init} if self.shared_init is not None else {}),
         }
 
-    def fingerprint(self, limit: int | None = None) -> str:
-        """Hash of everything that determines the zoo's content (and ``limit``)."""
-        blob = json.dumps({"recipe": self.to_dict(), "limit": limit, "v": 1}, sort_keys=True)
+    def fingerprint(self, limit: int | None = None, engines: list[str] | None = None) -> str:
+        """Hash of everything that determines the zoo's content: the recipe (with its data's
+        fingerprint for providers other than the bundled digits), ``limit`` and, when given, the
+        training engine of each architecture (:func:`metanet.zoo.train.resolve_engine`)."""
+        content: dict[str, Any] = {"recipe": self.to_dict(), "limit": limit, "v": 1}
+        if engines is not None:
+            content["engines"] = list(engines)
+        blob = json.dumps(content, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     @property

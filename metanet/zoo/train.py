@@ -27,11 +27,10 @@ same networks up to float rounding.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -42,7 +41,34 @@ from torch.func import functional_call, grad_and_value, vmap
 from metanet.zoo.architectures import ACTIVATIONS, SampledDropout, build_module, normalize_arch
 from metanet.zoo.recipe import NetworkPlan
 
+if TYPE_CHECKING:
+    from metanet.data.tasks import TaskData
+
 ENGINES = ("auto", "batched", "vmap")
+
+
+def resolve_engine(arch: dict[str, Any], engine: str = "auto", regression: bool = False,
+                   device: torch.device | str = "cpu") -> str:  # fmt: skip
+    """The engine that really trains ``arch`` when ``engine`` is asked for: ``"native"`` (the
+    batched engine running the fused C kernels), ``"batched"`` or ``"vmap"``. It is part of a
+    zoo's fingerprint, so a resumed or sharded build never mixes engines (their results agree
+    only up to float rounding).
+
+    Raises:
+        ValueError: an unknown engine, or ``"batched"`` for an arch it does not train.
+    """
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {list(ENGINES)}, got {engine!r}")
+    if engine == "vmap":
+        return "vmap"
+    from metanet.zoo import batched
+
+    if not batched.supports(arch):
+        if engine == "batched":
+            raise ValueError(f"the batched engine does not train {arch} (use engine='vmap')")
+        return "vmap"
+    native = batched.native_chain(batched.BatchedNet(arch), torch.device(device), regression)
+    return "batched" if native is None else "native"
 
 
 @dataclass
@@ -254,7 +280,7 @@ class FunctionalOptimizer:
 # chunk training
 # ------------------------------------------------------------------------------------------------
 @dataclass
-class TaskData:
+class ChunkData:
     """What a chunk trains on. Classification: ``x_train [n, ...]``, per-network labels
     ``y_train [N, n]`` (long), subset ``mask [N, n]``, and clean eval sets. Regression (SIREN):
     ``x_train`` shared coordinates, ``y_train [N, n, out]`` float per-network targets."""
@@ -276,7 +302,7 @@ def _loss(out: torch.Tensor, y: torch.Tensor, regression: bool) -> torch.Tensor:
 def train_chunk(
     arch: dict[str, Any],
     plans: Sequence[NetworkPlan],
-    data: TaskData,
+    data: ChunkData,
     keep_fractions: Sequence[float],
     device: torch.device | str = "cpu",
     generator_seed: int = 0,
@@ -461,7 +487,7 @@ def _persistent(buffers: dict[str, torch.Tensor], drop_keys: list[str]) -> dict[
 def _evaluate(
     template: nn.Module,
     plans: Sequence[NetworkPlan],
-    data: TaskData,
+    data: ChunkData,
     snaps: list[dict[str, torch.Tensor]],
     keep: torch.Tensor,
     epochs: torch.Tensor,
@@ -596,23 +622,20 @@ def assemble_records(
 # ------------------------------------------------------------------------------------------------
 # task data
 # ------------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=4)
-def cached_digits(split_seed: int = 0, test_fraction: float = 0.25):
-    """:func:`metanet.data.digits.load_digits`, loaded once per process and split."""
-    from metanet.data.digits import load_digits
+def classifier_data(plans: Sequence[NetworkPlan], flat: bool, task: TaskData) -> ChunkData:
+    """A chunk's data for classifier networks of ``task`` (any provider): per-network train
+    subsets (``train_fraction``) and noisy labels (``label_noise``: that fraction of train labels
+    replaced by uniform random classes), drawn from each network's seed; evaluation on the clean
+    splits (train, test, and val when the data has one). ``flat``: inputs flattened (MLPs)."""
+    from metanet.zoo.data import in_memory
 
-    return load_digits(seed=split_seed, test_fraction=test_fraction)
-
-
-def classifier_data(
-    plans: Sequence[NetworkPlan], flat: bool, split_seed: int = 0, test_fraction: float = 0.25
-) -> TaskData:
-    """Digits data for classifier networks: per-network train subsets (``train_fraction``) and
-    noisy labels (``label_noise``: that fraction of train labels replaced by uniform random
-    classes), drawn from each network's seed; eval on the clean splits."""
-    d = cached_digits(split_seed, test_fraction)
-    x_tr, x_te = (d.x_train.flatten(1), d.x_test.flatten(1)) if flat else (d.x_train, d.x_test)
-    n_train = x_tr.shape[0]
+    splits = {"train": in_memory(task.train, "train"), "test": in_memory(task.test, "test")}
+    if task.val is not None:
+        splits["val"] = in_memory(task.val, "val")
+    if flat:
+        splits = {k: (x.flatten(1), y) for k, (x, y) in splits.items()}
+    x_tr, y_tr = splits["train"]
+    n_train, classes = x_tr.shape[0], int(task.num_classes)
     labels, masks = [], []
     for plan in plans:
         g = torch.Generator().manual_seed(plan.seed + 1)
@@ -622,42 +645,46 @@ def classifier_data(
         mask[torch.randperm(n_train, generator=g)[:size]] = True
         noise = float(plan.hparams.get("label_noise", 0.0))
         flip = torch.rand(n_train, generator=g) < noise
-        rand = torch.randint(0, 10, (n_train,), generator=g)
-        labels.append(torch.where(flip, rand, d.y_train))
+        rand = torch.randint(0, classes, (n_train,), generator=g)
+        labels.append(torch.where(flip, rand, y_tr))
         masks.append(mask)
-    return TaskData(
+    return ChunkData(
         x_train=x_tr,
         y_train=torch.stack(labels),
         subset=torch.stack(masks),
-        x_eval={"train": x_tr, "test": x_te},
-        y_eval={"train": d.y_train, "test": d.y_test},
+        x_eval={k: x for k, (x, _) in splits.items()},
+        y_eval={k: y for k, (_, y) in splits.items()},
     )
 
 
-def siren_data(
-    plans: Sequence[NetworkPlan], split_seed: int = 0, test_fraction: float = 0.25
-) -> tuple[TaskData, list[int]]:
-    """Per-network targets for SIRENs: network ``i`` fits image ``plans[i].image_index`` of split
-    ``plans[i].split`` (pixel intensities ``[64, 1]`` over :func:`digit_image_coordinates`).
-    Returns the data and each network's digit class."""
-    from metanet.data.digits import digit_image_coordinates
+def siren_data(plans: Sequence[NetworkPlan], task: TaskData) -> tuple[ChunkData, list[int]]:
+    """A chunk's data for SIRENs: network ``i`` fits signal ``plans[i].image_index`` of split
+    ``plans[i].split`` (0 train, 1 test) of ``task`` (images of any size and channel count, or
+    1-D signals: :class:`metanet.data.providers.signals.SignalData`), values ``[P, C]`` over the
+    signal's coordinate grid ``[P, d]``. Returns the data and each signal's label (-1 when the
+    data has no class labels)."""
+    from metanet.data.providers.signals import SignalData
 
-    d = cached_digits(split_seed, test_fraction)
-    coords = digit_image_coordinates(8)
+    signals = {s: SignalData.from_task(task, name) for s, name in ((0, "train"), (1, "test"))
+               if any(p.split == s for p in plans)}  # fmt: skip
     targets, labels = [], []
     for plan in plans:
-        xs, ys = (d.x_train, d.y_train) if plan.split == 0 else (d.x_test, d.y_test)
-        if not 0 <= plan.image_index < xs.shape[0]:
-            raise ValueError(f"image {plan.image_index} is outside split {plan.split}")
-        targets.append(xs[plan.image_index].reshape(64, 1))
-        labels.append(int(ys[plan.image_index]))
-    y = torch.stack(targets)  # [N, 64, 1]
-    n = len(plans)
+        sig = signals[plan.split]
+        if not 0 <= plan.image_index < len(sig):
+            raise ValueError(f"image {plan.image_index} is outside split {plan.split} "
+                             f"({len(sig)} signals)")  # fmt: skip
+        targets.append(sig.values[plan.image_index])
+        known = (sig.labels is not None and sig.labels.dim() == 1
+                 and not sig.labels.is_floating_point())  # fmt: skip
+        labels.append(int(sig.labels[plan.image_index]) if known else -1)
+    coords = next(iter(signals.values())).coords
+    y = torch.stack(targets)  # [N, P, C]
+    n, points = len(plans), coords.shape[0]
     return (
-        TaskData(
+        ChunkData(
             x_train=coords,
             y_train=y,
-            subset=torch.ones(n, 64, dtype=torch.bool),
+            subset=torch.ones(n, points, dtype=torch.bool),
             x_eval={"train": coords, "test": coords},
             y_eval={"train": y, "test": y},
             regression=True,

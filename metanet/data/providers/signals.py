@@ -33,7 +33,7 @@ from metanet.data.tasks import (
     register_provider,
 )
 
-__all__ = ["SignalData", "coordinates", "signals_provider"]
+__all__ = ["SignalData", "coordinates", "signal_layout", "signals_provider"]
 
 
 def coordinates(shape: Sequence[int]) -> torch.Tensor:
@@ -60,6 +60,18 @@ def _signal_dims(x_shape: tuple[int, ...], dims: int | None) -> tuple[int, bool]
         f"data.dims: inputs of shape {x_shape} are neither [N, *signal] nor [N, C, *signal] "
         f"with {dims} signal dims"
     )
+
+
+def signal_layout(task: TaskData) -> tuple[int, int]:
+    """``(signal dims d, channels C)`` of the signals :meth:`SignalData.from_task` makes of
+    ``task``, from its input shape alone (no data is read): an INR of it maps ``d -> C``."""
+    dims = None
+    if task.config.get("provider") == "signals" and task.source is not None:
+        dims = task.config.get("dims")
+        task = task.source
+    shape = tuple(task.input_shape)
+    d, has_channels = _signal_dims((1, *shape), dims)
+    return d, (int(shape[0]) if has_channels else 1)
 
 
 @dataclass(frozen=True, eq=False)
