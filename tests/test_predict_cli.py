@@ -251,3 +251,23 @@ def test_weightspace_errors_name_the_layer(ws_predictor, tmp_path, capsys):
     torch.save(sd, path)
     code, _, err = _run(["--predictor", ws_predictor[0], path], capsys)
     assert code == 2 and "'3.weight'" in err and "graph predictor" in err
+
+
+def test_data_flag_measures_true_accuracy_beside_the_prediction(ws_predictor, nets, capsys):
+    files, group = nets
+    keys, records = ["sd3", "sd7", "sd11"], [3, 7, 11]
+    code, out, err = _run(["--predictor", ws_predictor[0], "--data", "digits", "--json",
+                           *(files[k] for k in keys)], capsys)  # fmt: skip
+    assert code == 0, err
+    import json
+
+    rows = {r["path"]: r for r in json.loads(out)}
+    for k, i in zip(keys, records):  # the zoo measured the same accuracy on the same test split
+        assert rows[files[k]]["true_test_acc"] == pytest.approx(group.metrics["test_acc"][i],
+                                                                abs=1e-6)  # fmt: skip
+    code, out, _ = _run(["--predictor", ws_predictor[0], "--data", "digits",
+                         *(files[k] for k in keys)], capsys)  # fmt: skip
+    assert code == 0 and "true test_acc" in out and "Kendall's tau" in out
+    code, _, err = _run(["--predictor", ws_predictor[0], "--data", '{"provider": "nope"}',
+                         files["sd3"]], capsys)  # fmt: skip
+    assert code == 2 and err.startswith("error: --data") and "nope" in err

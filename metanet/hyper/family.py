@@ -15,10 +15,15 @@ A family recipe (``datasets/ghn-digits-family.yaml``)::
         kernel: [3, 5]
         residual: [false, true]
         norm: [null, batch, group]
+      - class_path: mypackage.models:Net     # a user's model family: a factory class and
+        init_args: {width: {choice: [16, 32]}, depth: 2}   # init_args, {choice: [...]} sampled
     held_out:                   # fixed arch dicts (metanet.zoo.architectures), never sampled
       - {type: mlp, widths: [128, 128, 128, 128]}
 
-Samples are arch dicts for :func:`metanet.zoo.architectures.build_module`.
+Samples are arch dicts for :func:`metanet.zoo.architectures.build_module`. Given the task data
+the networks will run on (``task``), the sizes that follow from it (inputs, classes) are filled
+in from the data (:func:`metanet.zoo.data.fill_arch_from_data`); without it, built-in archs get
+the digits sizes and user modules need ``input_shape``.
 """
 
 from __future__ import annotations
@@ -30,11 +35,18 @@ from typing import Any
 
 import yaml
 
-from metanet.zoo.architectures import ArchError, normalize_arch
+from metanet.zoo.architectures import (
+    ArchError,
+    module_of,
+    normalize_arch,
+    resolve_module_class,
+    trust_code,
+)
 
 __all__ = ["ArchFamily", "FamilyError"]
 
 _SAMPLER_KEYS = {"type", "depth", "width"}
+_MODULE_KEYS = {"type", "class_path", "init_args", "input_shape"}
 
 
 class FamilyError(ValueError):
@@ -45,22 +57,37 @@ class ArchFamily:
     """Samplers of arch dicts (``train``) plus fixed held-out archs (``held_out``)."""
 
     def __init__(self, train: list[Mapping[str, Any]], held_out: list[Mapping[str, Any]] = (),
-                 name: str = "family", seed: int = 0, source: str = "<dict>") -> None:  # fmt: skip
-        self.name, self.seed, self.source = name, int(seed), source
+                 name: str = "family", seed: int = 0, source: str = "<dict>",
+                 task: Any = None) -> None:  # fmt: skip
+        self.name, self.seed, self.source, self.task = name, int(seed), source, task
         if not train:
             raise FamilyError(f"{source}: 'train' must list at least one sampler")
         self.train = [self._check_sampler(dict(s), i) for i, s in enumerate(train)]
-        self.held_out = []
-        for i, a in enumerate(held_out):
-            try:
-                self.held_out.append(normalize_arch(a))
-            except ArchError as exc:
-                raise FamilyError(f"{source}: held_out[{i}]: {exc}") from exc
+        self.held_out = [self._finish(dict(a), f"held_out[{i}]") for i, a in enumerate(held_out)]
+
+    def _finish(self, arch: dict[str, Any], where: str) -> dict[str, Any]:
+        """A drawn or listed arch, sized from the task data when there is one, normalized."""
+        if isinstance(arch.get("class_path"), str) and arch["class_path"]:
+            trust_code(module_of(arch["class_path"]) or arch["class_path"])  # the user's recipe
+        try:
+            if self.task is None:
+                return normalize_arch(arch)
+            from metanet.zoo.data import fill_arch_from_data
+
+            def fail(key: str, why: str) -> FamilyError:
+                return FamilyError(f"{self.source}: {key}: {why}")
+
+            return fill_arch_from_data(arch, self.task, "classifier", fail, where)
+        except ArchError as exc:
+            raise FamilyError(f"{self.source}: {where}: {exc}") from None
 
     def _check_sampler(self, s: dict[str, Any], i: int) -> dict[str, Any]:
         where = f"{self.source}: train[{i}]"
+        if "class_path" in s:
+            return self._check_module_sampler(s, i)
         if s.get("type") not in ("mlp", "cnn"):
-            raise FamilyError(f"{where}: 'type' must be mlp or cnn (got {s.get('type')!r})")
+            raise FamilyError(f"{where}: 'type' must be mlp or cnn, or give a class_path "
+                              f"(got {s.get('type')!r})")  # fmt: skip
         depth = s.get("depth", [1, 2])
         if (not isinstance(depth, list) or len(depth) != 2 or not all(isinstance(d, int)
                                                                       for d in depth)
@@ -76,17 +103,51 @@ class ArchFamily:
             if key not in _SAMPLER_KEYS and not isinstance(value, list):
                 raise FamilyError(f"{where}: '{key}' must be a list of choices (got {value!r})")
         out = dict(s, depth=depth, width=width)
-        # every combination must be a valid arch: check the extremes of each choice
-        probe = random.Random(0)
-        for _ in range(8):
-            try:
-                self._draw(out, probe)
-            except ArchError as exc:
-                raise FamilyError(f"{where}: {exc}") from exc
+        self._probe(out, i)
         return out
 
-    @staticmethod
-    def _draw(s: Mapping[str, Any], rng: random.Random) -> dict[str, Any]:
+    def _check_module_sampler(self, s: dict[str, Any], i: int) -> dict[str, Any]:
+        where = f"{self.source}: train[{i}]"
+        unknown = sorted(set(s) - _MODULE_KEYS)
+        if unknown:
+            raise FamilyError(f"{where}: unknown key(s) {unknown} for a class_path sampler; "
+                              f"allowed: {sorted(_MODULE_KEYS)}")  # fmt: skip
+        args = s.get("init_args") or {}
+        if not isinstance(args, Mapping):
+            raise FamilyError(f"{where}: 'init_args' must be a mapping (got {args!r})")
+        for key, value in args.items():
+            if isinstance(value, Mapping) and set(value) == {"choice"} and not (
+                isinstance(value["choice"], list) and value["choice"]
+            ):
+                raise FamilyError(f"{where}: init_args.{key}: 'choice' needs a non-empty list")
+        out = {**s, "type": "module", "init_args": dict(args)}
+        self._probe(out, i)
+        arch = self._draw(out, random.Random(0), f"train[{i}]")
+        try:  # the class imports, builds and (given the data) maps inputs to one logit per class
+            if self.task is None:
+                resolve_module_class(arch["class_path"])
+            else:
+                from metanet.zoo.data import check_module_output
+
+                def fail(key: str, why: str) -> FamilyError:
+                    return FamilyError(f"{self.source}: {key}: {why}")
+
+                check_module_output(arch, self.task, fail, f"train[{i}]")
+        except ArchError as exc:
+            raise FamilyError(f"{where}: {exc}") from None
+        return out
+
+    def _probe(self, sampler: dict[str, Any], i: int) -> None:
+        """Every combination must be a valid arch: draw a few and check each."""
+        probe = random.Random(0)
+        for _ in range(8):
+            self._draw(sampler, probe, f"train[{i}]")
+
+    def _draw(self, s: Mapping[str, Any], rng: random.Random, where: str) -> dict[str, Any]:
+        if s["type"] == "module":
+            args = {k: rng.choice(v["choice"]) if isinstance(v, Mapping) and set(v) == {"choice"}
+                    else v for k, v in s["init_args"].items()}  # fmt: skip
+            return self._finish({**s, "init_args": args}, where)
         depth = rng.randint(s["depth"][0], s["depth"][1])
         width = rng.choice(s["width"])
         arch: dict[str, Any] = {"type": s["type"]}
@@ -97,17 +158,21 @@ class ArchFamily:
             arch["widths"] = [width] * depth
         else:
             arch["channels"] = [width] * depth
-            if depth == 1 and arch.get("in_channels", 1) != width:
+            channels_in = (self.task.input_shape[0] if self.task is not None
+                           else arch.get("in_channels", 1))  # fmt: skip
+            if depth == 1 and channels_in != width:
                 arch["residual"] = False  # no conv keeps its input shape: nothing to skip
-        return normalize_arch(arch)
+        return self._finish(arch, where)
 
     def sample(self, rng: random.Random) -> dict[str, Any]:
         """One arch dict: a sampler chosen uniformly, then each of its choices."""
-        return self._draw(rng.choice(self.train), rng)
+        i = rng.randrange(len(self.train))
+        return self._draw(self.train[i], rng, f"train[{i}]")
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> ArchFamily:
-        """Read a family recipe.
+    def from_yaml(cls, path: str | Path, task: Any = None) -> ArchFamily:
+        """Read a family recipe; ``task`` (:class:`metanet.data.tasks.TaskData`) sizes its
+        archs from the data the networks will run on.
 
         Raises:
             FileNotFoundError: no such file. FamilyError: bad keys/values (names key and file).
@@ -124,4 +189,4 @@ class ArchFamily:
                               "held_out")  # fmt: skip
         return cls(data.get("train") or [], data.get("held_out") or [],
                    name=str(data.get("name", path.stem)), seed=int(data.get("seed", 0)),
-                   source=str(path))  # fmt: skip
+                   source=str(path), task=task)  # fmt: skip

@@ -1,19 +1,24 @@
 """Hypernetwork training tasks: ``GHNTask`` (graph hypernetwork over an architecture family) and
-its data module ``GHNDigitsData``.
+its data module ``GHNData``.
 
-Each training batch holds a digits mini-batch and ``archs_per_batch`` architectures sampled from a
-family recipe (:class:`metanet.hyper.family.ArchFamily`); the GHN predicts every parameter of
+Each training batch holds a mini-batch of the task data (any provider of
+:mod:`metanet.data.tasks`: the bundled digits, a ``Dataset`` class path, tensor files, an image
+folder) and ``archs_per_batch`` architectures sampled from a family recipe
+(:class:`metanet.hyper.family.ArchFamily`, which may list the user's own module classes; sizes
+that follow from the data are filled in from it); the GHN predicts every parameter of
 every architecture, each target network runs on the mini-batch with those parameters
 (``torch.func.functional_call``) and the mean cross-entropy is backpropagated into the GHN.
 Validation predicts the held-out architectures (and a fixed sample of the family) and reports
-their test accuracy with no training (``val/acc``, ``val/acc_held_out``).
+their accuracy with no training (``val/acc``, ``val/acc_held_out``) on the data's validation
+split, or its test split when it has none (the bundled digits split has none).
 
 Config (``configs/ghn/*.yaml``)::
 
     model: {class_path: metanet.tasks.hypernet.GHNTask,
             init_args: {ghn: {hidden: 64, decoder: lowrank, rank: 8}, lr: 1.0e-3}}
-    data: {class_path: metanet.tasks.hypernet.GHNDigitsData,
-           init_args: {recipe: datasets/ghn-digits-family.yaml, archs_per_batch: 4}}
+    data: {class_path: metanet.tasks.hypernet.GHNData,
+           init_args: {recipe: datasets/ghn-digits-family.yaml, archs_per_batch: 4,
+                       data: {provider: dataset, class_path: mypackage.data:Images}}}
 
 Norm layers use batch statistics both in training and in validation (running statistics of a
 network whose parameters change every step are meaningless; GHN papers do the same).
@@ -38,11 +43,11 @@ from metanet.hyper.family import ArchFamily
 from metanet.hyper.ghn import GHN
 from metanet.zoo.architectures import arch_name, build_module, input_shape
 
-__all__ = ["DigitsBatches", "GHNDigitsData", "GHNTask", "MIPRegularizationTask", "arch_inputs"]
+__all__ = ["DigitsBatches", "GHNData", "GHNTask", "MIPRegularizationTask", "arch_inputs"]
 
 
 def arch_inputs(arch: dict[str, Any], x: Tensor) -> Tensor:
-    """Digits images ``[N, 1, 8, 8]`` reshaped for ``arch`` (``[N, 64]`` for MLPs)."""
+    """Inputs ``[N, *data shape]`` reshaped for ``arch`` (flat ``[N, C*H*W]`` for MLPs)."""
     return x.reshape(x.shape[0], *input_shape(arch))
 
 
@@ -84,35 +89,46 @@ class _EvalBatches(Dataset):
         return {"x": self.x, "y": self.y, "archs": [self.archs[i]], "held_out": held_out}
 
 
-class GHNDigitsData(L.LightningDataModule):
-    """Digits batches paired with architectures sampled from a family recipe.
+class GHNData(L.LightningDataModule):
+    """Mini-batches of task data paired with architectures sampled from a family recipe.
 
     Args:
         recipe: path of the family YAML (``datasets/ghn-digits-family.yaml``).
-        batch_size: digits images per batch.
+        data: the task data (a provider name or mapping, :func:`metanet.data.tasks.load_task_data`;
+            default the bundled digits). Its classes and input shape size the family's archs.
+        batch_size: training samples per batch.
         archs_per_batch: architectures sampled per batch.
         steps_per_epoch: batches per epoch.
         val_family_archs: fixed family samples validated next to the held-out archs.
         seed: sampling seed.
     """
 
-    def __init__(self, recipe: str = "datasets/ghn-digits-family.yaml", batch_size: int = 64,
+    def __init__(self, recipe: str = "datasets/ghn-digits-family.yaml",
+                 data: dict[str, Any] | str = "digits", batch_size: int = 64,
                  archs_per_batch: int = 4, steps_per_epoch: int = 200,
                  val_family_archs: int = 4, seed: int = 0) -> None:  # fmt: skip
         super().__init__()
+        from metanet.data.tasks import load_task_data
+
         self.save_hyperparameters()
-        self.family = ArchFamily.from_yaml(recipe)
+        self.task = load_task_data(data)
+        if self.task.target_kind != "classes":
+            raise ValueError(f"GHNData: data {self.task.name} has {self.task.target_kind} "
+                             "targets; GHN training needs class labels")  # fmt: skip
+        self.family = ArchFamily.from_yaml(recipe, task=self.task)
         self._train: _TrainBatches | None = None
 
     def setup(self, stage: str | None = None) -> None:
-        d = load_digits()
-        self.digits = d
-        hp = self.hparams
-        self._train = _TrainBatches(d.x_train, d.y_train, self.family, hp.batch_size,
+        from metanet.zoo.data import in_memory
+
+        hp, task = self.hparams, self.task
+        x_tr, y_tr = in_memory(task.train, "train")
+        x_val, y_val = in_memory(task.val if task.val is not None else task.test, "validation")
+        self._train = _TrainBatches(x_tr, y_tr, self.family, hp.batch_size,
                                     hp.archs_per_batch, hp.steps_per_epoch, hp.seed)  # fmt: skip
         rng = random.Random(10_000 + hp.seed)
         fam = [self.family.sample(rng) for _ in range(hp.val_family_archs)]
-        self._val = _EvalBatches(d.x_test, d.y_test, fam + self.family.held_out,
+        self._val = _EvalBatches(x_val, y_val, fam + self.family.held_out,
                                  len(self.family.held_out))  # fmt: skip
 
     def train_dataloader(self) -> DataLoader:
@@ -126,7 +142,7 @@ class GHNDigitsData(L.LightningDataModule):
 
 
 class GHNTask(L.LightningModule):
-    """Train a :class:`~metanet.hyper.ghn.GHN` on an architecture family (digits task loss).
+    """Train a :class:`~metanet.hyper.ghn.GHN` on an architecture family (the task's loss).
 
     Args:
         ghn: keyword arguments of :class:`~metanet.hyper.ghn.GHN` (``hidden``, ``layers``,
@@ -161,7 +177,7 @@ class GHNTask(L.LightningModule):
         return module, prepared
 
     def forward_archs(self, archs: list[dict], x: Tensor) -> list[Tensor]:
-        """Logits ``[N, 10]`` of every arch on images ``x [N, 1, 8, 8]`` with predicted params."""
+        """Logits ``[N, classes]`` of every arch on inputs ``x [N, ...]`` with predicted params."""
         items = [self._get(a) for a in archs]
         params = self.ghn.predict_prepared([p for _, p in items])
         outs = []

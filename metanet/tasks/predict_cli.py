@@ -362,6 +362,64 @@ def predict(predictor: Any, nets: Sequence[Network], arch: Mapping | None = None
     return out
 
 
+def _parse_data(text: str) -> Any:
+    """``--data``: a provider name, a JSON/YAML mapping, or a YAML file holding one."""
+    import yaml
+
+    try:
+        if os.path.isfile(text):
+            with open(text) as fh:
+                value = yaml.safe_load(fh)
+        else:
+            value = yaml.safe_load(text)
+    except (OSError, yaml.YAMLError) as err:
+        raise PredictError(f"--data: cannot read {text!r} ({_short(err)})") from None
+    if isinstance(value, Mapping) and isinstance(value.get("data"), (Mapping, str)):
+        value = value["data"]  # a recipe or config file: its data entry
+    if not isinstance(value, (Mapping, str)):
+        raise PredictError(f"--data must name a data provider or give its mapping, got {text!r}")
+    return value
+
+
+def true_accuracies(nets: Sequence[Network], payload: Mapping, arch: Mapping | None,
+                    data: Any) -> list[float]:  # fmt: skip
+    """Each network's measured accuracy on the test split of ``data`` (a task-data provider
+    config, :func:`metanet.data.tasks.load_task_data`)."""
+    from metanet.data.tasks import TaskDataError, load_task_data
+    from metanet.zoo.architectures import ArchError, input_shape
+    from metanet.zoo.data import in_memory
+
+    try:
+        task = load_task_data(data)
+        x, y = in_memory(task.test, "test")
+    except (TaskDataError, MemoryError) as err:
+        raise PredictError(f"--data: {err}") from None
+    if task.target_kind != "classes":
+        raise PredictError(f"--data: {task.name} has {task.target_kind} targets, not classes")
+    out = []
+    for net in nets:
+        try:
+            module, known = _module_for(net, payload.get("archs") or [], arch)
+        except PredictError as err:
+            raise PredictError(f"--data: cannot measure the accuracy of {err}") from None
+        try:
+            shape = input_shape(known) if known is not None else tuple(x.shape[1:])
+        except ArchError:
+            shape = tuple(x.shape[1:])
+        inputs = x.reshape(len(x), *shape)
+        try:
+            with torch.no_grad():
+                logits = module.eval()(inputs)
+        except Exception as err:  # noqa: BLE001 - the user's network can raise anything
+            raise PredictError(f"--data: {net.path} does not run on the data's test inputs "
+                               f"{list(inputs.shape)} ({_short(err)})") from None  # fmt: skip
+        if logits.dim() != 2 or logits.shape[1] < int(task.num_classes or 0):
+            raise PredictError(f"--data: {net.path} gives outputs {list(logits.shape)}, not one "
+                               f"logit per class of {task.name}")  # fmt: skip
+        out.append(float((logits.argmax(1) == y).float().mean()))
+    return out
+
+
 # ------------------------------------------------------------------------------------------------
 # command line
 # ------------------------------------------------------------------------------------------------
@@ -385,6 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="allow files that need the full unpickler (pickled modules); this "
                              "runs code named in the files: only for files you trust")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--data", default=None,
+                        help="also measure each checkpoint's true test accuracy on this data "
+                             "(a provider name, a JSON/YAML mapping, or a YAML file)")  # fmt: skip
     return parser
 
 
@@ -402,6 +463,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         target = str(predictor.hparams.get("target", "test_acc"))
         if target.endswith("acc"):  # an accuracy: a regression outside [0, 1] means 0 or 1
             preds = [min(1.0, max(0.0, p)) for p in preds]
+        true = None
+        if args.data is not None:
+            true = true_accuracies(nets, predictor.payload_loaded, arch, _parse_data(args.data))
     except PredictError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -409,14 +473,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0)
     order = sorted(range(len(nets)), key=lambda i: -preds[i])
     if args.json:
-        rows = [{"rank": r + 1, "path": nets[i].path, f"predicted_{target}": preds[i]}
+        rows = [{"rank": r + 1, "path": nets[i].path, f"predicted_{target}": preds[i],
+                 **({"true_test_acc": true[i]} if true is not None else {})}
                 for r, i in enumerate(order)]  # fmt: skip
         print(json.dumps(rows, indent=2))
         return 0
     width = max(len(n.path) for n in nets)
-    print(f"{'rank':>4}  {'predicted ' + target:>18}  checkpoint")
+    extra = f"  {'true test_acc':>13}" if true is not None else ""
+    print(f"{'rank':>4}  {'predicted ' + target:>18}{extra}  checkpoint")
     for r, i in enumerate(order):
-        print(f"{r + 1:>4}  {preds[i]:>18.4f}  {nets[i].path:<{width}}")
+        cell = f"  {true[i]:>13.4f}" if true is not None else ""
+        print(f"{r + 1:>4}  {preds[i]:>18.4f}{cell}  {nets[i].path:<{width}}")
+    if true is not None and len(nets) > 1:
+        from metanet.tasks.generalization import kendall_tau
+
+        print(f"Kendall's tau (predicted vs true test accuracy): {kendall_tau(preds, true):.4f}")
     return 0
 
 
