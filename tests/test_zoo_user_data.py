@@ -185,3 +185,17 @@ def test_bad_data_and_modules_name_the_recipe_key(over, pattern, tmp_path):
     message = str(info.value)
     assert message.startswith("my.yaml: recipe key") and "\n" not in message, message
     assert __import__("re").search(pattern, message), message
+
+
+@pytest.mark.parametrize("engine", ["vmap", "auto"])
+def test_validation_split_is_recorded_by_every_engine(tmp_path, engine):
+    data = {**BARS, "val_fraction": 0.2}
+    r = Recipe.from_dict(_recipe(data=data, networks_per_arch=2,
+                                 architectures=[{"type": "mlp", "widths": [8]}]))  # fmt: skip
+    out = build_zoo(r, tmp_path / f"{engine}.h5", progress=False, engine=engine)
+    task = recipe_task(r.data)
+    with Zoo.open(out) as zoo:
+        g = zoo[zoo.architectures[0]]
+        for i in range(len(g)):
+            acc = _accuracy(g.module(i), task.val.x.flatten(1), task.val.y)
+            assert g.metrics["val_acc"][i] == pytest.approx(acc, abs=1e-6)

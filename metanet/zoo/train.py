@@ -550,7 +550,7 @@ def _evaluate(
         for key in snaps[0]
     }
     stats = {}
-    for split in ("train", "test"):
+    for split in data.x_eval:
         for j, name in enumerate(("loss", "acc")):
             stats[f"{split}_{name}"] = torch.stack(
                 [results[(k_slot, split)][j][i].cpu() for i, k_slot, _ in records]
@@ -572,7 +572,8 @@ def assemble_records(
 ) -> ChunkResult:
     """Records of a chunk from ``records`` ``[(network, slot, epoch)]`` (R of them), their
     ``params`` ``{key: [R, ...]}`` and ``stats`` ``{train_loss, train_acc, test_loss, test_acc}``
-    ``[R]``; ``epochs``/``diverged`` are per network ``[N]``."""
+    (plus ``val_loss``/``val_acc`` when the data has a validation split) ``[R]``;
+    ``epochs``/``diverged`` are per network ``[N]``."""
     metrics: dict[str, list[Any]] = {
         k: []
         for k in (
@@ -593,12 +594,15 @@ def assemble_records(
         if len(values) != len(plans):
             raise ValueError(f"extra metric '{k}' has {len(values)} values for {len(plans)} nets")
         metrics[k] = []
+    split_keys = [k for k in stats if k.endswith(("_loss", "_acc"))]  # train, test (, val)
+    for k in split_keys:
+        metrics.setdefault(k, [])
     hkeys = sorted(plans[0].hparams)
     hparams: dict[str, list[Any]] = {k: [] for k in hkeys}
     vals = {k: v.tolist() for k, v in stats.items()}
     for r, (i, _, e) in enumerate(records):
         plan = plans[i]
-        for k in ("train_loss", "train_acc", "test_loss", "test_acc"):
+        for k in split_keys:
             metrics[k].append(float(vals[k][r]))
         metrics["epoch"].append(e)
         metrics["run_id"].append(plan.run_id)
