@@ -199,3 +199,28 @@ def test_validation_split_is_recorded_by_every_engine(tmp_path, engine):
         for i in range(len(g)):
             acc = _accuracy(g.module(i), task.val.x.flatten(1), task.val.y)
             assert g.metrics["val_acc"][i] == pytest.approx(acc, abs=1e-6)
+
+
+def test_siren_early_stop_at_a_psnr_target_agrees_across_engines(tmp_path):
+    """The INR protocol's early stop: a network stops updating at the first step whose training
+    PSNR reaches the target; both engines stop at the same step with the same weights."""
+    results = {}
+    for engine in ("vmap", "batched"):
+        raw = {"name": "inr-stop", "kind": "siren", "seed": 0,
+               "data": {"split_seed": 0, "test_fraction": 0.25, "train_images": 3},
+               "architectures": [{"type": "siren", "widths": [16, 16]}],
+               "keep_fractions": [0.5, 1.0],
+               "hparams": {"epochs": 300, "lr": 1e-3, "psnr_target": 24.0}}  # fmt: skip
+        out = build_zoo(Recipe.from_dict(raw), tmp_path / f"{engine}.h5", progress=False,
+                        engine=engine)  # fmt: skip
+        with Zoo.open(out) as zoo:
+            g = zoo[zoo.architectures[0]]
+            results[engine] = (g.metrics["steps"].copy(), g.metrics["psnr"].copy(),
+                               g.params()["0.weight"].clone())  # fmt: skip
+    steps, psnr, w = results["vmap"]
+    assert (steps < 300).all() and (steps > 0).all()  # every INR stopped early
+    final = psnr[1::2]  # second record of each network: the final checkpoint
+    assert (final >= 24.0 - 0.05).all() and (final < 30).all()  # stopped at the target
+    steps_b, psnr_b, w_b = results["batched"]
+    assert (steps == steps_b).all()
+    torch.testing.assert_close(w, w_b, atol=1e-4, rtol=1e-4)

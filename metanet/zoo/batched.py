@@ -584,7 +584,13 @@ def train_chunk_batched(
 ):
     """:func:`metanet.zoo.train.train_chunk` with the hand-batched engine (same arguments,
     same records)."""
-    from metanet.zoo.train import assemble_records, hparam_column, init_rows, step_schedule
+    from metanet.zoo.train import (
+        assemble_records,
+        hparam_column,
+        init_rows,
+        psnr_targets,
+        step_schedule,
+    )
 
     device = torch.device(device)
     net = BatchedNet(arch)
@@ -645,6 +651,8 @@ def train_chunk_batched(
     frozen = torch.zeros(len(lanes), dtype=torch.bool, device=device)  # diverged: no updates
     n_slots = len(keep_fractions)
     snaps = flat0.new_zeros(n_slots, n, net.dim)
+    mse_target, has_target = psnr_targets(plans, device)
+    stop_step = total.clone()  # updates each network made (early stop: fewer)
     diverged = torch.zeros(n, dtype=torch.bool, device=device)
 
     # Sample order: one permutation of its own train subset per network and epoch, drawn up
@@ -745,6 +753,11 @@ def train_chunk_batched(
         if bool(bad.any()):  # diverged: frozen at the last finite parameters until its end
             diverged[st["net"][bad]] = True
             frozen |= bad
+        if has_target:  # early stop: this step's full-batch loss already reaches the target
+            newly = ~frozen & (losses <= mse_target[st["net"]])
+            if bool(newly.any()):
+                stop_step[st["net"][newly]] = t - start_t[st["net"][newly]]
+                frozen |= newly
         if bool(frozen.any()):
             held = flat[frozen].clone()
             grad[frozen] = 0.0
@@ -786,6 +799,8 @@ def train_chunk_batched(
     rec_flat = snaps[rec_slot, rec_net]  # [R, D]
     stats = _evaluate(net, rec_flat, rec_net, data, device, eval_batch, native=native)
     params = net.unpack(rec_flat.cpu())
+    if has_target:
+        extra_metrics = {**(extra_metrics or {}), "steps": stop_step.tolist()}
     return assemble_records(
         plans, records, params, stats, epochs.cpu(), diverged.cpu(), regression,
         extra_metrics or {},

@@ -18,7 +18,13 @@ A recipe (see ``datasets/*.yaml``)::
                                 # shared initializations (network j uses init j % shared_init);
                                 # default: every network its own (seeded by its run)
 
-INR zoos for classification by weights need ``shared_init`` (as the MNIST-INR zoos of DWS/NFN/NG):
+SIREN zoos fit one INR per image (or 1-D signal) of any provider, sized from the data (2-D
+coordinates -> C channels). The DWS/NFN INR protocol is ``architectures: [{type: siren, widths:
+[32, 32], w0: 30}]`` with ``hparams: {lr: 5.0e-4, epochs: 1000, psnr_target: 40}``: full-batch Adam,
+up to 1000 steps, each INR stopping once its training PSNR reaches the target (records get a
+``steps`` column: the updates it made).
+
+INR zoos for classification by weights may use ``shared_init`` (as the MNIST-INR zoos of DWS/NFN/NG):
 INRs fitted from one shared initialization stay in one basin, so their weights are comparable.
 
 Unknown keys and impossible values raise :class:`RecipeError` naming the key and the file.
@@ -122,6 +128,8 @@ HPARAMS: dict[str, dict[str, tuple[Any, Any]]] = {
         "momentum": (0.9, _unit_open),
         "optimizer": ("adam", _one_of(OPTIMIZERS)),
         "epochs": (300, _pos_int),
+        # optional: a network stops updating once its training PSNR reaches this (dB)
+        "psnr_target": (None, _positive),
     },
 }
 _TOP_KEYS = {
@@ -275,6 +283,8 @@ class Recipe:
             raise fail(f"hparams.{bad[0]}", f"unknown hyperparameter (allowed: {sorted(allowed)})")
         hparams = {}
         for key, (default, check) in allowed.items():
+            if default is None and key not in hp_raw:  # optional and not asked for
+                continue
             spec = hp_raw.get(key, default)
             hparams[key] = _validate_sampler(
                 spec, check, lambda why, k=key: fail(f"hparams.{k}", why)

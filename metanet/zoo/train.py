@@ -201,6 +201,17 @@ def step_schedule(
     return batch, steps_per_epoch, epochs, keep
 
 
+def psnr_targets(plans: Sequence[NetworkPlan], device: torch.device | str = "cpu"
+                 ) -> tuple[torch.Tensor, bool]:  # fmt: skip
+    """The early-stop threshold of each network as a training MSE ``[N]`` (``psnr_target`` dB
+    for values in [0, 1]: ``mse <= 10**(-psnr/10)``; no target: -1, never reached) and whether
+    any network has one. Both engines stop updating a network at the first step whose
+    full-batch loss is within it (the DWS/NFN INR protocol's early stop)."""
+    targets = [p.hparams.get("psnr_target") for p in plans]
+    mse = [10.0 ** (-float(t) / 10.0) if t else -1.0 for t in targets]
+    return torch.tensor(mse, device=device), any(t for t in targets)
+
+
 def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.view(-1, *([1] * (like.dim() - 1)))
 
@@ -385,6 +396,8 @@ def train_chunk(
     diverged_all = torch.zeros(n, dtype=torch.bool, device=device)
     regression = data.regression
     x_train = data.x_train.to(device)
+    mse_target, has_target = psnr_targets(plans, device)
+    stop_step = total_steps.clone()  # updates each network made (early stop: fewer)
     # per-network state of the networks still training ("alive"); finished networks are
     # dropped from the vmap batch, so a chunk costs the sum of its networks' steps
     alive = torch.arange(n, device=device)
@@ -398,6 +411,8 @@ def train_chunk(
         "keep": keep,
         "diverged": torch.zeros(n, dtype=torch.bool, device=device),
         "perm": torch.zeros(n, n_train, dtype=torch.long, device=device),
+        "reached": torch.zeros(n, dtype=torch.bool, device=device),
+        "mse_target": mse_target,
     }
     arange_b = torch.arange(b_max, device=device)
     template.train()
@@ -431,8 +446,13 @@ def train_chunk(
         finite = torch.isfinite(losses)
         for g in grads.values():
             finite &= torch.isfinite(g.flatten(1)).all(1)
-        upd = ~st["diverged"] & finite
+        upd = ~st["diverged"] & finite & ~st["reached"]
         st["diverged"] |= ~finite
+        if has_target:  # early stop: this step's loss (full batch) already reaches the target
+            newly = upd & (losses <= st["mse_target"])
+            stop_step[alive[newly]] = t
+            st["reached"] |= newly
+            upd &= ~newly
         params = opt.step(params, grads, upd)
         if old_buffers is not None:
             for k in buffers:
@@ -450,6 +470,16 @@ def train_chunk(
                         snap[key][alive[hit]] = v[hit]
         if on_step is not None:
             on_step(t + 1, t_max)
+        if has_target and bool((st["reached"] | st["diverged"]).all()):
+            # every network left has stopped: its later checkpoints are its current weights
+            epoch_done = (t + 1) // st["spe"]
+            state = {**params, **_persistent(buffers, drop_keys)}
+            for k_slot, snap in enumerate(snaps):
+                later = st["keep"][:, k_slot] > epoch_done
+                for key, v in state.items():
+                    snap[key][alive[later]] = v[later]
+            diverged_all[alive] = st["diverged"]
+            break
         finished = st["total"] <= t + 1
         if bool(finished.any()):
             diverged_all[alive[finished]] = st["diverged"][finished]
@@ -462,6 +492,8 @@ def train_chunk(
             st = {k: v[left] for k, v in st.items()}
             opt.select(left)
     diverged = diverged_all
+    if has_target:
+        extra_metrics = {**(extra_metrics or {}), "steps": stop_step.tolist()}
     return _evaluate(
         template,
         plans,
