@@ -19,10 +19,10 @@ A recipe (see ``datasets/*.yaml``)::
                                 # default: every network its own (seeded by its run)
 
 SIREN zoos fit one INR per image (or 1-D signal) of any provider, sized from the data (2-D
-coordinates -> C channels). The DWS/NFN INR protocol is ``architectures: [{type: siren, widths:
-[32, 32], w0: 30}]`` with ``hparams: {lr: 5.0e-4, epochs: 1000, psnr_target: 40}``: full-batch Adam,
-up to 1000 steps, each INR stopping once its training PSNR reaches the target (records get a
-``steps`` column: the updates it made).
+coordinates -> C channels). The DWS/NFN INR protocol is ``architectures: [{type: siren,
+widths: [32, 32], w0: 30}]`` with ``hparams: {lr: 5.0e-4, epochs: 1000, psnr_target: 40}``:
+full-batch Adam, up to 1000 steps, each INR stopping once its training PSNR reaches the target
+(records get a ``steps`` column: the updates it made).
 
 INR zoos for classification by weights may use ``shared_init`` (as the MNIST-INR zoos of DWS/NFN/NG):
 INRs fitted from one shared initialization stay in one basin, so their weights are comparable.
