@@ -24,8 +24,9 @@ widths: [32, 32], w0: 30}]`` with ``hparams: {lr: 5.0e-4, epochs: 1000, psnr_tar
 full-batch Adam, up to 1000 steps, each INR stopping once its training PSNR reaches the target
 (records get a ``steps`` column: the updates it made).
 
-INR zoos for classification by weights may use ``shared_init`` (as the MNIST-INR zoos of DWS/NFN/NG):
-INRs fitted from one shared initialization stay in one basin, so their weights are comparable.
+INR zoos for classification by weights may use ``shared_init`` (as some MNIST-INR zoos of
+DWS/NFN/NG): INRs fitted from one shared initialization stay in one basin, so their weights are
+comparable; independent inits (the default) are what invariant models are for.
 
 Unknown keys and impossible values raise :class:`RecipeError` naming the key and the file.
 """
