@@ -102,7 +102,7 @@ def main(argv=None) -> int:
 
     from metanet.generate.canonicalize import nearest_distances
     from metanet.generate.data import GeneratorDataModule
-    from metanet.generate.evaluate import digits_accuracy, load_test_split
+    from metanet.generate.evaluate import classifier_accuracy, load_test_split
     from metanet.tasks.generation import FlowGenerationTask, LatentDiffusionTask
     from metanet.weightspace import WeightSpace
 
@@ -152,7 +152,7 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         ws, _ = task.sample(args.n, seed=0)
         gen_s = time.perf_counter() - t
-        acc = digits_accuracy(ws, dm_c.arch, x_test, y_test)
+        acc = classifier_accuracy(ws, dm_c.arch, x_test, y_test)
         nn, _ = nearest_distances(aligned_vectors(ws, reference), train_vecs)
         rows.append((name, canon_label, acc, nn, args.n / gen_s, fit_s))
         if isinstance(task, LatentDiffusionTask):  # can the decoder give back working nets?
@@ -160,7 +160,7 @@ def main(argv=None) -> int:
                 task.eval()
                 x = dms[canon].vectors
                 rec = task.ae.decode(task.ae.encode(x)) * task.std + task.mean
-            rec_acc = digits_accuracy(
+            rec_acc = classifier_accuracy(
                 WeightSpace.unflatten(rec, dm_c.spec), dm_c.arch, x_test, y_test
             )
             recons.append(
@@ -179,7 +179,7 @@ def main(argv=None) -> int:
     coef = torch.randn(args.n, len(train_vecs), generator=g) / (len(train_vecs) - 1) ** 0.5
     gauss = WeightSpace.unflatten(train_vecs.mean(0) + coef @ centered, dm_c.spec)
     gauss_s = time.perf_counter() - t
-    acc = digits_accuracy(gauss, dm_c.arch, x_test, y_test)
+    acc = classifier_accuracy(gauss, dm_c.arch, x_test, y_test)
     nn, _ = nearest_distances(aligned_vectors(gauss, reference), train_vecs)
     rows.append(("Gaussian (aligned)", "yes", acc, nn, args.n / max(gauss_s, 1e-9), 0.0))
 
@@ -262,8 +262,8 @@ def main(argv=None) -> int:
         ws, _ = task.sample(args.n // len(tasks), cond, seed=0)
         cells, zoo_cells = [], []
         for cls in tasks.values():
-            a = digits_accuracy(ws, dm_t.arch, x_test, y_test, cls)
-            z = digits_accuracy(zoo_ws, dm_t.arch, x_test, y_test, cls)
+            a = classifier_accuracy(ws, dm_t.arch, x_test, y_test, cls)
+            z = classifier_accuracy(zoo_ws, dm_t.arch, x_test, y_test, cls)
             cells.append(f"{a.median():.3f} / {a.mean():.3f}")
             zoo_cells.append(f"{z.median():.3f} / {z.mean():.3f}")
         print(f"| generated, condition {cond} | " + " | ".join(cells) + " |")

@@ -10,6 +10,7 @@ import os
 import lightning as L
 import pytest
 import torch
+from safetensors.torch import load_file as load_safetensors
 
 from metanet.generate import (
     FlowMatching,
@@ -205,13 +206,13 @@ def test_flow_checkpoint_generates_loadable_networks(flow_ckpt, tmp_path, capsys
         ["--generator", flow_ckpt, "--n", "4", "--condition", "5-9", "-o", str(out), "--seed", "1"]
     )
     assert rc == 0, capsys.readouterr().err
-    files = sorted(f for f in os.listdir(out) if f.endswith(".pt"))
-    assert files == [f"net_{i:04d}.pt" for i in range(4)]
+    files = sorted(f for f in os.listdir(out) if f.startswith("net_"))
+    assert files == [f"net_{i:04d}.safetensors" for i in range(4)]
     arch = json.loads((out / "arch.json").read_text())
     x = torch.rand(7, 64)
     for f in files:
         module = build_module(arch)
-        module.load_state_dict(torch.load(out / f, weights_only=True), strict=True)
+        module.load_state_dict(load_safetensors(out / f), strict=True)
         y = module(x)
         assert y.shape == (7, 10) and torch.isfinite(y).all()
     rows = list(csv.DictReader(open(out / "generated.csv")))

@@ -16,8 +16,9 @@ DataModules of :mod:`metanet.data.datamodules` read them like built zoos.
   converted to PyTorch layout (conv ``HWIO -> OIHW``, dense ``(in, out) -> (out, in)``). The
   networks are ``[Conv2d(3x3, stride 2, no padding) + activation] * k``, global average pooling,
   Linear (or ``Flatten`` + Linear layers for the zoo's fully connected variant).
-* :func:`read_checkpoint_folder` - a folder of ``*.pt`` files (state_dicts, Lightning-style
-  ``{"state_dict": ...}`` dicts or, with ``trust_pickle=True``, pickled modules) plus a CSV of
+* :func:`read_checkpoint_folder` - a folder of checkpoint files (``.pt``, ``.ckpt``,
+  ``.safetensors``: state_dicts, Lightning-style ``{"state_dict": ...}`` dicts or, with
+  ``trust_pickle=True``, pickled modules) plus a CSV of
   metrics with a filename column. Files with different parameter shapes become different groups.
 """
 

@@ -265,15 +265,31 @@ def _spec_json(arch: Mapping[str, Any]) -> str:
     return json.dumps(WeightSpaceSpec.from_module(build_module(arch)).to_dict())
 
 
+def remove_stale_temporaries(dest: str | os.PathLike) -> None:
+    """Delete the temporary files (``.<name>.*.tmp`` beside ``dest``) that a killed writer of
+    ``dest`` left, so a rerun leaves no partial file behind (one writer per ``dest`` at once)."""
+    dest_name = os.path.basename(os.fspath(dest))
+    folder = os.path.dirname(os.path.abspath(dest))
+    if os.path.isdir(folder):
+        for stale in os.listdir(folder):
+            if stale.startswith(f".{dest_name}.") and stale.endswith(".tmp"):
+                os.remove(os.path.join(folder, stale))
+
+
 def merge_zoos(
     sources: Sequence[str | os.PathLike],
     dest: str | os.PathLike,
     attrs: Mapping[str, Any] | None = None,
 ) -> None:
     """Copy the records of zoo files ``sources`` (in order) into one new zoo file ``dest``
-    (written atomically). Root attributes come from ``attrs`` (the first source's otherwise)."""
+    (written atomically). Root attributes come from ``attrs`` (the first source's otherwise).
+
+    The temporary files of an earlier merge into ``dest`` that was killed (``.<name>.*.tmp``
+    beside it) are removed first, so a rerun leaves no partial file behind; two merges into the
+    same ``dest`` at once are not supported."""
     if not sources:
         raise ValueError("merge_zoos needs at least one source file")
+    remove_stale_temporaries(dest)
     zoos = [Zoo.open(s) for s in sources]
     root = dict(attrs) if attrs is not None else zoos[0].attrs
     with ZooWriter(dest, attrs=root) as writer:
@@ -297,9 +313,11 @@ def write_virtual_zoo(
     """Write ``dest`` as a zoo of HDF5 virtual datasets concatenating the zoo files ``shards``.
 
     Shard paths are stored relative to ``dest``'s folder. Every shard must be a complete zoo; an
-    architecture may be missing from some shards. Written atomically like :class:`ZooWriter`.
+    architecture may be missing from some shards. Written atomically like :class:`ZooWriter`
+    (temporaries of a killed earlier write are removed first).
     """
     dest = os.fspath(dest)
+    remove_stale_temporaries(dest)
     folder = os.path.dirname(os.path.abspath(dest))
     zoos = [Zoo.open(s) for s in shards]
     if not zoos:

@@ -1,8 +1,9 @@
-"""Evaluating generated networks on their target task (digits classifiers).
+"""Evaluating generated networks on their target task (classifiers of the zoo's data).
 
-:func:`digits_accuracy` runs every network of a :class:`WeightSpace` through the target
-architecture (``build_module(arch)``) on the digits test split recorded by the zoo, optionally
-only on the test images of some classes (a condition's task).
+:func:`classifier_accuracy` runs every network of a :class:`WeightSpace` through the target
+architecture (``build_module(arch)``) on the test split of the data the zoo was trained on (any
+provider of :mod:`metanet.data.tasks`, as recorded by the zoo), optionally only on the test
+samples of some classes (a condition's task).
 """
 
 from __future__ import annotations
@@ -14,32 +15,33 @@ import torch
 
 from metanet.weightspace import WeightSpace
 
-__all__ = ["digits_accuracy", "digits_available", "load_test_split"]
+__all__ = ["can_evaluate", "classifier_accuracy", "load_test_split"]
 
 
-def digits_available(info: Mapping[str, Any]) -> bool:
-    """Whether a generator's target task is a digits classifier we can evaluate here."""
+def can_evaluate(info: Mapping[str, Any]) -> bool:
+    """Whether a generator's target task is a classifier zoo whose data this machine can read
+    (the zoo records its data provider)."""
     zoo = info.get("zoo_info") or {}
-    arch = info.get("arch") or {}
-    return zoo.get("kind") == "classifier" and arch.get("type") in ("mlp", "cnn")
+    return zoo.get("kind") == "classifier" and bool(info.get("arch"))
 
 
 def load_test_split(info: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Digits test images (shaped for the arch) and labels, with the zoo's recorded split."""
-    from metanet.data.digits import DIGITS_SPLIT_SEED, DIGITS_TEST_FRACTION, load_digits
-    from metanet.zoo.architectures import input_shape
+    """Test inputs (shaped for the generator's arch) and labels of the data its zoo was trained
+    on (``zoo_info["data"]``: the digits split or any provider, with its fingerprint checked).
 
-    data = (info.get("zoo_info") or {}).get("data") or {}
-    digits = load_digits(
-        int(data.get("split_seed", DIGITS_SPLIT_SEED)),
-        float(data.get("test_fraction", DIGITS_TEST_FRACTION)),
-    )
-    x = digits.x_test.reshape(len(digits.x_test), *input_shape(info["arch"]))
-    return x, digits.y_test
+    Raises:
+        metanet.data.tasks.TaskDataError: the data cannot be read here, or it changed.
+    """
+    from metanet.zoo.architectures import input_shape
+    from metanet.zoo.data import in_memory, recipe_task
+
+    data = (info.get("zoo_info") or {}).get("data") or {"split_seed": 0, "test_fraction": 0.25}
+    x, y = in_memory(recipe_task(data).test, "test")
+    return x.reshape(len(x), *input_shape(info["arch"])), y
 
 
 @torch.no_grad()
-def digits_accuracy(
+def classifier_accuracy(
     ws: WeightSpace,
     arch: Mapping[str, Any],
     x: torch.Tensor,
