@@ -281,3 +281,38 @@ def test_recipe_readers_refuse_broken_recipes(corpus, kind, capsys):
     out = os.path.join(root, "out", "zoo.h5")
     message = _cli(zoo_main, ["build", path, "-o", out, "--no-progress"], capsys)
     _check(message, path, pattern, root, before)
+
+
+@pytest.mark.parametrize("kind", ["pickle-rce", "truncated", "empty", "huge-declared"])
+def test_small_cnn_zoo_reader_refuses_bad_weight_files(tmp_path, kind):
+    """The Unterthiner layout's ``weights.npy``: object arrays (pickles) are never loaded."""
+    from metanet.data.readers import ZooReadError, read_small_cnn_zoo
+
+    folder = tmp_path / "zoo"
+    folder.mkdir()
+    (folder / "layout.csv").write_text("varname,start_idx,end_idx,shape\n"
+                                       "sequential/dense/kernel:0,0,4,\"(2, 2)\"\n")  # fmt: skip
+    (folder / "metrics.csv").write_text("test_accuracy,step\n0.5,86\n")
+    path = folder / "weights.npy"
+    sentinel = tmp_path / SENTINEL
+    if kind == "pickle-rce":
+        np.save(path, np.array([_Hostile(str(sentinel))], dtype=object), allow_pickle=True)
+        pattern = "Python objects|[Oo]bject arrays|pickle"
+    elif kind == "truncated":
+        np.save(path, np.zeros((1, 4), np.float32))
+        path.write_bytes(path.read_bytes()[:-8])
+        pattern = "npy|declares|truncated|cannot be read"
+    elif kind == "empty":
+        path.write_bytes(b"")
+        pattern = "npy|empty|cannot be read"
+    elif kind == "huge-declared":
+        np.save(path, np.zeros((1, 4), np.float32))
+        data = path.read_bytes().replace(b"(1, 4)", b"(10000000000, 4)".ljust(6))
+        path.write_bytes(data)
+        pattern = "declares|npy|cannot be read"
+    before = _snapshot(str(tmp_path))
+    with pytest.raises(ZooReadError) as info:
+        zoo = read_small_cnn_zoo(folder)
+        for group in zoo:  # a lazily read array must refuse at the first read
+            group.params()
+    _check(str(info.value), str(path), pattern, str(tmp_path), before)
