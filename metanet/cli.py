@@ -27,15 +27,35 @@ JOBS = {
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
+# Sizes that follow from the data: data-module attribute -> argument of the task's metanetwork.
+# Linked on instantiation (the data module is built first, its attribute fills the argument); a
+# link is skipped where the data module lacks the attribute (WeightSpaceDataModule) or the
+# metanetwork the argument (weight-space models), so one parser serves every task and model.
+# Not linked, because jsonargparse cannot: ``node_in_dim`` (the tasks' ``model`` is typed
+# ``Callable[[WeightSpaceSpec], nn.Module]``, so jsonargparse reserves the first positional
+# parameter of the class for the call and drops it from the parser), the WeightSpaceSpec (that
+# call's argument, known after ``setup()``), and ``num_classes`` / ``out_dim`` (known only after
+# ``setup()`` reads the labels, and a link cannot tell a classification task's metanetwork from a
+# regression one's). Those reach the model in ``MetanetTask.setup`` from the data module.
+DATA_LINKS = {
+    "edge_in_dim": "model.init_args.model.init_args.edge_in_dim",
+}
+
+
 class MetanetCLI:
-    """LightningCLI with metanet's defaults: tasks and data modules chosen by class path, and
+    """LightningCLI with metanet's defaults: tasks and data modules chosen by class path,
     ``--ckpt_path`` read tensors-only (``--weights_only false`` is the explicit way to trust a
-    checkpoint that needs the full unpickler)."""
+    checkpoint that needs the full unpickler), and the graph models' input widths linked to the
+    data module's (:data:`DATA_LINKS`; linked arguments are not set in configs)."""
 
     def __new__(cls, args: Sequence[str] | None = None, run: bool = True):
         from lightning.pytorch.cli import LightningCLI
 
         class _SafeCLI(LightningCLI):
+            def add_arguments_to_parser(self, parser) -> None:
+                for attr, target in DATA_LINKS.items():
+                    parser.link_arguments(f"data.{attr}", target, apply_on="instantiate")
+
             def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
                 kwargs = super()._prepare_subcommand_kwargs(subcommand)
                 if kwargs.get("weights_only") is None and "weights_only" in (

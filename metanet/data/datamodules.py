@@ -10,6 +10,11 @@ Both modules read any zoo with the ``Zoo`` interface: a metanet HDF5 zoo (path o
   (``label`` of INR zoos) are long tensors and :attr:`num_classes` is set.
 * :attr:`weight_stats`: mean/std of each layer's weights and biases over the train split, for input
   normalization (``normalize_weights=True`` applies it to WeightSpace batches).
+* :attr:`ParamGraphDataModule.graph_stats`: the per-type node/edge value statistics and degree
+  histograms of the train split's graphs (:class:`metanet.nn.graph_features.GraphStats`) that the
+  graph metanetworks standardize with; metanet's tasks hand them to the model before training.
+* Sizes that follow from the data (:attr:`ParamGraphDataModule.node_in_dim` / ``edge_in_dim``)
+  are attributes, linked to the model's arguments by ``metanet fit`` (see :mod:`metanet.cli`).
 * Batches are read from the store one batch at a time (one HDF5 read per group per batch) by a
   ``BatchSampler``; ``num_workers > 0`` works (the HDF5 file is reopened in every worker).
 """
@@ -484,6 +489,39 @@ def _example_input(group: Any) -> torch.Tensor | None:
     return torch.zeros(1, *shape) if shape is not None else None
 
 
+def _trace_template(group: Any, max_kernel_size: int):
+    """The ParamGraph of a group's first record: the structure every record of it shares."""
+    from metanet.graph import from_module
+
+    return from_module(group.module(0), _example_input(group), max_kernel_size=max_kernel_size)
+
+
+def _stacked_values(template: Any, params: dict[str, torch.Tensor], name: str):
+    """Node and edge values ``x [k, N, F]``, ``edge_attr [k, E, K]`` of ``k`` records of one
+    architecture (stacked state_dict tensors ``params``), as ``template.with_state_dict`` lays
+    them out for each record."""
+    layout = template.layout
+    k = len(next(iter(params.values())))
+    x = template.x.unsqueeze(0).repeat(k, 1, 1)
+    edge_attr = template.edge_attr.unsqueeze(0).repeat(k, 1, 1)
+    for key, slot in layout.slots.items():
+        value = params.get(key)
+        if value is None:
+            raise ValueError(f"group '{name}': the records have no parameter '{key}'")
+        if tuple(value.shape[1:]) != slot.shape:
+            raise ValueError(
+                f"group '{name}': '{key}' has shape {tuple(value.shape[1:])}, its graph expects "
+                f"{slot.shape}"
+            )
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"group '{name}': parameter '{key}' has NaN/inf values")
+        dst = edge_attr if slot.source == "edge" else x
+        dst[:, slot.rows, slot.col : slot.col + slot.width] = value.reshape(k, -1, slot.width).to(
+            dst.dtype
+        )
+    return x, edge_attr
+
+
 class _GraphBatches(Dataset):
     """Item = a list of positions; returns ``(torch_geometric Batch, target [k])``.
 
@@ -505,12 +543,7 @@ class _GraphBatches(Dataset):
 
     def template(self, name: str):
         if name not in self._templates:
-            from metanet.graph import from_module
-
-            group = self.zoo[name]
-            self._templates[name] = from_module(
-                group.module(0), _example_input(group), max_kernel_size=self.max_kernel_size
-            )
+            self._templates[name] = _trace_template(self.zoo[name], self.max_kernel_size)
         return self._templates[name]
 
     def __getitem__(self, positions: list[int]):
@@ -553,6 +586,13 @@ class ParamGraphDataModule(_ZooDataModule):
     ``max_kernel_size``: conv kernel elements per edge (``edge_attr`` width, 9 = 3x3; 25 reads
     5x5 kernels), passed to :func:`metanet.graph.from_module` and to the graph model as
     ``edge_in_dim``.
+
+    :attr:`graph_stats` are the statistics of the train split's graphs the graph models need
+    (value standardization, PNA degrees). They are computed once, on first use, from every
+    training record, or with ``stats_max_records`` from at most that many training records per
+    architecture group (a sample drawn with ``seed``; degree statistics always count every
+    training record, since all records of a group share one graph structure). Validation and
+    test records never enter them, and ``transforms`` are not applied.
     """
 
     def __init__(
@@ -578,11 +618,61 @@ class ParamGraphDataModule(_ZooDataModule):
             zoo, groups, target, task, splits, seed, batch_size, num_workers, normalize_target,
             transforms, checkpoints, stats_max_records,
         )  # fmt: skip
+        self._graph_stats: Any = None
+        self._graph_stats_done = False
+
+    @property
+    def node_in_dim(self) -> int:
+        """Width of the graphs' ``x`` (the graph model's ``node_in_dim``)."""
+        from metanet.graph.paramgraph import NODE_FEATURES
+
+        return len(NODE_FEATURES)
 
     @property
     def edge_in_dim(self) -> int:
         """Width of the graphs' ``edge_attr`` (the graph model's ``edge_in_dim``)."""
         return self.max_kernel_size
+
+    @property
+    def graph_stats(self) -> Any:
+        """:class:`~metanet.nn.graph_features.GraphStats` of the train split's graphs (see the
+        class docstring), or ``None`` when the train split is empty. Computed on first use
+        (this calls :meth:`setup`) and cached."""
+        if not self._graph_stats_done:
+            self.setup()
+            self._graph_stats = self._compute_graph_stats()
+            self._graph_stats_done = True
+        return self._graph_stats
+
+    def _compute_graph_stats(self) -> Any:
+        from metanet.nn.graph_features import GraphStatsAccumulator
+
+        gid, rid = self.splits["train"]
+        if rid.size == 0:
+            return None
+        acc = GraphStatsAccumulator(self.node_in_dim, self.edge_in_dim)
+        rng = np.random.default_rng(self.seed)
+        for g_i, name in enumerate(self.group_names):
+            idx = rid[gid == g_i]
+            if idx.size == 0:
+                continue
+            group = self.zoo[name]
+            template = _trace_template(group, self.max_kernel_size)
+            n, e = template.num_nodes, template.edge_index.size(1)
+            in_deg = torch.bincount(template.edge_index[1], minlength=n)
+            out_deg = torch.bincount(template.edge_index[0], minlength=n)
+            acc.add_degrees(in_deg, out_deg, repeats=idx.size)
+            cap = self.stats_max_records
+            if cap is not None and idx.size > cap:
+                idx = rng.choice(idx, size=cap, replace=False)
+            idx = np.sort(idx)
+            per_record = n * template.x.size(1) + e * template.edge_attr.size(1)
+            chunk = max(1, min(256, (1 << 22) // max(per_record, 1)))
+            for start in range(0, idx.size, chunk):
+                params = group.params(idx[start : start + chunk])
+                x, edge_attr = _stacked_values(template, params, name)
+                acc.add_values(x, template.node_type, edge_attr, template.edge_type)
+        return acc.result()
 
     @property
     def weight_stats(self) -> dict[str, LayerStats]:

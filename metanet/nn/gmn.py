@@ -26,11 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from metanet import ops
-from metanet.nn.graph_features import (
-    GraphBatch,
-    calibrate_encoders,
-    read_batch,
-)
+from metanet.nn.graph_features import GraphBatch, GraphStats, read_batch
 from metanet.nn.readout import GraphMetanetwork
 
 AGGREGATORS = ("sum", "mean", "max", "min", "std")
@@ -157,13 +153,16 @@ class GMN(GraphMetanetwork):
         update_edges: edge updates in every layer (always on for ``output="edge"``; the last
             layer's only when edges are read out).
         residual: residual node updates (see :class:`GMNLayer`).
-        avg_log_degree: PNA's ``delta`` (mean ``log(deg + 1)`` of the training graphs); ``None``
-            calibrates it once from the first batch seen and keeps it (a buffer).
+        avg_log_degree: PNA's ``delta`` (mean ``log(deg + 1)`` of the training graphs' nodes,
+            in- and out-degrees with ``bidirectional``); ``None`` takes it from the data
+            statistics (:meth:`set_data_statistics` / :meth:`calibrate`) and keeps it (a
+            buffer).
         fourier_features, fourier_sigma: random Fourier encoding of node/edge values (0: linear).
         max_layers, max_positions: embedding sizes (depth; input/output indices).
         probe_dim: width of ``graph.probe`` probe features (0: none).
-        standardize: standardize node/edge values per type with statistics calibrated on the
-            first batch (see :class:`metanet.nn.graph_features.Standardizer`).
+        standardize: standardize node/edge values per type with the statistics of the training
+            graphs (see :class:`metanet.nn.graph_features.Standardizer` and
+            :class:`metanet.nn.readout.GraphMetanetwork`).
         node_pool, edge_pool, output_slots, readout_layers: the :class:`GraphReadout`.
         output: ``"graph"``, ``"edge"`` or ``"node"``.
         edge_out_dim, node_out_dim: output widths of the edge / node heads.
@@ -229,29 +228,19 @@ class GMN(GraphMetanetwork):
             edge_out_dim, node_out_dim, dropout, nn.SiLU,
         )  # fmt: skip
 
-    def _delta(self, g: GraphBatch) -> float:
-        if torch.isnan(self.avg_log_degree):
-            deg = (g.dst_ptr[1:] - g.dst_ptr[:-1]).to(self.avg_log_degree.dtype)
-            if self.bidirectional:
-                out = (g.src_ptr[1:] - g.src_ptr[:-1]).to(deg.dtype)
-                deg = torch.cat([deg, out])
-            self.avg_log_degree.fill_(float(torch.log1p(deg).mean().clamp_min(1e-3)))
-        return float(self.avg_log_degree)
+    def _degree_calibrated(self) -> bool:
+        return not bool(torch.isnan(self.avg_log_degree))
 
-    @torch.no_grad()
-    def calibrate(self, batch: object) -> None:
-        """Set the value statistics and PNA's ``avg_log_degree`` (unless given) from ``batch``
-        (a representative batch of training graphs); otherwise the first forward does it."""
-        g = read_batch(batch, reverse=self.bidirectional)
-        calibrate_encoders(self.nodes, self.edges, g)
+    def _set_degree_statistics(self, stats: GraphStats) -> None:
         if not self._fixed_delta:
-            self.avg_log_degree.fill_(math.nan)
-            self._delta(g)
+            delta = max(stats.avg_log_degree(self.bidirectional), 1e-3)
+            self.avg_log_degree.fill_(delta)
 
     def embed(self, batch: object) -> tuple[Tensor, Tensor, GraphBatch]:
         """Final node ``[N, hidden]`` and edge ``[E, edge_dim]`` features of a batch."""
         g = read_batch(batch, reverse=self.bidirectional)
-        delta = self._delta(g)
+        self._ensure_calibrated(g)
+        delta = float(self.avg_log_degree)
         h, e = self.nodes(g), self.edges(g)
         for layer in self.layers:
             h, e = layer(h, e, g, delta)

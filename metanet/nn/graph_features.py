@@ -11,12 +11,23 @@ are *not* permutable (inputs, outputs, spatial positions after ``flatten``; ``no
 additionally get a learned embedding of their index, as Neural Graphs does; hidden neurons only
 get features shared by their whole layer (node type, depth, relative depth). Permuting the
 hidden neurons of a network therefore permutes the encoded features in the same way.
+
+Data statistics: the encoders standardize node/edge values per type (:class:`Standardizer`) and
+GMN's PNA scalers divide by the mean log-degree of the training graphs. Both come from a
+:class:`GraphStats` of the *training* graphs: ``ParamGraphDataModule.graph_stats`` computes one
+from the training split and metanet's tasks hand it to the model before training
+(``model.set_data_statistics(stats)``). Outside Lightning, calibrate explicitly with
+``model.calibrate(batch)`` (a representative batch of training graphs) or
+``model.set_data_statistics(GraphStats.from_graphs(train_graphs))``. A forward through a model
+that was never calibrated still works, but warns (:class:`UncalibratedWarning`) and calibrates on
+that batch, once.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -182,15 +193,205 @@ class FourierFeatures(nn.Module):
         return torch.cat([p.cos(), p.sin()], dim=-1)
 
 
+class UncalibratedWarning(UserWarning):
+    """A standardizing graph model ran on a batch before any data statistics were set; it
+    calibrated itself on that batch (see :meth:`GraphMetanetwork.calibrate`)."""
+
+
+class _TypeMoments:
+    """Per-type count, sum and sum of squares of value vectors (float64, on the CPU)."""
+
+    def __init__(self, num_types: int, dim: int) -> None:
+        self.count = torch.zeros(num_types, dtype=torch.float64)
+        self.s1 = torch.zeros(num_types, dim, dtype=torch.float64)
+        self.s2 = torch.zeros(num_types, dim, dtype=torch.float64)
+
+    @property
+    def dim(self) -> int:
+        return self.s1.size(1)
+
+    def add(self, v: Tensor, types: Tensor) -> None:
+        """Add values ``v [M, D]`` with types ``[M]``, or ``v [k, M, D]``: ``k`` graphs of one
+        structure sharing ``types [M]``."""
+        v = v.detach().to("cpu", torch.float64)
+        types = types.detach().to("cpu", torch.long)
+        k = 1
+        if v.dim() == 3:
+            k = v.size(0)
+            s1, s2 = v.sum(0), (v * v).sum(0)
+        else:
+            s1, s2 = v, v * v
+        if s1.size(0) != types.numel():
+            raise ValueError(f"{s1.size(0)} value rows but {types.numel()} types")
+        if types.numel() and (int(types.min()) < 0 or int(types.max()) >= self.count.numel()):
+            raise ValueError(f"types must lie in [0, {self.count.numel()})")
+        self.count.index_add_(0, types, torch.full((types.numel(),), float(k), dtype=torch.float64))
+        self.s1.index_add_(0, types, s1)
+        self.s2.index_add_(0, types, s2)
+
+    def mean_std(self) -> tuple[Tensor, Tensor]:
+        """``(mean, std)`` ``[T, D]`` float32: population statistics per type; types without
+        values get the statistics of all values; scales ``<= 1e-6`` (constant columns) become 1.
+        """
+        total = float(self.count.sum())
+        if total <= 0:
+            raise ValueError("no values to compute statistics from")
+        count = self.count.unsqueeze(1)
+        mean = self.s1 / count.clamp_min(1)
+        var = (self.s2 / count.clamp_min(1) - mean * mean).clamp_min(0)
+        all_mean = self.s1.sum(0) / total
+        all_var = (self.s2.sum(0) / total - all_mean * all_mean).clamp_min(0)
+        seen = count > 0
+        mean = torch.where(seen, mean, all_mean)
+        std = torch.where(seen, var, all_var).sqrt()
+        std = torch.where(std > 1e-6, std, torch.ones_like(std))
+        return mean.float(), std.float()
+
+
+def _degree_hist(degree: Tensor) -> Tensor:
+    return torch.bincount(degree.detach().to("cpu", torch.long))
+
+
+def _add_hist(a: Tensor, b: Tensor) -> Tensor:
+    n = max(a.numel(), b.numel())
+    return nn.functional.pad(a, (0, n - a.numel())) + nn.functional.pad(b, (0, n - b.numel()))
+
+
+@dataclass(frozen=True, eq=False)
+class GraphStats:
+    """Statistics of a set of (training) parameter graphs that the graph metanetworks need.
+
+    Attributes:
+        node_mean, node_std: ``[len(NodeType), node_dim]`` per-type, per-column mean and
+            (population) std of the node values ``x`` (see :meth:`_TypeMoments.mean_std` for
+            absent types and constant columns).
+        edge_mean, edge_std: ``[len(EdgeType), edge_dim]`` the same for ``edge_attr``.
+        in_degree_hist, out_degree_hist: long ``[D + 1]``: number of nodes with in- / out-degree
+            ``d`` (PNA's degree statistics).
+        num_graphs: graphs whose values went into the value statistics.
+    """
+
+    node_mean: Tensor
+    node_std: Tensor
+    edge_mean: Tensor
+    edge_std: Tensor
+    in_degree_hist: Tensor
+    out_degree_hist: Tensor
+    num_graphs: int
+
+    @property
+    def node_dim(self) -> int:
+        """Columns of the node values ``x``."""
+        return self.node_mean.size(1)
+
+    @property
+    def edge_dim(self) -> int:
+        """Columns of the edge values ``edge_attr``."""
+        return self.edge_mean.size(1)
+
+    def avg_log_degree(self, bidirectional: bool = False) -> float:
+        """Mean ``log(deg + 1)`` over the nodes (PNA's ``delta``): of the in-degrees, or with
+        ``bidirectional`` of the in- and out-degrees together (messages in both directions)."""
+        hist = self.in_degree_hist
+        if bidirectional:
+            hist = _add_hist(hist, self.out_degree_hist)
+        return ops.degree_statistics(hist)[0]
+
+    @classmethod
+    def from_graphs(cls, graphs: Iterable[object]) -> GraphStats:
+        """Statistics of ``graphs``: ParamGraphs, PyG ``Batch`` es of them or
+        :class:`GraphBatch` es (e.g. every batch of a training loader)."""
+        acc: GraphStatsAccumulator | None = None
+        for g in graphs:
+            gb = read_batch(g)
+            if acc is None:
+                acc = GraphStatsAccumulator(gb.x.size(1), gb.edge_attr.size(1))
+            acc.add(gb)
+        if acc is None:
+            raise ValueError("GraphStats.from_graphs needs at least one graph")
+        return acc.result()
+
+
+class GraphStatsAccumulator:
+    """Collects :class:`GraphStats` over many graphs without keeping them.
+
+    Args:
+        node_dim: columns of ``x``; edge_dim: columns of ``edge_attr``.
+    """
+
+    def __init__(self, node_dim: int = DEFAULT_NODE_DIM, edge_dim: int = DEFAULT_EDGE_DIM) -> None:
+        self.nodes = _TypeMoments(len(NodeType), node_dim)
+        self.edges = _TypeMoments(len(EdgeType), edge_dim)
+        self.in_hist = torch.zeros(1, dtype=torch.long)
+        self.out_hist = torch.zeros(1, dtype=torch.long)
+        self.num_graphs = 0
+
+    def add(self, graphs: object) -> None:
+        """Add the values and degrees of one ParamGraph, ``Batch`` or :class:`GraphBatch`."""
+        g = read_batch(graphs)
+        self.add_values(g.x, g.node_type, g.edge_attr, g.edge_type, num_graphs=g.num_graphs)
+        in_deg = g.dst_ptr[1:] - g.dst_ptr[:-1]
+        out_deg = torch.bincount(g.src, minlength=g.num_nodes)
+        self.add_degrees(in_deg, out_deg)
+
+    def add_values(
+        self, x: Tensor, node_type: Tensor, edge_attr: Tensor, edge_type: Tensor,
+        num_graphs: int | None = None,
+    ) -> None:  # fmt: skip
+        """Add node values ``x [N, F]`` and edge values ``edge_attr [E, K]`` with their types;
+        or ``x [k, N, F]``, ``edge_attr [k, E, K]``: ``k`` graphs of one structure (``num_graphs``
+        defaults to ``k``, or 1 for 2-d values)."""
+        for v, moments, kind, name in (
+            (x, self.nodes, "node values (x)", "node_in_dim"),
+            (edge_attr, self.edges, "edge values (edge_attr)", "edge_in_dim"),
+        ):
+            if v.size(-1) != moments.dim:
+                raise ValueError(
+                    f"{kind} have {v.size(-1)} columns, these statistics are for "
+                    f"{moments.dim} ({name})"
+                )
+        self.nodes.add(x, node_type)
+        self.edges.add(edge_attr, edge_type)
+        if num_graphs is None:
+            num_graphs = x.size(0) if x.dim() == 3 else 1
+        self.num_graphs += int(num_graphs)
+
+    def add_degrees(self, in_degree: Tensor, out_degree: Tensor, repeats: int = 1) -> None:
+        """Add per-node in- and out-degrees (``[N]`` each), counted ``repeats`` times (e.g. the
+        number of graphs sharing this structure)."""
+        self.in_hist = _add_hist(self.in_hist, _degree_hist(in_degree) * int(repeats))
+        self.out_hist = _add_hist(self.out_hist, _degree_hist(out_degree) * int(repeats))
+
+    def result(self) -> GraphStats:
+        """The collected :class:`GraphStats`.
+
+        Raises:
+            ValueError: nothing was added.
+        """
+        if self.num_graphs == 0 or float(self.nodes.count.sum()) == 0:
+            raise ValueError("no graphs were added: there are no statistics to compute")
+        node_mean, node_std = self.nodes.mean_std()
+        if float(self.edges.count.sum()) > 0:
+            edge_mean, edge_std = self.edges.mean_std()
+        else:  # graphs without edges: identity standardization
+            edge_mean = torch.zeros(self.edges.s1.shape)
+            edge_std = torch.ones(self.edges.s1.shape)
+        return GraphStats(
+            node_mean, node_std, edge_mean, edge_std, self.in_hist.clone(), self.out_hist.clone(),
+            self.num_graphs,
+        )  # fmt: skip
+
+
 class Standardizer(nn.Module):
     """Per-type standardization ``(v - mean[type]) / std[type]`` of value vectors.
 
     Zoo weights are small (``~0.1``) next to learned embeddings, so raw values barely move the
     features of an untrained model; Neural Graphs standardizes them with per-layer dataset
-    statistics. Here the per-type, per-column statistics are *calibrated once* from the first
-    batch seen (or :meth:`calibrate`) and then kept as buffers (saved in checkpoints), so every
-    later call is a fixed affine map: invariant statistics, equivariant map. Types absent from
-    the calibration batch use the statistics of all its values; constant columns get scale 1.
+    statistics. Here the per-type, per-column statistics of the training graphs are set once
+    (:meth:`set_statistics` from a :class:`GraphStats`, or :meth:`calibrate` from values) and
+    kept as buffers (saved in checkpoints), so every call is a fixed affine map: invariant
+    statistics, equivariant map. A forward before either warns (:class:`UncalibratedWarning`)
+    and calibrates on its input.
 
     Args:
         num_types: number of node or edge types.
@@ -203,28 +404,41 @@ class Standardizer(nn.Module):
         self.register_buffer("std", torch.ones(num_types, dim))
         self.register_buffer("calibrated", torch.tensor(False))
 
+    @property
+    def is_calibrated(self) -> bool:
+        """Whether statistics were set (or loaded from a checkpoint)."""
+        return bool(self.calibrated)
+
     @torch.no_grad()
-    def calibrate(self, v: Tensor, types: Tensor) -> None:
-        """Set the statistics from values ``v [M, dim]`` with types ``[M]``."""
-        t, d = self.mean.shape
-        v = v.to(self.mean.dtype)
-        count = torch.bincount(types, minlength=t).to(v.dtype).unsqueeze(1)
-        s1 = v.new_zeros(t, d).index_add_(0, types, v)
-        s2 = v.new_zeros(t, d).index_add_(0, types, v * v)
-        mean = s1 / count.clamp_min(1)
-        var = (s2 / count.clamp_min(1) - mean * mean).clamp_min(0)
-        all_mean = v.mean(0)
-        all_var = v.var(0, unbiased=False)
-        seen = count > 0
-        mean = torch.where(seen, mean, all_mean)
-        std = torch.where(seen, var, all_var).sqrt()
-        std = torch.where(std > 1e-6, std, torch.ones_like(std))
+    def set_statistics(self, mean: Tensor, std: Tensor) -> None:
+        """Use ``mean`` / ``std`` (``[num_types, dim]``, e.g. ``GraphStats.node_mean`` /
+        ``node_std``)."""
+        if tuple(mean.shape) != tuple(self.mean.shape) or tuple(std.shape) != tuple(self.std.shape):
+            raise ValueError(
+                f"statistics of shape {tuple(mean.shape)} / {tuple(std.shape)} do not fit this "
+                f"standardizer's {tuple(self.mean.shape)} ([types, value columns])"
+            )
+        if not (bool(torch.isfinite(mean).all()) and bool((std > 0).all())):
+            raise ValueError("statistics must be finite, with positive std")
         self.mean.copy_(mean)
         self.std.copy_(std)
         self.calibrated.fill_(True)
 
+    @torch.no_grad()
+    def calibrate(self, v: Tensor, types: Tensor) -> None:
+        """Set the statistics from values ``v [M, dim]`` with types ``[M]``."""
+        moments = _TypeMoments(*self.mean.shape)
+        moments.add(v, types)
+        self.set_statistics(*moments.mean_std())
+
     def forward(self, v: Tensor, types: Tensor) -> Tensor:
-        if not bool(self.calibrated):
+        if not self.is_calibrated:
+            warnings.warn(
+                "Standardizer: no data statistics were set; calibrating on this input (set them "
+                "with set_statistics or calibrate first)",
+                UncalibratedWarning,
+                stacklevel=2,
+            )
             self.calibrate(v, types)
         return (v - self.mean[types]) / self.std[types]
 
@@ -350,12 +564,35 @@ class EdgeEncoder(nn.Module):
 
 
 @torch.no_grad()
+def set_encoder_statistics(nodes: NodeEncoder, edges: EdgeEncoder, stats: GraphStats) -> None:
+    """Hand the value statistics of ``stats`` to the encoders' standardizers (if any).
+
+    Raises:
+        ValueError: the statistics' value widths differ from the encoders' input widths.
+    """
+    for enc, dim, what, name in ((nodes, stats.node_dim, "node values (x)", "node_in_dim"),
+                                 (edges, stats.edge_dim, "edge values (edge_attr)",
+                                  "edge_in_dim")):  # fmt: skip
+        width = enc.values.in_dim
+        if dim != width:
+            raise ValueError(
+                f"{what} have {dim} columns, the model was built for {width} (pass {name})"
+            )
+    if nodes.standardize is not None:
+        nodes.standardize.set_statistics(stats.node_mean, stats.node_std)
+    if edges.standardize is not None:
+        edges.standardize.set_statistics(stats.edge_mean, stats.edge_std)
+
+
+@torch.no_grad()
 def calibrate_encoders(nodes: NodeEncoder, edges: EdgeEncoder, g: GraphBatch) -> None:
     """(Re)set the encoders' value statistics from the graphs of ``g``."""
-    if nodes.standardize is not None:
-        nodes.standardize.calibrate(g.x, g.node_type)
-    if edges.standardize is not None:
-        edges.standardize.calibrate(g.edge_attr, g.edge_type)
+    set_encoder_statistics(nodes, edges, GraphStats.from_graphs([g]))
+
+
+def encoders_calibrated(nodes: NodeEncoder, edges: EdgeEncoder) -> bool:
+    """Whether both encoders' standardizers (where they standardize) have statistics."""
+    return all(s is None or s.is_calibrated for s in (nodes.standardize, edges.standardize))
 
 
 def _standardized(std: Standardizer | None, v: Tensor, types: Tensor) -> Tensor:

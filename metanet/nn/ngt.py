@@ -27,11 +27,7 @@ from torch import Tensor, nn
 
 from metanet import ops
 from metanet.nn.gmn import EdgeUpdate, Output
-from metanet.nn.graph_features import (
-    GraphBatch,
-    calibrate_encoders,
-    read_batch,
-)
+from metanet.nn.graph_features import GraphBatch, read_batch
 from metanet.nn.readout import GraphMetanetwork
 
 
@@ -152,7 +148,9 @@ class NGT(GraphMetanetwork):
         update_edges: edge updates (the last layer's only when edges are read out).
         modulate_v: edge-modulated values.
         fourier_features, fourier_sigma, max_layers, max_positions, probe_dim, standardize:
-            the encoders (see :class:`metanet.nn.graph_features.NodeEncoder`).
+            the encoders (see :class:`metanet.nn.graph_features.NodeEncoder`); the value
+            statistics come from :meth:`set_data_statistics` / :meth:`calibrate` (see
+            :class:`metanet.nn.readout.GraphMetanetwork`).
         node_pool, edge_pool, output_slots, readout_layers: the :class:`GraphReadout`.
         output, edge_out_dim, node_out_dim: which head (see :class:`metanet.nn.gmn.GMN`).
         dropout: residual-branch dropout.
@@ -214,15 +212,10 @@ class NGT(GraphMetanetwork):
             edge_out_dim, node_out_dim, dropout, nn.GELU,
         )  # fmt: skip
 
-    @torch.no_grad()
-    def calibrate(self, batch: object) -> None:
-        """Set the value statistics from ``batch`` (a representative batch of training graphs);
-        otherwise the first forward does it."""
-        calibrate_encoders(self.nodes, self.edges, read_batch(batch))
-
     def embed(self, batch: object) -> tuple[Tensor, Tensor, GraphBatch]:
         """Final node ``[N, hidden]`` and edge ``[E, edge_dim]`` features of a batch."""
         g = read_batch(batch, reverse=self.bidirectional)
+        self._ensure_calibrated(g)
         h, e = self.nodes(g), self.edges(g)
         for layer in self.layers:
             h, e = layer(h, e, g)

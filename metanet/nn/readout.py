@@ -8,6 +8,7 @@ output nodes ``node_pos = 0 .. output_slots - 1`` (zeros where a network has few
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -15,7 +16,14 @@ from torch import Tensor, nn
 
 from metanet import ops
 from metanet.graph.paramgraph import NodeType
-from metanet.nn.graph_features import GraphBatch
+from metanet.nn.graph_features import (
+    GraphBatch,
+    GraphStats,
+    UncalibratedWarning,
+    encoders_calibrated,
+    read_batch,
+    set_encoder_statistics,
+)
 
 POOLS = ("sum", "mean", "max", "min")
 
@@ -113,7 +121,16 @@ class GraphMetanetwork(nn.Module):
     :class:`~metanet.nn.ngt.NGT`): node/edge encoders, a stack of layers (built by the
     subclass), and one head chosen by ``output``: an invariant :class:`GraphReadout`
     (``"graph"``, ``[G, out_dim]``), a per-edge MLP (``"edge"``, ``[E, edge_out_dim]``) or a
-    per-node MLP (``"node"``, ``[N, node_out_dim]``). Subclasses implement :meth:`embed`."""
+    per-node MLP (``"node"``, ``[N, node_out_dim]``). Subclasses implement :meth:`embed`.
+
+    Data statistics: the per-type value standardization of the encoders (and GMN's PNA degree
+    normalization) needs statistics of the *training* graphs, kept as buffers (saved in
+    checkpoints). Set them with :meth:`set_data_statistics` (a :class:`GraphStats`, e.g.
+    ``ParamGraphDataModule.graph_stats``, which metanet's tasks hand over before training) or
+    :meth:`calibrate` (a representative batch of training graphs). A forward through a model
+    that has none (:attr:`is_calibrated` false) warns with :class:`UncalibratedWarning` and
+    calibrates on that batch, once.
+    """
 
     def _build_encoders(
         self, hidden: int, edge_dim: int, node_in_dim: int | None, edge_in_dim: int | None,
@@ -159,6 +176,51 @@ class GraphMetanetwork(nn.Module):
         ``output="edge"``), except the last one unless its edges are read out."""
         read_out = self.output == "edge" or (self.output == "graph" and len(edge_pool) > 0)
         return (update_edges or self.output == "edge") and (i < num_layers - 1 or read_out)
+
+    # -- data statistics ----------------------------------------------------------------------
+    @property
+    def is_calibrated(self) -> bool:
+        """Whether every data statistic the model uses is set (or loaded from a checkpoint)."""
+        return encoders_calibrated(self.nodes, self.edges) and self._degree_calibrated()
+
+    def _degree_calibrated(self) -> bool:
+        """Subclass hook: whether the degree statistics are set (none needed here)."""
+        return True
+
+    def _set_degree_statistics(self, stats: GraphStats) -> None:
+        """Subclass hook: take the degree statistics of ``stats`` (none needed here)."""
+
+    @torch.no_grad()
+    def set_data_statistics(self, stats: GraphStats) -> None:
+        """Use the statistics of the training graphs: per-type value standardization of the
+        encoders and (GMN) PNA's average log-degree.
+
+        Raises:
+            ValueError: the statistics' value widths differ from ``node_in_dim`` /
+                ``edge_in_dim``.
+        """
+        set_encoder_statistics(self.nodes, self.edges, stats)
+        self._set_degree_statistics(stats)
+
+    @torch.no_grad()
+    def calibrate(self, batch: object) -> None:
+        """Set the data statistics from ``batch`` (a ParamGraph or ``Batch``: a representative
+        batch of training graphs), replacing any set before."""
+        self.set_data_statistics(GraphStats.from_graphs([read_batch(batch)]))
+
+    def _ensure_calibrated(self, g: GraphBatch) -> None:
+        """Calibrate on ``g``, with a warning, when no statistics were ever set."""
+        if self.is_calibrated:
+            return
+        warnings.warn(
+            f"{type(self).__name__} has no data statistics (value standardization / PNA degree); "
+            "calibrating on this batch. Call model.set_data_statistics(datamodule.graph_stats) "
+            "or model.calibrate(training_batch) before the first forward (metanet's tasks do so "
+            "from the training split).",
+            UncalibratedWarning,
+            stacklevel=3,
+        )
+        self.calibrate(g)
 
     def embed(self, batch: object) -> tuple[Tensor, Tensor, GraphBatch]:
         """Final node ``[N, hidden]`` and edge ``[E, edge_dim]`` features of a batch."""

@@ -3,7 +3,10 @@ checkpoint payload).
 
 Subclasses set :attr:`MetanetTask.task_name` and implement ``training_step`` etc. The metanetwork
 is built in :meth:`setup` from the data module (``datamodule.spec`` for weight-space models, the
-graph feature sizes for graph models), or explicitly with :meth:`build`. Every checkpoint carries
+graph feature sizes for graph models), or explicitly with :meth:`build`. Graph metanetworks also
+get the data statistics of the training split (``datamodule.graph_stats``: value standardization,
+PNA degrees) before any batch reaches them (:meth:`MetanetTask.hand_data_statistics`), so no
+statistic is ever taken from a validation batch. Every checkpoint carries
 ``checkpoint["metanet"]`` (plain python: task name, model recipe, spec, arch dicts) so the
 metanetwork can be rebuilt without the data (:meth:`on_load_checkpoint`, ``predict-accuracy``).
 """
@@ -15,6 +18,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from metanet.tasks._common import (
@@ -99,7 +103,62 @@ class MetanetTask(L.LightningModule):
         if spec is not None:
             self.weight_normalization = weight_normalization_of(dm)
         self.build(spec, graph_kwargs, archs_of(dm))
+        if stage == "fit":
+            self.hand_data_statistics(dm, train_batch_fallback=True)
         self._materialize_lazy(dm)
+
+    def hand_data_statistics(self, datamodule: Any, train_batch_fallback: bool = False) -> bool:
+        """Give a graph metanetwork without data statistics those of the training split.
+
+        Takes ``datamodule.graph_stats`` (:class:`~metanet.nn.graph_features.GraphStats`, see
+        :class:`~metanet.data.datamodules.ParamGraphDataModule`) and calls
+        ``model.set_data_statistics``. For a data module without ``graph_stats`` and
+        ``train_batch_fallback``, the model is calibrated explicitly on the first *training*
+        batch, with a warning. A model that already has statistics (calibrated by the user,
+        restored from a checkpoint, or handed them in an earlier stage) keeps them; models without
+        ``set_data_statistics`` (weight-space models) are left alone.
+
+        Returns:
+            Whether statistics were set.
+        """
+        model = self.model
+        if model is None or not hasattr(model, "set_data_statistics"):
+            return False
+        if getattr(model, "is_calibrated", True):
+            return False
+        stats = getattr(datamodule, "graph_stats", None)
+        if stats is not None:
+            model.set_data_statistics(stats)
+            return True
+        if train_batch_fallback and hasattr(datamodule, "train_dataloader"):
+            batch = next(iter(datamodule.train_dataloader()), None)
+            if batch is None:  # no training data: nothing to take statistics from
+                return False
+            rank_zero_warn(
+                f"{type(datamodule).__name__} has no graph_stats: calibrating "
+                f"{type(model).__name__}'s data statistics on the first training batch (expose "
+                "the training split's GraphStats as datamodule.graph_stats to use all of it)"
+            )
+            inputs, _ = self.split(batch)
+            model.calibrate(inputs)
+            return True
+        return False
+
+    def _statistics_before_evaluation(self) -> None:
+        """validate / test / predict without a checkpoint: the training split's statistics (a
+        no-op when the model has them, e.g. restored from ``--ckpt_path``)."""
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None:
+            self.hand_data_statistics(dm)
+
+    def on_validation_start(self) -> None:
+        self._statistics_before_evaluation()
+
+    def on_test_start(self) -> None:
+        self._statistics_before_evaluation()
+
+    def on_predict_start(self) -> None:
+        self._statistics_before_evaluation()
 
     def read_datamodule(self, datamodule: Any) -> None:
         """Hook for subclasses: read what the task needs from the data module (before build)."""
