@@ -14,9 +14,14 @@ Counts (``K`` = ``max_kernel_size``, ``f`` = bytes per value of the graph's dtyp
   group and ``C`` group edges for GroupNorm with ``1 < groups < C``);
 * MultiheadAttention (``E`` = embed_dim, ``H`` heads): ``3E + H`` nodes and
   ``E * (E + kdim + vdim) + 4E`` edges (the output projection counts as a Linear);
+* Embedding ``[V, D]`` / Hugging Face Conv1D ``[in, out]``: one edge per entry (``V`` one-hot
+  nodes for an Embedding); a patchify conv whose kernel exceeds ``K``: ``in * k`` patch nodes and
+  edges besides its ``out * in * k`` scalar edges; a module's own 1-D parameter (layer scale,
+  RMSNorm weight) or ``[1, .., C]`` table (cls token, position embedding): one node and edge
+  per element (plus the table's rows);
 * input neurons: the first layer's input width; every flatten-like op: at most the widest Linear
-  input in nodes and edges; every residual add: at most the widest layer in nodes, twice that in
-  edges.
+  input in nodes and edges; every residual add, token concat or product of two computed values:
+  at most the widest layer in nodes, twice that in edges.
 
 Bytes of the finished graph: per node ``3f`` (``x``) + 32 (``node_type``, ``node_layer``,
 ``node_pos``, ``dst_ptr``); per edge ``K f`` (``edge_attr``) + 24 (``edge_index``, ``edge_type``);
@@ -103,8 +108,16 @@ class _Counts:
         self.layer_edges.append(e)
 
 
-def _count_module(m: nn.Module, c: _Counts) -> None:
-    """Add the nodes / edges that ``m``'s own parameters contribute (not its children's)."""
+def _count_module(m: nn.Module, c: _Counts, k: int = 9) -> None:
+    """Add the nodes / edges that ``m``'s own parameters contribute (not its children's);
+    ``k`` = max_kernel_size (a patchify conv with a larger kernel gets patch-pixel nodes)."""
+    from metanet.graph.fx_builder import _is_patchify, is_hf_conv1d
+
+    if isinstance(m, nn.Embedding) or is_hf_conv1d(m):
+        v, d = (int(s) for s in m.weight.shape)  # Embedding [V, D]; Conv1D [in, out]
+        c.dense(d, v, 1, getattr(m, "bias", None) is not None)
+        c.nodes += v if isinstance(m, nn.Embedding) else 0
+        return
     if isinstance(m, nn.MultiheadAttention):
         e, h = int(m.embed_dim), int(m.num_heads)
         ins = e + int(m.kdim) + int(m.vdim)
@@ -119,7 +132,13 @@ def _count_module(m: nn.Module, c: _Counts) -> None:
         if isinstance(weight, nn.parameter.UninitializedParameter):
             return
         shape = tuple(weight.shape)
-        c.dense(shape[0], shape[1], math.prod(shape[2:]), getattr(m, "bias", None) is not None)
+        kernel = math.prod(shape[2:])
+        if kernel > k and isinstance(m, nn.modules.conv._ConvNd) and _is_patchify(m):
+            c.nodes += shape[1] * kernel  # patch pixels, one edge each from their channel
+            c.edges += shape[1] * kernel
+            c.dense(shape[0], shape[1] * kernel, 1, m.bias is not None)
+            return
+        c.dense(shape[0], shape[1], kernel, getattr(m, "bias", None) is not None)
         if isinstance(m, nn.Linear):
             c.widest_in = max(c.widest_in, shape[1])
         return
@@ -145,11 +164,19 @@ def _count_module(m: nn.Module, c: _Counts) -> None:
             c.layer_edges.append(ch)
         return
     for p in m.parameters(recurse=False):  # weights of functional F.linear / F.conv calls
-        if p.dim() >= 2:
+        if p.dim() >= 2 and p.shape[0] == 1:  # a learned token / position table [1, .., C]
+            c.nodes += p.numel() // int(p.shape[-1]) + int(p.shape[-1])
+            c.edges += p.numel()
+            c.rows += p.numel()
+            c.layer_edges.append(p.numel())
+        elif p.dim() >= 2:
             c.dense(int(p.shape[0]), int(p.shape[1]), math.prod(p.shape[2:]), False)
             c.widest_in = max(c.widest_in, int(p.shape[1]))
-        else:
+        else:  # a per-neuron scale / shift (layer scale, RMSNorm weight): SCALE nodes
+            c.nodes += p.numel()
+            c.edges += p.numel()
             c.rows += p.numel()
+            c.layer_edges.append(p.numel())
 
 
 def _input_width(gm: fx.GraphModule) -> int:
@@ -183,9 +210,13 @@ def _op_counts(gm: fx.GraphModule) -> tuple[int, int]:
         elif n.op == "call_function":
             flattens += n.target is torch.flatten or n.target is torch.reshape
             adds += n.target in _ADD_FUNCTIONS
+            adds += n.target in (torch.cat, operator.mul)  # token concat, gated products
         elif n.op == "call_method":
             flattens += n.target in _FLATTEN_METHODS
-            adds += n.target in ("add", "sub")
+            adds += n.target in ("add", "sub", "add_", "sub_") or (
+                n.target == "mul" and all(isinstance(a, fx.Node) and a.op != "get_attr"
+                                          for a in n.args[:2])
+            )  # fmt: skip
     return flattens, adds
 
 
@@ -254,7 +285,7 @@ def estimate_graph_memory(
         traced = _trace(module)
     c = _Counts()
     for m in module.modules():
-        _count_module(m, c)
+        _count_module(m, c, int(max_kernel_size))
     c.nodes += _input_width(traced)
     flattens, adds = _op_counts(traced)
     if flattens:

@@ -64,6 +64,11 @@ class NodeType(IntEnum):
     ATTN_HEAD = 8  # one attention head (groups its query/key/value neurons)
     SUM = 9  # residual sum of two neuron sets that are both used elsewhere
     GROUP = 10  # one group of a GroupNorm (groups its channels)
+    POSITION = 11  # one-hot index of an embedding table that is not the input (position, token
+    #                type, a learned token such as ViT's cls token); node_pos = the index
+    PRODUCT = 12  # elementwise product of two neuron sets (gated MLP, squeeze-excitation)
+    SCALE = 13  # neuron times a per-neuron parameter (layer scale, RMSNorm weight; bias = shift)
+    PATCH = 14  # one pixel of a channel's patch (patchify conv read as a linear map; node_pos)
 
 
 class EdgeType(IntEnum):
@@ -81,6 +86,10 @@ class EdgeType(IntEnum):
     ATTN_HEAD = 9  # query/key neuron -> its head, head -> its value neurons (value 1.0)
     ATTN_PAIR = 10  # key neuron j -> query neuron j (their dot product; value 1.0)
     GROUP = 11  # GroupNorm group -> its normalized channels (value 1.0)
+    EMBEDDING = 12  # one-hot index -> embedding neuron (value = table entry w[index, neuron])
+    PRODUCT = 13  # operand neuron -> product neuron (value 1.0)
+    SCALE = 14  # neuron -> its scaled copy (value = the per-neuron scale; 1.0 for a shift)
+    PATCH = 15  # channel -> one pixel of its patch (value 1.0)
 
 
 @dataclass(frozen=True)
@@ -106,6 +115,10 @@ class ParamLayout:
 
     ``extras`` holds state_dict entries that are not graph values (e.g. BatchNorm's
     ``num_batches_tracked`` counter, other buffers); they are copied back verbatim.
+    ``meta["tied"]`` maps a key to the key it is tied to (one tensor under two names, e.g.
+    GPT-2's ``lm_head.weight`` and ``transformer.wte.weight``): both have slots (the graph has
+    edges for both uses) and :meth:`state_dict_from` returns the primary's tensor under both
+    keys, so loading it keeps the tie.
     """
 
     slots: dict[str, ParamSlot]
@@ -159,7 +172,10 @@ class ParamLayout:
         """
         edge_values, node_values = self._check_values(edge_values, node_values)
         out: OrderedDict[str, Tensor] = OrderedDict()
+        tied = self.meta.get("tied", {})
         for key in self.keys:
+            if key in tied:
+                continue
             if key in self.extras:
                 out[key] = self.extras[key].clone()
                 continue
@@ -173,6 +189,10 @@ class ParamLayout:
             rows = s.rows.to(src.device)
             val = src[rows, s.col : s.col + s.width]
             out[key] = val.reshape(s.shape).to(s.dtype).clone()
+        if tied:
+            for alias, primary in tied.items():
+                out[alias] = out[primary]
+            out = OrderedDict((key, out[key]) for key in self.keys)
         return out
 
     def write(self, state_dict: Mapping[str, Tensor], x: Tensor, edge_attr: Tensor) -> None:

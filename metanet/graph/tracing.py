@@ -1,21 +1,53 @@
 """Build a :class:`~metanet.graph.ParamGraph` from an ``nn.Module`` by tracing it with torch.fx.
 
-The module is traced with ``torch.fx.symbolic_trace`` (in ``eval()`` mode; parameters with
-defaults after the first forward argument are fixed to their defaults), then the traced graph
-is *run* on an example input by a ``torch.fx.Interpreter`` that, next to the concrete tensors,
-tracks which graph nodes stand for the neurons of every intermediate value (and along which
-tensor axis they lie). Concrete shapes come from that run, so ``nn.Sequential`` and ordinary
-``forward()`` code both work. Constructions (after Graph Metanetworks, Lim et al. 2024, and
-Neural Graphs, Kofinas et al. 2024):
+The forward that actually runs on the example input (in ``eval()`` mode) is recorded as an fx
+graph (:mod:`metanet.graph.recorder`: Python control flow, shape arithmetic, asserts and
+Hugging Face attention dispatch just run), then that graph is *replayed* by a
+``torch.fx.Interpreter`` that, next to the concrete tensors, tracks which graph nodes stand for
+the neurons of every intermediate value (and along which tensor axes they lie: one axis, or
+several after a split into heads / groups, :mod:`metanet.graph.axes`). Without an example the
+input is guessed from a symbolic fx trace. Constructions (after Graph Metanetworks, Lim et al.
+2024, and Neural Graphs, Kofinas et al. 2024):
 
 * **Linear / Conv1d / Conv2d**: new neurons (``HIDDEN``) carrying the bias in ``x[:, 0]``; one
   edge per weight ``w[out, in]`` from input neuron to output neuron. A conv edge carries the
   kernel ``w[out, in].flatten()`` (row-major) zero-padded to ``max_kernel_size`` columns
-  (ValueError if larger). Grouped convs are not supported.
+  (ValueError if larger). **Grouped / depthwise** convs have edges only within a group
+  (``out * in / groups`` edges). A *patchify* conv (stride == kernel, no padding, e.g. ViT's
+  16x16 patch embedding) whose kernel exceeds ``max_kernel_size`` is read as the linear map it
+  is: each input channel gets one ``PATCH`` node per kernel position (unit ``PATCH`` edges) and
+  every weight element is one scalar edge from a patch pixel. Hugging Face's ``Conv1D``
+  (``[in, out]`` weights, GPT-2) is a Linear whose slot reads the transposed edges.
+* **Embeddings** (``nn.Embedding``, ``F.embedding``): one one-hot node per row (``INPUT`` when
+  indexed by the module's token-id input, ``POSITION`` for constant indices such as positions
+  or token types; ``node_pos`` = row), ``D`` neurons, one ``EMBEDDING`` edge per entry. A
+  parameter added along non-neuron axes (ViT's position embedding) or concatenated on the
+  token axis (cls token) is the same construction, merged by a residual.
+* **Tied weights** (one tensor under several names, GPT-2's ``lm_head`` / ``wte``): each use
+  has its edges; ``layout.meta["tied"]`` maps the alias to the primary key and write-back
+  returns one tensor for both.
+* **Concatenation / split / slices along the neuron axis** concatenate / slice the node ids
+  (DenseNet, ShuffleNet's chunk, fused QKV splits); a slice that drops neurons nothing else
+  uses is an error. **Reshape / view / permute / transpose** move the neuron axes (heads,
+  channel shuffle, channels-last, Swin windows) without new nodes; merging a neuron axis with
+  other axes is only allowed as the flatten below.
+* **Attention written as tensor ops** (``F.scaled_dot_product_attention`` or ``q @ k^T`` ...
+  ``softmax`` ... ``@ v``, with separate or fused projections): queries / keys / values are
+  the projection neurons laid out ``[heads, head_dim]`` (retyped ``ATTN_QUERY`` / ``KEY`` /
+  ``VALUE``), plus ``ATTN_HEAD`` nodes and ``ATTN_PAIR`` edges as for MultiheadAttention below.
+  Parameter-free rotary positions (``q * cos + rotate_half(q) * sin``) give ``SUM`` neurons
+  fed by each neuron and its rotary partner. Grouped-query attention is not supported.
+* **Per-neuron parameters**: ``x * gamma`` (layer scale, RMSNorm weight) adds ``SCALE``
+  neurons with one ``SCALE`` edge per element; ``+ beta`` right after is their bias (else new
+  ``SCALE`` neurons with unit edges). Parameter-free normalizations written as ops (RMSNorm's
+  ``x * rsqrt(mean(x**2))``, manual LayerNorms) keep the neurons; ``F.layer_norm`` / RMSNorm
+  modules are the normalization below.
+* **Products of two neuron sets** (SwiGLU ``act(gate(x)) * up(x)``, squeeze-excitation
+  ``x * gate``): ``PRODUCT`` neurons with unit edges from both operands.
 * **Elementwise ops** (activations, dropout, identity, scalar ``*`` / ``/``) and **pooling**
   (max/avg/adaptive, ``mean``/``sum``/``amax`` over non-neuron axes) keep the same neurons:
   activations are not encoded as nodes.
-* **Normalization** (BatchNorm1d/2d, LayerNorm over the last axis, GroupNorm): new ``NORM``
+* **Normalization** (BatchNorm1d/2d, LayerNorm / RMSNorm over the last axis, GroupNorm): ``NORM``
   neurons, one per channel; edge ``c -> c'`` carries the scale ``gamma`` (1.0 without affine),
   ``x[:, 0]`` the shift ``beta``, ``x[:, 1:3]`` BatchNorm's running mean / variance.
   ``num_batches_tracked`` (and any other buffer that is not a graph value) is kept in the
@@ -65,6 +97,7 @@ from metanet.graph.fx_builder import (
     UnsupportedOpError,
     _Builder,
     _Tracer,
+    is_leaf,
 )
 from metanet.graph.memory import GraphMemoryEstimate, estimate_graph_memory
 from metanet.graph.paramgraph import (
@@ -76,6 +109,7 @@ from metanet.graph.paramgraph import (
     _ptr,
     check_finite,
 )
+from metanet.graph.recorder import record
 from metanet.limits import MemoryLimitError, check_memory, format_bytes, memory_limit_bytes
 
 __all__ = ["UnsupportedOpError", "from_module", "graphs_from_state_dicts"]
@@ -83,17 +117,20 @@ __all__ = ["UnsupportedOpError", "from_module", "graphs_from_state_dicts"]
 
 # ----------------------------------------------------------------------------- entry point
 class _LeafTracer(fx.Tracer):
-    """fx tracer that keeps subclasses of the supported layers as leaves: a custom ``GroupNorm``
-    that re-implements ``forward`` (e.g. for vmap) is read as the GroupNorm it subclasses, whose
-    parameters and semantics it must keep."""
+    """fx tracer with the leaves of :func:`metanet.graph.fx_builder.is_leaf` (only used to
+    guess an input and for :func:`estimate_graph_memory` without an example input)."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, _LAST_AXIS_MODULES + _CHANNEL_AXIS_MODULES):
-            return True
-        return super().is_leaf_module(m, module_qualified_name)
+        return is_leaf(m) or super().is_leaf_module(m, module_qualified_name)
+
+
+def _record(module: nn.Module, example: Tensor) -> fx.GraphModule:
+    """The recorded forward of ``module`` on ``example`` (see :mod:`metanet.graph.recorder`)."""
+    return record(module, example, is_leaf)
 
 
 def _trace(module: nn.Module) -> fx.GraphModule:
+    """Symbolic fx trace (no example input); UnsupportedOpError if fx cannot trace it."""
     concrete: dict[str, Any] = {}
     params = list(inspect.signature(module.forward).parameters.values())
     for p in params[1:]:
@@ -208,6 +245,48 @@ def _check_graph_memory(module: nn.Module, est: GraphMemoryEstimate, gm: fx.Grap
         raise MemoryLimitError(f"{err}{hint}") from None
 
 
+def _record_or_raise(module: nn.Module, example: Tensor) -> fx.GraphModule:
+    """Record ``module(example)``; an error of the module's own forward is re-raised as is
+    (RuntimeError for a shape mismatch), one of building the fx graph as UnsupportedOpError."""
+    try:
+        return _record(module, example)
+    except (RuntimeError, TypeError, ValueError, AssertionError, IndexError):
+        raise
+    except Exception as exc:  # pragma: no cover - recorder bugs surface with the module named
+        raise UnsupportedOpError(
+            f"could not record {type(module).__name__}: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _guess_example(module: nn.Module, dtype: torch.dtype) -> tuple[Tensor, fx.GraphModule]:
+    """An input guessed from the first layer of the symbolic fx trace (a Linear's
+    ``in_features``; square images of a few sizes for a conv) and the recorded run on it."""
+    try:
+        sym = _trace(module)
+    except UnsupportedOpError as exc:
+        raise ValueError(
+            f"cannot guess an input for {type(module).__name__} ({exc}); pass example_input"
+        ) from None
+    first = next(iter(module.parameters()), None)
+    candidates = _example_candidates(
+        sym,
+        first.dtype if first is not None else dtype,
+        first.device if first is not None else torch.device("cpu"),
+    )
+    if not candidates:
+        raise ValueError(f"cannot guess an input for {type(module).__name__}; pass example_input")
+    last_exc: Exception | None = None
+    for cand in candidates:
+        try:
+            return cand, _record(module, cand)
+        except RuntimeError as exc:  # a shape mismatch for this guess
+            last_exc = exc
+    raise ValueError(
+        f"could not run {type(module).__name__} on guessed inputs "
+        f"{[tuple(c.shape) for c in candidates]} ({last_exc}); pass example_input"
+    )
+
+
 def _build(gm: fx.GraphModule, example: Tensor, max_kernel_size: int, dtype: torch.dtype,
            budget: tuple[int, str] | None = None) -> tuple[_Builder, _Tracer]:  # fmt: skip
     builder = _Builder(max_kernel_size, dtype, budget)
@@ -265,39 +344,19 @@ def from_module(
     flags = {name: sub.training for name, sub in module.named_modules()}
     try:
         module.eval()
-        gm = _trace(module)
+        if example_input is not None:
+            if not isinstance(example_input, Tensor):
+                raise TypeError("example_input must be a single tensor")
+            example = example_input
+            gm = _record_or_raise(module, example)
+        else:
+            example, gm = _guess_example(module, dtype)
         est = estimate_graph_memory(module, max_kernel_size, dtype, traced=gm)
         _check_graph_memory(module, est, gm)  # before anything proportional to the weights
         check_finite(state, allow_nonfinite)
         # safety net for constructions the estimate misses: the builder stops past the limit
         budget = (memory_limit_bytes(), f"building the parameter graph of {type(module).__name__}")
-        if example_input is not None:
-            if not isinstance(example_input, Tensor):
-                raise TypeError("example_input must be a single tensor")
-            builder, tracer = _build(gm, example_input, max_kernel_size, dtype, budget)
-        else:
-            first = next(iter(module.parameters()), None)
-            candidates = _example_candidates(
-                gm,
-                first.dtype if first is not None else dtype,
-                first.device if first is not None else torch.device("cpu"),
-            )
-            if not candidates:
-                raise ValueError(
-                    f"cannot guess an input for {type(module).__name__}; pass example_input"
-                )
-            last_exc: Exception | None = None
-            for cand in candidates:
-                try:
-                    builder, tracer = _build(gm, cand, max_kernel_size, dtype, budget)
-                    break
-                except RuntimeError as exc:  # a shape mismatch for this guess
-                    last_exc = exc
-            else:
-                raise ValueError(
-                    f"could not run {type(module).__name__} on guessed inputs "
-                    f"{[tuple(c.shape) for c in candidates]} ({last_exc}); pass example_input"
-                )
+        builder, tracer = _build(gm, example, max_kernel_size, dtype, budget)
     finally:
         for name, sub in module.named_modules():
             sub.training = flags[name]
@@ -306,9 +365,21 @@ def from_module(
 
 def _finalize(module: nn.Module, state: dict, b: _Builder, tracer: _Tracer) -> ParamGraph:
     params = dict(module.named_parameters(remove_duplicate=False))
+    primary: dict[int, str] = {}
+    tied: dict[str, str] = {}
+    for key, p in params.items():  # one tensor under several names (tied embeddings)
+        if id(p) in primary:
+            tied[key] = primary[id(p)]
+        else:
+            primary[id(p)] = key
+    for alias, first in list(tied.items()):  # the primary is a name the graph holds
+        if first not in b.slots and alias in b.slots:
+            group = [k for k, v in tied.items() if v == first] + [first]
+            tied = {k: v for k, v in tied.items() if v != first}
+            tied.update({k: alias for k in group if k != alias})
     extras: dict[str, Tensor] = OrderedDict()
     for key, value in state.items():
-        if key in b.slots:
+        if key in b.slots or (key in tied and tied[key] in b.slots):
             continue
         if key in params:
             raise UnsupportedOpError(
@@ -319,8 +390,10 @@ def _finalize(module: nn.Module, state: dict, b: _Builder, tracer: _Tracer) -> P
     if tracer.output_nv is None:  # pragma: no cover - fx graphs always have an output
         raise UnsupportedOpError("the traced module has no output")
     node_type = torch.cat(b.node_type)
+    for ids, ntype in b.retyped:
+        node_type[ids] = int(ntype)
     node_pos = torch.cat(b.node_pos)
-    out_nodes = tracer.output_nv.nodes
+    out_nodes = tracer.output_nv.nodes.reshape(-1)
     not_input = node_type[out_nodes] != int(NodeType.INPUT)
     node_type[out_nodes[not_input]] = int(NodeType.OUTPUT)
     node_pos[out_nodes[not_input]] = torch.arange(out_nodes.numel())[not_input]
@@ -340,7 +413,7 @@ def _finalize(module: nn.Module, state: dict, b: _Builder, tracer: _Tracer) -> P
     layout = ParamLayout(
         slots=slots, extras=extras, keys=list(state.keys()), num_nodes=n,
         num_edges=num_edges, node_dim=len(NODE_FEATURES), edge_dim=b.k,
-        module_type=type(module).__name__,
+        module_type=type(module).__name__, meta={"tied": tied} if tied else {},
     )  # fmt: skip
     return ParamGraph(
         x=torch.cat(b.x),

@@ -1,0 +1,500 @@
+"""Parameter graphs of the model families people use (``metanet.graph.from_module``).
+
+Small stand-ins, named after the family each reproduces the op patterns of (MobileNetV2/V3,
+EfficientNet, DenseNet, ConvNeXt, Swin, RegNet, ShuffleNet), and Hugging Face GPT-2, BERT, ViT
+and Llama built from config objects (random init, nothing downloaded). For each: the graph
+builds, writing it into a freshly initialised copy recomputes the same function, every
+parameter element sits on exactly one edge (kernel for convs) or node, the remaining edges are
+structural (residual, product, attention heads, patch / flatten, unit shifts), and permuting
+hidden channels / heads gives an isomorphic graph (same sorted degree sequences, same invariant
+``GMN`` output).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from metanet.graph import EdgeType, ParamGraph, UnsupportedOpError, from_module
+from metanet.nn import GMN
+
+STRUCTURAL = {
+    EdgeType.RESIDUAL, EdgeType.FLATTEN, EdgeType.ATTN_HEAD, EdgeType.ATTN_PAIR, EdgeType.GROUP,
+    EdgeType.PRODUCT, EdgeType.PATCH, EdgeType.SCALE,
+}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- CNN families
+class SqueezeExcite(nn.Module):
+    def __init__(self, c: int, r: int, gate: Callable[[Tensor], Tensor] = F.hardsigmoid) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.gate = nn.Conv2d(c, r, 1), nn.Conv2d(r, c, 1), gate
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = F.adaptive_avg_pool2d(x, 1)
+        return x * self.gate(self.fc2(F.relu(self.fc1(s))))
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2 block (expand 1x1, depthwise 3x3, project 1x1, residual); ``se`` and
+    ``act=Hardswish`` make it MobileNetV3's."""
+
+    def __init__(self, c: int, expand: int, act: type[nn.Module] = nn.ReLU6, se: bool = False):
+        super().__init__()
+        h = c * expand
+        layers = [nn.Conv2d(c, h, 1, bias=False), nn.BatchNorm2d(h), act(),
+                  nn.Conv2d(h, h, 3, padding=1, groups=h, bias=False), nn.BatchNorm2d(h), act()]
+        if se:
+            layers.append(SqueezeExcite(h, 4))
+        layers += [nn.Conv2d(h, c, 1, bias=False), nn.BatchNorm2d(c)]
+        self.block = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.block(x)
+
+
+class MobileNetV2(nn.Module):
+    def __init__(self, v3: bool = False) -> None:
+        super().__init__()
+        act = nn.Hardswish if v3 else nn.ReLU6
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), act())
+        self.blocks = nn.Sequential(InvertedResidual(8, 3, act, v3), InvertedResidual(8, 2, act))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 12), act(),
+                                  nn.Dropout(0.2), nn.Linear(12, 5))  # fmt: skip
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.blocks(self.stem(x)))
+
+
+class StochasticDepth(nn.Module):
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = torch.rand(x.shape[0], 1, 1, 1, device=x.device) >= self.p
+        return x * keep / (1 - self.p)
+
+
+class MBConv(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        h = 4 * c
+        self.block = nn.Sequential(
+            nn.Conv2d(c, h, 1, bias=False), nn.BatchNorm2d(h), nn.SiLU(),
+            nn.Conv2d(h, h, 3, padding=1, groups=h, bias=False), nn.BatchNorm2d(h), nn.SiLU(),
+            SqueezeExcite(h, 2, torch.sigmoid), nn.Conv2d(h, c, 1, bias=False), nn.BatchNorm2d(c),
+        )  # fmt: skip
+        self.drop = StochasticDepth(0.2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.drop(self.block(x))
+
+
+class EfficientNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 6, 3, 2, 1, bias=False), nn.BatchNorm2d(6), nn.SiLU()
+        )
+        self.blocks = nn.Sequential(MBConv(6), MBConv(6))
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1), 1))
+
+
+class DenseLayer(nn.Module):
+    def __init__(self, c: int, growth: int) -> None:
+        super().__init__()
+        self.norm1, self.conv1 = nn.BatchNorm2d(c), nn.Conv2d(c, 2 * growth, 1, bias=False)
+        self.norm2 = nn.BatchNorm2d(2 * growth)
+        self.conv2 = nn.Conv2d(2 * growth, growth, 3, padding=1, bias=False)
+
+    def forward(self, feats: list[Tensor]) -> Tensor:
+        x = torch.cat(feats, 1)
+        return self.conv2(F.relu(self.norm2(self.conv1(F.relu(self.norm1(x))))))
+
+
+class DenseNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1, bias=False)
+        self.layers = nn.ModuleList([DenseLayer(6, 4), DenseLayer(10, 4)])
+        self.trans = nn.Sequential(
+            nn.BatchNorm2d(14), nn.ReLU(), nn.Conv2d(14, 8, 1), nn.AvgPool2d(2)
+        )
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        feats = [self.stem(x)]
+        for layer in self.layers:
+            feats.append(layer(feats))
+        x = self.trans(torch.cat(feats, 1))
+        return self.fc(x.mean((2, 3)))
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """torchvision's channels-first LayerNorm: permute, layer_norm, permute back."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class CNBlock(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 7, padding=3, groups=c)
+        self.norm = nn.LayerNorm(c)
+        self.mlp = nn.Sequential(nn.Linear(c, 4 * c), nn.GELU(), nn.Linear(4 * c, c))
+        self.layer_scale = nn.Parameter(torch.rand(c, 1, 1) + 0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.mlp(self.norm(self.dw(x).permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+        return x + self.layer_scale * y
+
+
+class ConvNeXt(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), LayerNorm2d(8))
+        self.blocks = nn.Sequential(CNBlock(8), CNBlock(8))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.LayerNorm(8),
+                                  nn.Linear(8, 3))  # fmt: skip
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.blocks(self.stem(x)))
+
+
+class WindowAttention(nn.Module):
+    """Swin's windowed self-attention: window partition by view/permute, fused qkv reshaped to
+    (3, heads, head_dim) and permuted, scores by matmul, windows merged back."""
+
+    def __init__(self, c: int, heads: int, window: int) -> None:
+        super().__init__()
+        self.heads, self.window = heads, window
+        self.norm, self.qkv, self.proj = nn.LayerNorm(c), nn.Linear(c, 3 * c), nn.Linear(c, c)
+        self.norm2 = nn.LayerNorm(c)
+        self.mlp = nn.Sequential(nn.Linear(c, 2 * c), nn.GELU(), nn.Linear(2 * c, c))
+
+    def forward(self, x: Tensor) -> Tensor:  # [B, H, W, C]
+        b, h, w, c = x.shape
+        ws = self.window
+        y = self.norm(x).view(b, h // ws, ws, w // ws, ws, c).permute(0, 1, 3, 2, 4, 5)
+        y = y.reshape(-1, ws * ws, c)
+        qkv = self.qkv(y).reshape(y.shape[0], ws * ws, 3, self.heads, c // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        attn = (q * (c // self.heads) ** -0.5) @ k.transpose(-2, -1)
+        y = (attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(-1, ws * ws, c)
+        y = self.proj(y).view(b, h // ws, w // ws, ws, ws, c).permute(0, 1, 3, 2, 4, 5)
+        x = x + y.reshape(b, h, w, c)
+        return x + self.mlp(self.norm2(x))
+
+
+class Swin(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, 8, 4, stride=4)
+        self.blocks = nn.Sequential(WindowAttention(8, 2, 2), WindowAttention(8, 2, 2))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.blocks(self.patch(x).permute(0, 2, 3, 1))
+        return self.head(x.mean((1, 2)))
+
+
+class RegNetBlock(nn.Module):
+    def __init__(self, c: int, group_width: int) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, groups=c // group_width, bias=False),
+                               nn.BatchNorm2d(c), nn.ReLU(), SqueezeExcite(c, 2, torch.sigmoid))
+        self.c = nn.Sequential(nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(x + self.c(self.b(self.a(x))))
+
+
+class RegNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU()
+        )
+        self.blocks = nn.Sequential(RegNetBlock(8, 4), RegNetBlock(8, 2))
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+def channel_shuffle(x: Tensor, groups: int) -> Tensor:
+    b, c, h, w = x.size()
+    x = x.view(b, groups, c // groups, h, w).transpose(1, 2).contiguous()
+    return x.view(b, -1, h, w)
+
+
+class ShuffleUnit(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        h = c // 2
+        self.branch = nn.Sequential(
+            nn.Conv2d(h, h, 1, bias=False), nn.BatchNorm2d(h), nn.ReLU(),
+            nn.Conv2d(h, h, 3, padding=1, groups=h, bias=False), nn.BatchNorm2d(h),
+            nn.Conv2d(h, h, 1, bias=False), nn.BatchNorm2d(h), nn.ReLU(),
+        )  # fmt: skip
+
+    def forward(self, x: Tensor) -> Tensor:
+        x1, x2 = x.chunk(2, dim=1)
+        return channel_shuffle(torch.cat((x1, self.branch(x2)), dim=1), 2)
+
+
+class ShuffleNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU()
+        )
+        self.units = nn.Sequential(ShuffleUnit(8), ShuffleUnit(8))
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.units(self.stem(x)).mean([2, 3]))
+
+
+# ----------------------------------------------------------------------------- Hugging Face
+def _hf(name: str, attn: str = "sdpa") -> nn.Module:
+    tf = pytest.importorskip("transformers")
+    small = dict(num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                 attn_implementation=attn)  # fmt: skip
+    if name == "gpt2":
+        cfg = tf.GPT2Config(vocab_size=40, n_positions=12, n_embd=16, n_layer=2, n_head=2,
+                            use_cache=False, attn_implementation=attn)  # fmt: skip
+        return tf.GPT2LMHeadModel(cfg)
+    if name == "bert":
+        cfg = tf.BertConfig(vocab_size=40, hidden_size=16, max_position_embeddings=12,
+                            num_labels=3, **small)  # fmt: skip
+        return tf.BertForSequenceClassification(cfg)
+    if name == "vit":
+        cfg = tf.ViTConfig(image_size=16, patch_size=8, hidden_size=16, num_labels=3, **small)
+        return tf.ViTForImageClassification(cfg)
+    cfg = tf.LlamaConfig(vocab_size=40, hidden_size=16, num_key_value_heads=2,
+                         max_position_embeddings=12, use_cache=False, **small)  # fmt: skip
+    return tf.LlamaForCausalLM(cfg)
+
+
+def _logits(out: object) -> Tensor:
+    return out if isinstance(out, Tensor) else out.logits  # type: ignore[attr-defined]
+
+
+IMAGE = (2, 3, 16, 16)
+TOKENS = (2, 7)
+# family -> (factory, example input shape, max_kernel_size)
+FAMILIES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], int]] = {
+    "mobilenet_v2": (MobileNetV2, IMAGE, 9),
+    "mobilenet_v3": (lambda: MobileNetV2(v3=True), IMAGE, 9),
+    "efficientnet": (EfficientNet, IMAGE, 9),
+    "densenet": (DenseNet, IMAGE, 9),
+    "convnext": (ConvNeXt, IMAGE, 49),  # depthwise 7x7: 49 kernel elements per edge
+    "swin": (Swin, IMAGE, 9),  # 4x4 patchify conv read as a linear map over patch pixels
+    "regnet": (RegNet, IMAGE, 9),
+    "shufflenet": (ShuffleNet, IMAGE, 9),
+    "gpt2": (lambda: _hf("gpt2"), TOKENS, 9),
+    "gpt2_eager": (lambda: _hf("gpt2", "eager"), TOKENS, 9),
+    "bert": (lambda: _hf("bert"), TOKENS, 9),
+    "vit": (lambda: _hf("vit"), IMAGE, 9),  # 8x8 patch embedding: linear map over patch pixels
+    "llama": (lambda: _hf("llama"), TOKENS, 9),
+    "llama_eager": (lambda: _hf("llama", "eager"), TOKENS, 9),
+}
+
+
+def _example(shape: tuple[int, ...]) -> Tensor:
+    gen = torch.Generator().manual_seed(1)
+    if len(shape) == 2:
+        return torch.randint(0, 40, shape, generator=gen)
+    return torch.randn(shape, generator=gen)
+
+
+def _randomize(module: nn.Module, seed: int) -> nn.Module:
+    """Random values in every float state_dict entry (BatchNorm statistics included; not in
+    non-persistent buffers such as rotary frequencies, which are not the model's state)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in module.state_dict(keep_vars=True).items():
+            if torch.is_floating_point(t):
+                v = torch.rand(t.shape, generator=gen) * 0.5 + 0.25 if "var" in name else (
+                    torch.randn(t.shape, generator=gen) * 0.3
+                )  # fmt: skip
+                t.copy_(v)
+    return module.eval()
+
+
+def _build(family: str) -> tuple[nn.Module, Tensor, ParamGraph, float]:
+    factory, shape, k = FAMILIES[family]
+    torch.manual_seed(0)
+    module = _randomize(factory(), 0)
+    x = _example(shape)
+    t0 = time.perf_counter()
+    g = from_module(module, x, max_kernel_size=k)
+    return module, x, g, time.perf_counter() - t0
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_graph_round_trip_and_counts(family: str) -> None:
+    module, x, g, _ = _build(family)
+    factory = FAMILIES[family][0]
+    torch.manual_seed(123)
+    fresh = _randomize(factory(), 7)
+    with torch.no_grad():
+        before = _logits(fresh(x))
+        assert not torch.allclose(before, _logits(module(x)))
+        g.load_into(fresh)
+        torch.testing.assert_close(_logits(fresh(x)), _logits(module(x)), atol=1e-5, rtol=1e-5)
+    # one edge per weight (per kernel for convs) or one node value per bias / statistic
+    layout = g.layout
+    edge_rows = torch.cat([s.rows for s in layout.slots.values() if s.source == "edge"])
+    assert edge_rows.unique().numel() == edge_rows.numel()
+    for key, s in layout.slots.items():
+        assert s.rows.numel() * s.width == torch.Size(s.shape).numel(), key
+    weight_edges = torch.zeros(g.num_edges, dtype=torch.bool)
+    weight_edges[edge_rows] = True
+    others = {EdgeType(int(t)) for t in g.edge_type[~weight_edges].unique()}
+    assert others <= STRUCTURAL, others
+    assert g.edge_index.size(1) == g.edge_attr.size(0) == g.num_edges
+    assert torch.all(g.edge_index[1, 1:] >= g.edge_index[1, :-1])  # dst-sorted
+
+
+def test_gpt2_lm_head_stays_tied() -> None:
+    module, x, g, _ = _build("gpt2")
+    assert g.layout.meta["tied"] == {"lm_head.weight": "transformer.wte.weight"}
+    sd = g.to_state_dict()
+    assert sd["lm_head.weight"] is sd["transformer.wte.weight"]
+    fresh = _hf("gpt2")
+    g.load_into(fresh)
+    assert fresh.lm_head.weight is fresh.transformer.wte.weight
+    assert torch.equal(fresh.lm_head.weight, module.lm_head.weight)
+
+
+# ----------------------------------------------------------------------------- symmetries
+Spec = list[tuple[str, int, Tensor]]  # (state_dict key, dim, permutation of that dim)
+
+
+def _permute(module: nn.Module, specs: Spec) -> nn.Module:
+    """Reorder dim ``d`` of every state_dict entry named in ``specs``."""
+    sd = module.state_dict()
+    for name, d, perm in specs:
+        sd[name] = sd[name].index_select(d, perm).clone()
+    module.load_state_dict(sd)
+    return module
+
+
+def _perm(n: int) -> Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(3))
+
+
+def _same(keys: list[tuple[str, int]], perm: Tensor) -> Spec:
+    return [(k, d, perm) for k, d in keys]
+
+
+def _bn(prefix: str) -> list[tuple[str, int]]:
+    return [(f"{prefix}.{p}", 0) for p in ("weight", "bias", "running_mean", "running_var")]
+
+
+def _gpt2_heads() -> Spec:
+    """Swap the two heads of GPT-2's layer 0: the q, k and v blocks of ``c_attn`` and the
+    rows of ``c_proj`` that read the values."""
+    heads = torch.cat([torch.arange(8, 16), torch.arange(0, 8)])
+    qkv = torch.cat([heads + 16 * i for i in range(3)])
+    p = "transformer.h.0.attn."
+    return [(p + "c_attn.weight", 1, qkv), (p + "c_attn.bias", 0, qkv),
+            (p + "c_proj.weight", 0, heads)]  # fmt: skip
+
+
+PERMUTATIONS: dict[str, Callable[[], Spec]] = {
+    # the 24 expanded channels of the first inverted residual (through its SE gate)
+    "mobilenet_v3": lambda: _same(
+        [("blocks.0.block.0.weight", 0), *_bn("blocks.0.block.1"), ("blocks.0.block.3.weight", 0),
+         *_bn("blocks.0.block.4"), ("blocks.0.block.6.fc1.weight", 1),
+         ("blocks.0.block.6.fc2.weight", 0), ("blocks.0.block.6.fc2.bias", 0),
+         ("blocks.0.block.7.weight", 1)], _perm(24),
+    ),  # fmt: skip
+    # the hidden neurons of ConvNeXt's first MLP
+    "convnext": lambda: _same(
+        [("blocks.0.mlp.0.weight", 0), ("blocks.0.mlp.0.bias", 0), ("blocks.0.mlp.2.weight", 1)],
+        _perm(32),
+    ),
+    "gpt2": _gpt2_heads,
+    # Llama: the SwiGLU hidden neurons of layer 1
+    "llama": lambda: _same(
+        [("model.layers.1.mlp.gate_proj.weight", 0), ("model.layers.1.mlp.up_proj.weight", 0),
+         ("model.layers.1.mlp.down_proj.weight", 1)], _perm(32),
+    ),  # fmt: skip
+}
+
+
+def _degrees(g: ParamGraph) -> tuple[list[int], list[int]]:
+    n = g.num_nodes
+    deg_in = torch.bincount(g.edge_index[1], minlength=n)
+    deg_out = torch.bincount(g.edge_index[0], minlength=n)
+    return sorted(deg_in.tolist()), sorted(deg_out.tolist())
+
+
+@pytest.mark.parametrize("family", list(PERMUTATIONS))
+def test_permuted_hidden_units_give_an_isomorphic_graph(family: str) -> None:
+    module, x, g, _ = _build(family)
+    with torch.no_grad():
+        ref = _logits(module(x))
+        permuted = _permute(module, PERMUTATIONS[family]())
+        torch.testing.assert_close(_logits(permuted(x)), ref, atol=1e-5, rtol=1e-5)
+    gp = from_module(permuted, x, max_kernel_size=FAMILIES[family][2])
+    assert (gp.num_nodes, gp.num_edges) == (g.num_nodes, g.num_edges)
+    assert _degrees(gp) == _degrees(g)
+    assert not torch.equal(gp.edge_attr, g.edge_attr)  # the weights did move
+    torch.manual_seed(0)
+    model = GMN(edge_in_dim=g.edge_attr.size(1), hidden=16, num_layers=2).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(gp), model(g), atol=1e-5, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- errors
+def test_unsupported_ops_name_the_op_and_module_path() -> None:
+    class RelPosBias(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q, self.k = nn.Linear(4, 4), nn.Linear(4, 4)
+            self.bias = nn.Parameter(torch.zeros(3, 3))
+
+        def forward(self, x: Tensor) -> Tensor:
+            return (self.q(x) @ self.k(x).transpose(-2, -1) + self.bias).softmax(-1)
+
+    class Wrapper(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = RelPosBias()
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.attn(x)
+
+    with pytest.raises(UnsupportedOpError, match=r"at module path 'attn'"):
+        from_module(Wrapper(), torch.randn(2, 3, 4))
+    tf = pytest.importorskip("transformers")
+    gqa = tf.LlamaForCausalLM(tf.LlamaConfig(
+        vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=32, use_cache=False, attn_implementation="sdpa",
+    ))  # fmt: skip
+    with pytest.raises(UnsupportedOpError, match=r"model\.layers\.0\.self_attn"):
+        from_module(gqa, torch.randint(0, 40, TOKENS))
+
+
+def test_build_times_are_small() -> None:
+    times = {f: _build(f)[3] for f in ("mobilenet_v2", "gpt2", "llama")}
+    assert all(t < 5.0 for t in times.values()), times
