@@ -36,8 +36,9 @@ def _export_checkpoints(
     zoo_path: str, seed: int, folder: str, count: int
 ) -> list[tuple[str, float]]:
     """Save ``count`` networks of the held-out test runs as ordinary checkpoint files (a
-    state_dict, a pickled module, a Lightning-style checkpoint, ...); returns (path, true acc)."""
+    state_dict, a safetensors file, a Lightning-style checkpoint); returns (path, true acc)."""
     from metanet.data.datamodules import WeightSpaceDataModule
+    from metanet.serialization import save_state_dict
 
     dm = WeightSpaceDataModule(zoo_path, splits=(0.7, 0.1, 0.2), seed=seed)
     dm.setup()
@@ -49,12 +50,13 @@ def _export_checkpoints(
     out = []
     for n, i in enumerate(np.unique(picks)):
         i = int(i)
-        kind = ("state_dict", "module", "lightning")[n % 3]
-        path = os.path.join(folder, f"cnn_{n}_{kind}.pt")
+        kind = ("state_dict", "safetensors", "lightning")[n % 3]
+        suffix = ".safetensors" if kind == "safetensors" else ".pt"
+        path = os.path.join(folder, f"cnn_{n}_{kind}{suffix}")
         if kind == "state_dict":
             torch.save(group.state_dict(i), path)
-        elif kind == "module":
-            torch.save(group.module(i), path)
+        elif kind == "safetensors":  # the pickle-free format (a pickled module needs trust)
+            save_state_dict(path, group.state_dict(i))
         else:
             sd = {f"model.{k}": v for k, v in group.state_dict(i).items()}
             torch.save({"state_dict": sd, "epoch": int(group.metrics["epoch"][i])}, path)
