@@ -589,6 +589,7 @@ def train_chunk_batched(
         hparam_column,
         init_rows,
         psnr_targets,
+        sample_orders,
         step_schedule,
     )
 
@@ -662,11 +663,7 @@ def train_chunk_batched(
     b_max = int(batch.max())
     perm = torch.empty(0, dtype=torch.long, device=device)
     if not full:
-        gen = torch.Generator(device="cpu").manual_seed(generator_seed)
-        keys = torch.rand(n, e_max, n_train, generator=gen).to(device)
-        keys.masked_fill_(~subset[:, None, :], 2.0)
-        perm = keys.argsort(dim=-1).view(-1)  # [N * E * n_train]
-        del keys
+        perm = sample_orders(subset, e_max, generator_seed, device).view(-1)  # [N * E * n_train]
     y_flat = y_all.reshape(n * n_train, *y_all.shape[2:]) if not full else y_all
     arange_b = torch.arange(b_max, device=device)
     window = max(1, 1_000_000 // (len(lanes) * b_max))

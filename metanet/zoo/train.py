@@ -212,6 +212,18 @@ def psnr_targets(plans: Sequence[NetworkPlan], device: torch.device | str = "cpu
     return torch.tensor(mse, device=device), any(t for t in targets)
 
 
+def sample_orders(subset: torch.Tensor, epochs: int, generator_seed: int,
+                  device: torch.device | str = "cpu") -> torch.Tensor:  # fmt: skip
+    """The order in which every network visits its training samples in each epoch,
+    ``[N, epochs, n]`` (a permutation of its ``subset`` ``[N, n]`` first, samples outside it
+    last): the one random draw of the sample order, made here for every engine so that engines
+    differ only in arithmetic."""
+    gen = torch.Generator(device="cpu").manual_seed(generator_seed)
+    keys = torch.rand(subset.shape[0], epochs, subset.shape[1], generator=gen).to(device)
+    keys.masked_fill_(~subset.to(device)[:, None, :], 2.0)
+    return keys.argsort(dim=-1)
+
+
 def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.view(-1, *([1] * (like.dim() - 1)))
 
@@ -372,12 +384,12 @@ def train_chunk(
         buffers[f"{k}.p"] = dropout.clone()
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in template.modules())
 
-    gen = torch.Generator(device="cpu").manual_seed(generator_seed)
     n_train = data.x_train.shape[0]
     subset_size = data.subset.sum(1).to(device)  # [N]
     batch, steps_per_epoch, epochs, keep = step_schedule(
         plans, subset_size, n_train, keep_fractions, device
     )
+    e_max = int(epochs.max())
     total_steps = epochs * steps_per_epoch
     b_max = int(batch.max())
     t_max = int(total_steps.max())
@@ -403,14 +415,13 @@ def train_chunk(
     alive = torch.arange(n, device=device)
     st: dict[str, torch.Tensor] = {
         "y": data.y_train.to(device),
-        "subset": data.subset.to(device),
         "subset_size": subset_size,
         "batch": batch,
         "spe": steps_per_epoch,
         "total": total_steps,
         "keep": keep,
         "diverged": torch.zeros(n, dtype=torch.bool, device=device),
-        "perm": torch.zeros(n, n_train, dtype=torch.long, device=device),
+        "orders": sample_orders(data.subset, e_max, generator_seed, device),
         "reached": torch.zeros(n, dtype=torch.bool, device=device),
         "mse_target": mse_target,
     }
@@ -425,14 +436,10 @@ def train_chunk(
     for t in range(t_max):
         m = alive.shape[0]
         pos = t % st["spe"]
-        starts = pos == 0
-        if bool(starts.any()):
-            keys = torch.rand(m, n_train, generator=gen).to(device)
-            keys = keys.masked_fill(~st["subset"], 2.0)
-            st["perm"] = torch.where(starts[:, None], keys.argsort(dim=1), st["perm"])
+        order = st["orders"][torch.arange(m, device=device), (t // st["spe"]).clamp(max=e_max - 1)]
         offs = (pos * st["batch"])[:, None] + arange_b[None, :]  # [M, B]
         valid = (arange_b[None, :] < st["batch"][:, None]) & (offs < st["subset_size"][:, None])
-        idx = st["perm"].gather(1, offs.clamp(max=n_train - 1))
+        idx = order.gather(1, offs.clamp(max=n_train - 1))
         xb = x_train[idx]
         y_all = st["y"]
         yb = (
