@@ -169,7 +169,12 @@ def test_datamodule_conditions_and_normalization(task_zoo) -> None:
     dm = GeneratorDataModule(task_zoo, condition="task", canonicalize=True)
     dm.setup("fit")
     assert dm.conditions == ["0-4", "5-9"]
-    assert dm.labels.tolist() == [0] * 4 + [1] * 4
+    from metanet.data.zoo_store import Zoo
+
+    with Zoo.open(task_zoo) as zoo:  # each record's label is its network's task
+        tasks = zoo[zoo.architectures[0]].hparams["task"].tolist()
+    assert sorted(tasks) == ["0-4"] * 4 + ["5-9"] * 4
+    assert dm.labels.tolist() == [dm.conditions.index(t) for t in tasks]
     assert dm.task_classes == {"0-4": [0, 1, 2, 3, 4], "5-9": [5, 6, 7, 8, 9]}
     assert dm.vectors.shape == (8, dm.spec.num_params) == (8, dm.dim)
     torch.testing.assert_close(dm.vectors * dm.std + dm.mean, dm.raw_vectors)

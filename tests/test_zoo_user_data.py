@@ -224,3 +224,26 @@ def test_siren_early_stop_at_a_psnr_target_agrees_across_engines(tmp_path):
     steps_b, psnr_b, w_b = results["batched"]
     assert (steps == steps_b).all()
     torch.testing.assert_close(w, w_b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("engine", ["vmap", "auto"])
+def test_class_subset_tasks_train_and_score_on_their_own_classes(tmp_path, engine):
+    """``tasks:``: each network learns one class subset; its records' accuracies are on that
+    subset's samples (what conditional generators are trained and judged on)."""
+    tasks = {"bars-0-1": [0, 1], "bars-2": [2]}
+    r = Recipe.from_dict(_recipe(networks_per_arch=4, tasks=tasks,
+                                 architectures=[{"type": "mlp", "widths": [8]}]))  # fmt: skip
+    assert [p.hparams["task"] for p in r.plan()] == ["bars-0-1", "bars-2"] * 2
+    out = build_zoo(r, tmp_path / f"{engine}.h5", progress=False, engine=engine)
+    task = recipe_task(r.data)
+    x_te, y_te = task.test.x.flatten(1), task.test.y
+    with Zoo.open(out) as zoo:
+        assert zoo.attrs["tasks"] == tasks
+        g = zoo[zoo.architectures[0]]
+        names = g.hparams["task"]
+        for i in range(len(g)):
+            keep = torch.isin(y_te, torch.tensor(tasks[str(names[i])]))
+            acc = _accuracy(g.module(i), x_te[keep], y_te[keep])
+            assert g.metrics["test_acc"][i] == pytest.approx(acc, abs=1e-6)
+    with pytest.raises(RecipeError, match=r"tasks\.bad.*\[0, 3\)"):
+        Recipe.from_dict(_recipe(tasks={"bad": [5]}))

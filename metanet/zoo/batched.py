@@ -826,6 +826,8 @@ def _evaluate(
         xp = x.to(device)
         y = data.y_eval[split].to(device)
         shared_y = y.dim() == (1 if not regression else 2)
+        scored = data.eval_masks.get(split)  # [N, n] samples each network is scored on
+        scored = scored.to(device).float()[rec_net] if scored is not None else None
         loss = torch.zeros(r_total, device=device)
         acc = torch.zeros(r_total, device=device)
         for r0 in range(0, r_total, nets_per_pass):
@@ -845,14 +847,12 @@ def _evaluate(
                     loss[rows] += (err**2).mean(-1).sum(1)
                     acc[rows] += (err.abs() < 1.0 / 32.0).float().mean(-1).sum(1)
                 else:
-                    loss[rows] += (
-                        F.cross_entropy(
-                            o.reshape(-1, o.shape[-1]), yb.reshape(-1), reduction="none"
-                        )
-                        .view(o.shape[0], -1)
-                        .sum(1)
-                    )
-                    acc[rows] += (o.argmax(-1) == yb).float().sum(1)
-        out[f"{split}_loss"] = (loss / xp.shape[0]).cpu()
-        out[f"{split}_acc"] = (acc / xp.shape[0]).cpu()
+                    w = scored[rows, s : s + eval_batch] if scored is not None else 1.0
+                    ce = F.cross_entropy(o.reshape(-1, o.shape[-1]), yb.reshape(-1),
+                                         reduction="none").view(o.shape[0], -1)  # fmt: skip
+                    loss[rows] += (ce * w).sum(1)
+                    acc[rows] += ((o.argmax(-1) == yb).float() * w).sum(1)
+        count = scored.sum(1).clamp_min(1) if scored is not None else xp.shape[0]
+        out[f"{split}_loss"] = (loss / count).cpu()
+        out[f"{split}_acc"] = (acc / count).cpu()
     return out

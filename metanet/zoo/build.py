@@ -132,7 +132,7 @@ def train_chunk_to_file(
     task = recipe_task(recipe.data)
     extra: dict[str, list[Any]] | None = None
     if recipe.kind == "classifier":
-        data = classifier_data(plans, flat=arch["type"] == "mlp", task=task)
+        data = classifier_data(plans, flat=arch["type"] == "mlp", task=task, tasks=recipe.tasks)
     else:
         data, labels = siren_data(plans, task)
         extra = {
@@ -189,6 +189,7 @@ def _root_attrs(recipe: Recipe, fingerprint: str, limit: int | None, n: int, wor
         "data_provider": str(task.config.get("provider", task.name)),
         "data_fingerprint": task.fingerprint(),
         "engines": list(engines),
+        **({"tasks": recipe.tasks} if recipe.tasks is not None else {}),
         "recipe": yaml.safe_dump(recipe.to_dict(), sort_keys=False),
         "fingerprint": fingerprint,
         "num_networks": n,

@@ -14,6 +14,9 @@ A recipe (see ``datasets/*.yaml``)::
     hparams:                    # per-network samplers: a constant, {uniform: [a, b]},
       lr: {log_uniform: [1.0e-3, 0.3]}   # {log_uniform: [a, b]}, {int_uniform: [a, b]},
       optimizer: {choice: [sgd, adam]}   # {choice: [...]}
+    tasks: {0-4: [0, 1, 2, 3, 4], 5-9: [5, 6, 7, 8, 9]}   # optional: each network learns one
+                                # class subset (its train subset and its val/test metrics use
+                                # only those classes; hparam ``task``), for conditional generators
     shared_init: 1              # optional: networks of an architecture start from this many
                                 # shared initializations (network j uses init j % shared_init);
                                 # default: every network its own (seeded by its run)
@@ -135,7 +138,7 @@ HPARAMS: dict[str, dict[str, tuple[Any, Any]]] = {
 }
 _TOP_KEYS = {
     "name", "kind", "seed", "data", "architectures", "networks_per_arch", "chunk_size",
-    "keep_fractions", "hparams", "description", "shared_init",
+    "keep_fractions", "hparams", "description", "shared_init", "tasks",
 }  # fmt: skip
 _SAMPLERS = ("uniform", "log_uniform", "int_uniform", "choice")
 
@@ -177,6 +180,7 @@ class Recipe:
     keep_fractions: list[float] = field(default_factory=lambda: [1.0])
     description: str = ""
     shared_init: int | None = None
+    tasks: dict[str, list[int]] | None = None
     source: str = "<dict>"
 
     # -- loading -------------------------------------------------------------------------------
@@ -269,6 +273,7 @@ class Recipe:
         ):
             raise fail("keep_fractions", f"needs numbers in (0, 1] (got {keep!r})")
         keep = sorted({float(f) for f in keep})
+        tasks = _validate_tasks(raw.get("tasks"), kind, task, fail)
         shared = raw.get("shared_init")
         if shared is not None and (
             not isinstance(shared, int) or isinstance(shared, bool) or shared <= 0
@@ -304,6 +309,7 @@ class Recipe:
             keep_fractions=keep,
             description=str(raw.get("description", "")),
             shared_init=shared,
+            tasks=tasks,
             source=source,
         )
 
@@ -323,6 +329,7 @@ class Recipe:
             "description": self.description,
             # only when set, so fingerprints of recipes without it stay as they were
             **({"shared_init": self.shared_init} if self.shared_init is not None else {}),
+            **({"tasks": self.tasks} if self.tasks is not None else {}),
         }
 
     def fingerprint(self, limit: int | None = None, engines: list[str] | None = None) -> str:
@@ -357,6 +364,8 @@ class Recipe:
             seed = int(np.random.SeedSequence([self.seed, run_id]).generate_state(1)[0] >> 1)
             rng = np.random.default_rng(seed)
             hp = {k: _sample(spec, rng) for k, spec in self.hparams.items()}
+            if self.tasks is not None:  # networks of an architecture cycle through the tasks
+                hp["task"] = list(self.tasks)[j % len(self.tasks)]
             split, image = images[j] if images else (-1, -1)
             init_seed = -1
             if self.shared_init is not None:
@@ -369,6 +378,27 @@ class Recipe:
             plans.append(NetworkPlan(run_id, a, seed, hp, image_index=image, split=split,
                                      init_seed=init_seed))  # fmt: skip
         return plans
+
+
+def _validate_tasks(raw: Any, kind: str, task: Any, fail) -> dict[str, list[int]] | None:
+    """``tasks: {name: [class, ...]}``: each network learns one class subset of the data."""
+    if raw is None:
+        return None
+    if kind != "classifier":
+        raise fail("tasks", "only classifier zoos have class-subset tasks")
+    if not isinstance(raw, Mapping) or not raw:
+        raise fail("tasks", "must map task names to lists of classes")
+    out = {}
+    for name, classes in raw.items():
+        ok = isinstance(classes, list) and classes and all(
+            isinstance(c, int) and not isinstance(c, bool) and 0 <= c < task.num_classes
+            for c in classes
+        )
+        if not ok:
+            raise fail(f"tasks.{name}", f"must be a non-empty list of classes in "
+                       f"[0, {task.num_classes}) (got {classes!r})")  # fmt: skip
+        out[str(name)] = sorted(set(classes))
+    return out
 
 
 def _may_be_nonzero(spec: Any) -> bool:

@@ -27,8 +27,9 @@ same networks up to float rounding.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -314,6 +315,9 @@ class ChunkData:
     x_eval: dict[str, torch.Tensor]
     y_eval: dict[str, torch.Tensor]
     regression: bool = False
+    # per split, ``[N, n_eval]`` bool: the samples each network is scored on (class-subset
+    # tasks); a split without an entry scores every network on all its samples
+    eval_masks: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
 def _loss(out: torch.Tensor, y: torch.Tensor, regression: bool) -> torch.Tensor:
@@ -557,6 +561,8 @@ def _evaluate(
             loss_sum = torch.zeros(n, device=device)
             acc_sum = torch.zeros(n, device=device)
             shared = y.dim() == (1 if not regression else 2)  # same targets for every network
+            scored = data.eval_masks.get(split)
+            scored = scored.to(device).float() if scored is not None else None
             for s in range(0, x.shape[0], eval_batch):
                 xb = x[s : s + eval_batch]
                 out = vmap(forward, in_dims=(0, None))(state, xb)  # [N, b, C]
@@ -567,13 +573,11 @@ def _evaluate(
                     loss_sum += (err**2).mean(-1).sum(1)
                     acc_sum += (err.abs() < 1.0 / 32.0).float().mean(-1).sum(1)
                 else:
-                    loss_sum += (
-                        F.cross_entropy(out.flatten(0, 1), yb.flatten(), reduction="none")
-                        .view(n, -1)
-                        .sum(1)
-                    )
-                    acc_sum += (out.argmax(-1) == yb).float().sum(1)
-            count = x.shape[0]
+                    w = scored[:, s : s + eval_batch] if scored is not None else 1.0
+                    ce = F.cross_entropy(out.flatten(0, 1), yb.flatten(), reduction="none")
+                    loss_sum += (ce.view(n, -1) * w).sum(1)
+                    acc_sum += ((out.argmax(-1) == yb).float() * w).sum(1)
+            count = scored.sum(1).clamp_min(1) if scored is not None else x.shape[0]
             results[(k_slot, split)] = (loss_sum / count, acc_sum / count)
 
     records: list[tuple[int, int, int]] = []
@@ -665,11 +669,14 @@ def assemble_records(
 # ------------------------------------------------------------------------------------------------
 # task data
 # ------------------------------------------------------------------------------------------------
-def classifier_data(plans: Sequence[NetworkPlan], flat: bool, task: TaskData) -> ChunkData:
+def classifier_data(plans: Sequence[NetworkPlan], flat: bool, task: TaskData,
+                    tasks: Mapping[str, Sequence[int]] | None = None) -> ChunkData:  # fmt: skip
     """A chunk's data for classifier networks of ``task`` (any provider): per-network train
     subsets (``train_fraction``) and noisy labels (``label_noise``: that fraction of train labels
     replaced by uniform random classes), drawn from each network's seed; evaluation on the clean
-    splits (train, test, and val when the data has one). ``flat``: inputs flattened (MLPs)."""
+    splits (train, test, and val when the data has one). ``flat``: inputs flattened (MLPs).
+    ``tasks`` (name -> classes): a network with hparam ``task`` trains on a subset of that task's
+    samples only and is scored on them (``eval_masks``)."""
     from metanet.zoo.data import in_memory
 
     splits = {"train": in_memory(task.train, "train"), "test": in_memory(task.test, "test")}
@@ -680,24 +687,43 @@ def classifier_data(plans: Sequence[NetworkPlan], flat: bool, task: TaskData) ->
     x_tr, y_tr = splits["train"]
     n_train, classes = x_tr.shape[0], int(task.num_classes)
     labels, masks = [], []
-    for plan in plans:
+    own = [_task_classes(p, tasks) for p in plans]
+    for plan, mine in zip(plans, own):
         g = torch.Generator().manual_seed(plan.seed + 1)
         frac = float(plan.hparams.get("train_fraction", 1.0))
-        size = max(1, int(round(frac * n_train)))
+        pool = (torch.arange(n_train) if mine is None
+                else torch.nonzero(torch.isin(y_tr, mine)).flatten())  # fmt: skip
+        size = max(1, int(round(frac * len(pool))))
         mask = torch.zeros(n_train, dtype=torch.bool)
-        mask[torch.randperm(n_train, generator=g)[:size]] = True
+        mask[pool[torch.randperm(len(pool), generator=g)[:size]]] = True
         noise = float(plan.hparams.get("label_noise", 0.0))
         flip = torch.rand(n_train, generator=g) < noise
         rand = torch.randint(0, classes, (n_train,), generator=g)
         labels.append(torch.where(flip, rand, y_tr))
         masks.append(mask)
+    eval_masks = {}
+    if any(c is not None for c in own):
+        eval_masks = {k: torch.stack([torch.ones(len(y), dtype=torch.bool) if c is None
+                                      else torch.isin(y, c) for c in own])
+                      for k, (_, y) in splits.items()}  # fmt: skip
     return ChunkData(
         x_train=x_tr,
         y_train=torch.stack(labels),
         subset=torch.stack(masks),
         x_eval={k: x for k, (x, _) in splits.items()},
         y_eval={k: y for k, (_, y) in splits.items()},
+        eval_masks=eval_masks,
     )
+
+
+def _task_classes(plan: NetworkPlan, tasks: Mapping[str, Sequence[int]] | None
+                  ) -> torch.Tensor | None:  # fmt: skip
+    name = plan.hparams.get("task")
+    if name is None:
+        return None
+    if not tasks or name not in tasks:
+        raise ValueError(f"network {plan.run_id} has task {name!r}, which the zoo does not list")
+    return torch.as_tensor(list(tasks[name]), dtype=torch.long)
 
 
 def siren_data(plans: Sequence[NetworkPlan], task: TaskData) -> tuple[ChunkData, list[int]]:
