@@ -51,6 +51,8 @@ _REFLECTED = {
     "__rtruediv__": operator.truediv, "__rdiv__": operator.truediv,
     "__rmatmul__": operator.matmul, "__rpow__": operator.pow,
 }  # fmt: skip
+# conversions of a tensor to a Python value (the run branches on, or indexes with, a value)
+_SCALAR_READS = {"__bool__", "item", "tolist", "__int__", "__float__", "__index__", "__contains__"}
 
 
 def _is_tensor_method(func: Callable) -> bool:
@@ -64,10 +66,12 @@ def _is_tensor_method(func: Callable) -> bool:
 class _Recorder(TorchFunctionMode):
     """Eager run -> ``fx.Graph`` (see the module docstring)."""
 
-    def __init__(self, root: nn.Module, is_leaf: Callable[[nn.Module], bool]) -> None:
+    def __init__(self, root: nn.Module, is_leaf: Callable[[nn.Module], bool],
+                 on_scalar: Callable[[str, str, Any], None] | None = None) -> None:  # fmt: skip
         super().__init__()
         self.root = root
         self.is_leaf = is_leaf
+        self.on_scalar = on_scalar
         self.graph = fx.Graph()
         self.attrs: dict[str, Any] = {}  # get_attr / call_module target -> object
         self.env: dict[int, tuple[weakref.ref, fx.Node]] = {}
@@ -152,9 +156,11 @@ class _Recorder(TorchFunctionMode):
         margs = self.arg(tuple(args), state)
         mkwargs = self.arg(dict(kwargs), state)
         out = func(*args, **kwargs)
+        name = getattr(func, "__name__", "")
+        if state[0] and self.on_scalar is not None and name in _SCALAR_READS:
+            self.on_scalar(name, self.stack[-1][0] if self.stack else "", margs)
         if not state[0] or not _holds_tensor(out):
             return out
-        name = getattr(func, "__name__", "")
         if name == "__get__" and hasattr(func, "__self__"):  # a tensor property such as .T
             node = self._node("call_function", getattr, (margs[0], func.__self__.__name__), {})
         elif _is_tensor_method(func) and name in _REFLECTED:
@@ -225,8 +231,8 @@ def _main_output(out: Any, rec: _Recorder) -> Any:
     return rec.lookup(out) if isinstance(out, Tensor) else None
 
 
-def record(module: nn.Module, example_input: Tensor,
-           is_leaf: Callable[[nn.Module], bool]) -> fx.GraphModule:  # fmt: skip
+def record(module: nn.Module, example_input: Tensor, is_leaf: Callable[[nn.Module], bool],
+           on_scalar: Callable[[str, str, Any], None] | None = None) -> fx.GraphModule:  # fmt: skip
     """Run ``module(example_input)`` once (under ``no_grad``, in the module's current mode) and
     return the ``fx.GraphModule`` of what ran.
 
@@ -234,11 +240,15 @@ def record(module: nn.Module, example_input: Tensor,
         module: the network.
         example_input: its single positional input (any shape and dtype, e.g. token ids).
         is_leaf: which modules are recorded as one ``call_module`` node.
+        on_scalar: called as ``on_scalar(method, module_path, args)`` (``args``: the call's
+            arguments, recorded values as graph nodes) whenever a recorded value or a parameter
+            is read back as a Python value (``bool(t)``, ``t.item()``, ``x in t`` ...): the run
+            branches on, or computes with, a tensor value there. ``None``: not reported.
     Returns:
         A GraphModule with one placeholder ``x``; replaying it with ``fx.Interpreter`` on
         ``example_input`` recomputes the recorded run (constants are those of this run).
     """
-    rec = _Recorder(module, is_leaf)
+    rec = _Recorder(module, is_leaf, on_scalar)
     ph = rec.graph.placeholder("x")
     rec.bind(example_input, ph)
     handles = []

@@ -2,14 +2,24 @@
 
     metanet init-weights --ghn RUN.ckpt --model package.module:ClassName \\
         [--kwargs '{"width": 64}' | --kwargs width=64 depth=3] -o init.safetensors [--fallback-init]
+        [--input-shape 1,3,224,224 | --input-shape 1,16 --input-vocab 50257] [--quiet]
 
 ``--ghn`` takes a Lightning checkpoint of :class:`metanet.tasks.hypernet.GHNTask` (read
 tensors-only; ``--trust-pickle`` allows a full unpickle) or a file from
 :meth:`metanet.hyper.ghn.GHN.save`. The model class is imported and instantiated with the
 keyword arguments (JSON object, or ``key=value`` pairs whose values are parsed as JSON when they
 can be, else kept as strings): that runs the user's own code, named on the command line, never
-code from a file. The output is the model's state_dict, as a safetensors file (or with
-``torch.save`` when OUT ends in ``.pt``/``.pth``; both load tensors-only), written atomically.
+code from a file. ``--model`` may name a class or any factory function returning an
+``nn.Module`` (e.g. one building a Hugging Face model from a small config). The model's forward
+is recorded on ``--input-shape`` (float inputs, or token ids below ``--input-vocab``), or on an
+input guessed from the model (Hugging Face config, first layer). The output is the model's
+state_dict, as a safetensors file (or with ``torch.save`` when OUT ends in ``.pt``/``.pth``;
+both load tensors-only), written atomically.
+
+It prints how many tensors / parameters were predicted and how many keep the model's own
+initialisation (with ``--fallback-init``; each with its reason), then (unless ``--quiet``) the
+name of every predicted and kept tensor. :func:`main` returns the exit code; ``run`` returns the
+:class:`~metanet.hyper.ghn.InitReport` too.
 """
 
 from __future__ import annotations
@@ -24,7 +34,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["main", "parse_kwargs", "resolve_class"]
+__all__ = ["main", "parse_input_shape", "parse_kwargs", "resolve_class", "run"]
 
 
 def resolve_class(spec: str) -> type:
@@ -73,8 +83,34 @@ def parse_kwargs(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+def parse_input_shape(spec: str | None, vocab: int | None) -> torch.Tensor | None:
+    """``"1,3,32,32"`` -> a random float input of that shape (token ids below ``vocab`` when
+    given); ``None`` without a shape."""
+    if spec is None:
+        if vocab is not None:
+            raise ValueError("--input-vocab needs --input-shape (e.g. --input-shape 1,16)")
+        return None
+    try:
+        shape = tuple(int(d) for d in spec.replace("x", ",").split(",") if d.strip())
+    except ValueError:
+        raise ValueError(f"--input-shape must be integers like 1,3,32,32, got {spec!r}") from None
+    if not shape or min(shape) < 1:
+        raise ValueError(f"--input-shape must be positive integers like 1,3,32,32, got {spec!r}")
+    gen = torch.Generator().manual_seed(0)
+    if vocab is not None:
+        if vocab < 1:
+            raise ValueError(f"--input-vocab must be >= 1, got {vocab}")
+        return torch.randint(0, vocab, shape, generator=gen)
+    return torch.randn(shape, generator=gen)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``metanet init-weights``; returns the exit code (2 on bad input)."""
+    return run(argv)[0]
+
+
+def run(argv: Sequence[str] | None = None) -> tuple[int, Any]:
+    """``metanet init-weights``: ``(exit code, InitReport or None on error)``."""
     ap = argparse.ArgumentParser(
         prog="metanet init-weights",
         description="Predict initial parameters of a model with a trained graph hypernetwork.",
@@ -89,6 +125,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "in the file: only for files you trust)")  # fmt: skip
     ap.add_argument("--fallback-init", action="store_true",
                     help="keep the model's own init for ops the GHN cannot predict (logged)")
+    ap.add_argument("--input-shape", default=None,
+                    help="shape of the input to record the forward on, e.g. 1,3,224,224 "
+                         "(default: guessed from the model)")  # fmt: skip
+    ap.add_argument("--input-vocab", type=int, default=None,
+                    help="make the input token ids below this vocabulary size")
+    ap.add_argument("--quiet", action="store_true",
+                    help="print only the predicted / kept counts, not every tensor name")
     args = ap.parse_args(list(argv) if argv is not None else None)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
 
@@ -97,6 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from metanet.serialization import save_state_dict
 
     try:
+        example = parse_input_shape(args.input_shape, args.input_vocab)
         ghn = GHN.load(args.ghn, trust_pickle=args.trust_pickle)
         cls = resolve_class(args.model)
         kwargs = parse_kwargs(args.kwargs)
@@ -107,14 +151,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not isinstance(model, torch.nn.Module):
             raise ValueError(f"{args.model} did not return an nn.Module")
         ghn.eval()
-        ghn.apply(model, fallback_init=args.fallback_init)
+        with torch.no_grad():
+            params = ghn.predict(model, fallback_init=args.fallback_init, example_input=example)
+            named = dict(model.named_parameters())
+            for name, value in params.items():
+                named[name].copy_(value.to(named[name].device, named[name].dtype))
         out = save_state_dict(args.output, model.state_dict())
-    except (ValueError, FileNotFoundError, GHNVocabularyError, ArchTraceError) as exc:
+    except (ValueError, FileNotFoundError, GHNVocabularyError, ArchTraceError,
+            RuntimeError) as exc:  # fmt: skip
         print(f"metanet init-weights: error: {exc}", file=sys.stderr)
-        return 2
-    n = sum(p.numel() for p in model.parameters())
-    print(f"wrote {out} ({n} predicted/initialised parameters of {type(model).__name__})")
-    return 0
+        return 2, None
+    report = params.report
+    print(f"{type(model).__name__}: {report.summary()}")
+    if not args.quiet:
+        for name in report.predicted:
+            print(f"  predicted {name} {list(named[name].shape)}")
+        for line in report.lines()[1:]:
+            print(line)
+    print(f"wrote {out}")
+    return 0, report
 
 
 if __name__ == "__main__":

@@ -172,14 +172,16 @@ def normalize_param(raw: Tensor, role: str, op: str, last: bool = False,
 
     * weights with ``dim >= 2`` (linear, conv, attention projections): ``raw * sqrt(beta /
       fan_in)``, ``fan_in = prod(shape[1:])``, ``beta = 2`` (He gain) for hidden ops and ``1``
-      for the last parametrised op before the output (the classifier);
-    * norm scales (``weight`` of batch/layer/group norm): ``1 + raw``;
+      for the last parametrised op before the output (the classifier) and for embedding tables
+      (``[rows, dim]``: entries of variance ``1 / dim``, unit-norm rows in expectation);
+    * norm scales (``weight`` of batch/layer/group/RMS norm) and layer scales (a 1-d parameter
+      that multiplies a branch, ConvNeXt's ``gamma``): ``1 + raw``;
     * biases and norm shifts: ``raw / sqrt(fan_in)`` (``fan_in`` of the op's weight; 1 for norms).
     """
     if raw.dim() >= 2:
         fan = int(math.prod(raw.shape[1:]))
-        beta = 1.0 if last else 2.0
+        beta = 1.0 if last or op == "embedding" else 2.0
         return raw * math.sqrt(beta / fan)
-    if op in ("batchnorm", "layernorm", "groupnorm"):
+    if op in ("batchnorm", "layernorm", "groupnorm", "rmsnorm", "layer_scale"):
         return 1.0 + raw if role == "weight" else raw
     return raw / math.sqrt(max(1, fan_in or 1))

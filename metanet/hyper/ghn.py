@@ -6,6 +6,7 @@ predicts every parameter of it::
     ghn = GHN(hidden=64, layers=3, decoder="lowrank")
     model = ghn.apply(MyNet())            # MyNet with predicted parameters
     params = ghn.predict(MyNet())         # {param name: tensor}, differentiable w.r.t. the GHN
+    params.report                         # InitReport: which tensors were predicted / kept
 
 Pipeline: node embedding (op type embedding + shape-feature MLP) -> ``layers`` rounds of
 bidirectional message passing over GHN-2's *virtual edges* (every pair of ops at data-flow
@@ -19,7 +20,21 @@ predicted.
 Ops outside the vocabulary (:data:`metanet.graph.arch.OPS`) raise :class:`GHNVocabularyError`
 naming the op and module path; with ``fallback_init=True`` their parameters keep the module's
 own initialisation and the op is embedded as ``unknown`` (both logged on the
-``metanet.hyper.ghn`` logger).
+``metanet.hyper.ghn`` logger). Never silently: :meth:`GHN.predict` returns a
+:class:`PredictedParams` dict whose ``report`` (:class:`InitReport`) lists the predicted and the
+kept tensors (with the reason), which together are exactly ``module.named_parameters()``.
+
+Shapes: a parameter consumed outside a layer (layer scale ``[C, 1, 1]``, ViT's ``cls_token``
+``[1, 1, D]``) is decoded with its size-1 axes dropped and reshaped back; Hugging Face's
+``Conv1D`` weight (``[in, out]``) is decoded as ``[out, in]`` and transposed; a tensor shared by
+several names (tied embeddings) is predicted once.
+
+Checkpoints: new ops are appended to :data:`~metanet.graph.arch.OPS`, so a checkpoint saved with
+a smaller vocabulary loads (:meth:`GHN.load`, ``load_state_dict``, Lightning checkpoints of a
+GHN task): its op embedding rows keep their indices and each appended op starts
+from the row of the op it specialises (:data:`~metanet.graph.arch.OP_FALLBACK`, e.g.
+``group_conv`` from ``conv``, ``hardswish`` from ``silu``; else ``unknown``), i.e. the old GHN
+embeds it exactly as it embedded that op before.
 """
 
 from __future__ import annotations
@@ -27,17 +42,17 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from metanet.graph.arch import OPS, ArchGraph
+from metanet.graph.arch import OP_FALLBACK, OPS, ArchGraph
 from metanet.hyper.decoders import LowRankDecoder, TilingDecoder, normalize_param
 
-__all__ = ["GHN", "GHNVocabularyError", "ROLES"]
+__all__ = ["GHN", "GHNVocabularyError", "InitReport", "PredictedParams", "ROLES"]
 
 log = logging.getLogger("metanet.hyper.ghn")
 
@@ -76,7 +91,8 @@ def _scatter_mean(src: Tensor, index: Tensor, size: int) -> Tensor:
 
 @dataclass
 class _Slot:
-    """One parameter tensor to predict."""
+    """One parameter tensor to predict: decoded as ``decode_shape``, then transposed (HF
+    ``Conv1D``) and reshaped to ``shape``."""
 
     name: str
     node: int
@@ -86,6 +102,64 @@ class _Slot:
     role_name: str
     last: bool
     fan_in: int
+    decode_shape: tuple[int, ...] = ()
+    transpose: bool = False
+
+    def finish(self, t: Tensor) -> Tensor:
+        """The decoded tensor in the parameter's own layout."""
+        if self.transpose:
+            t = t.t()
+        return t.reshape(self.shape)
+
+
+@dataclass
+class InitReport:
+    """Which parameters of a module a GHN predicted and which keep the module's own init.
+
+    Attributes:
+        predicted: parameter names (as in ``module.named_parameters()``) the GHN predicts.
+        kept: ``name -> reason`` for parameters left to the module's own initialisation.
+        tied: other names of shared tensors -> the predicted / kept name they alias.
+        numel: ``name -> number of elements`` of every parameter above.
+    """
+
+    predicted: list[str] = field(default_factory=list)
+    kept: dict[str, str] = field(default_factory=dict)
+    tied: dict[str, str] = field(default_factory=dict)
+    numel: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def num_predicted(self) -> int:
+        """Elements of the predicted tensors."""
+        return sum(self.numel.get(k, 0) for k in self.predicted)
+
+    @property
+    def num_kept(self) -> int:
+        """Elements of the kept tensors."""
+        return sum(self.numel.get(k, 0) for k in self.kept)
+
+    def summary(self) -> str:
+        """One line: tensor and element counts."""
+        return (f"predicted {len(self.predicted)} tensors ({self.num_predicted} parameters), "
+                f"kept the module's own init for {len(self.kept)} tensors "
+                f"({self.num_kept} parameters)")  # fmt: skip
+
+    def lines(self) -> list[str]:
+        """The summary, then one line per kept tensor (with its reason) and per tied alias."""
+        out = [self.summary()]
+        out += [f"  kept {k}: {why}" for k, why in self.kept.items()]
+        out += [f"  tied {k} -> {v}" for k, v in self.tied.items()]
+        return out
+
+
+class PredictedParams(dict):
+    """``{parameter name: predicted tensor}`` with the :class:`InitReport` as ``.report``."""
+
+    report: InitReport
+
+    def __init__(self, params: dict[str, Tensor], report: InitReport) -> None:
+        super().__init__(params)
+        self.report = report
 
 
 @dataclass
@@ -98,6 +172,34 @@ class _Prepared:
     dist: Tensor  # [E]
     slots: list[_Slot]
     kept: list[str]  # parameters left to the module's own init (fallback)
+    reasons: dict[str, str] = field(default_factory=dict)  # kept parameter -> why
+    tied: dict[str, str] = field(default_factory=dict)
+    numel: dict[str, int] = field(default_factory=dict)
+
+    def report(self) -> InitReport:
+        """The :class:`InitReport` of this graph."""
+        return InitReport([s.name for s in self.slots],
+                          {k: self.reasons.get(k, "kept") for k in self.kept}, dict(self.tied),
+                          dict(self.numel))  # fmt: skip
+
+
+def _decode_plan(node_attrs: dict[str, Any], op: str, role: str,
+                 shape: tuple[int, ...]) -> tuple[tuple[int, ...], bool]:  # fmt: skip
+    """``(decode_shape, transpose)`` of a parameter (see the module docstring)."""
+    if node_attrs.get("transposed") and len(shape) == 2 and role == "weight":
+        return (shape[1], shape[0]), True
+    if _squeezed(op, role, shape):
+        return tuple(d for d in shape if d != 1) or (1,), False
+    return shape, False
+
+
+def _squeezed(op: str, role: str, shape: tuple[int, ...]) -> bool:
+    """Whether a parameter is decoded without its size-1 axes: one consumed outside a layer
+    (by a tensor op such as ``x * gamma``, ``x + pos``, ``cat(cls, x)``) or a scalar."""
+    return role.startswith("other") or op in _TENSOR_OPS or len(shape) == 0
+
+
+_TENSOR_OPS = {"layer_scale", "add", "mul", "cat", "matmul", "mask"}
 
 
 class GHN(nn.Module):
@@ -154,6 +256,15 @@ class GHN(nn.Module):
             self.decoder = TilingDecoder(hidden, decoder_hidden, chunk_out=chunk, chunk_in=chunk,
                                          kernel=kernel)  # fmt: skip
 
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        """Pad an op embedding saved with an older, smaller vocabulary (any loading path:
+        :meth:`load`, ``load_state_dict``, Lightning checkpoints of a GHN task)."""
+        key = prefix + "op_embed.weight"
+        table = state_dict.get(key)
+        if isinstance(table, Tensor) and table.dim() == 2 and table.shape[0] < len(self.vocab):
+            state_dict[key] = _pad_op_embedding(table, self.vocab)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     @staticmethod
     def _mlp(h: int) -> nn.Sequential:
         return nn.Sequential(nn.Linear(h, h), nn.ReLU(), nn.Linear(h, h))
@@ -162,7 +273,9 @@ class GHN(nn.Module):
     def prepare(
         self, graph: ArchGraph, module: nn.Module | None = None, fallback_init: bool = False
     ) -> _Prepared:
-        """Check ``graph`` against the vocabulary and list the parameters to predict.
+        """Check ``graph`` against the vocabulary and list the parameters to predict (a tensor
+        used by several ops, e.g. tied embeddings, is predicted once, at its first use); the
+        result's ``report()`` is the :class:`InitReport` (exact when ``module`` is given).
 
         Raises:
             GHNVocabularyError: an op outside the vocabulary, a parameter of an unsupported
@@ -170,45 +283,63 @@ class GHN(nn.Module):
                 ``fallback_init`` (then logged and left to the module's own init).
         """
         kept: list[str] = []
+        reasons: dict[str, str] = {}
         slots: list[_Slot] = []
+        seen: set[str] = set()
 
-        def refuse(what: str) -> None:
+        def refuse(what: str, names: Sequence[str]) -> None:
             if not fallback_init:
                 raise GHNVocabularyError(
-                    f"{what}; the GHN cannot predict it (vocabulary: {', '.join(OPS[:-1])}). "
+                    f"{what}; the GHN cannot predict it (vocabulary: "
+                    f"{', '.join(o for o in self.vocab if o != 'unknown')}). "
                     "Pass fallback_init=True (CLI: --fallback-init) to keep the module's own "
                     "initialisation for it."
                 )
             log.warning("GHN fallback: %s -> keeping the module's own initialisation", what)
+            for pname in names:
+                if pname not in seen:
+                    seen.add(pname)
+                    kept.append(pname)
+                    reasons[pname] = what
 
         for i, node in enumerate(graph.nodes):
             where = f"module path '{node.module_path}'" if node.module_path else "the root module"
             if not node.known:
-                refuse(f"op '{node.op}' (fx node '{node.name}', {where}) is outside the GHN "
-                       "vocabulary")  # fmt: skip
-                kept += list(node.params.values())
+                refuse(f"op '{node.op}' (graph node '{node.name}', {where}) is outside the GHN "
+                       "vocabulary", list(node.params.values()))  # fmt: skip
                 continue
             main = node.shapes.get("weight") or node.shapes.get("in_proj_weight")
+            if main and node.attrs.get("transposed") and len(main) == 2:
+                main = (main[1], main[0])
             fan_in = int(math.prod(main[1:])) if main and len(main) >= 2 else 1
             for role, pname in node.params.items():
-                shape = node.shapes[role]
-                if len(shape) == 0 or len(shape) > 4:
-                    refuse(f"parameter '{pname}' of op '{node.op}' ({where}) has unsupported "
-                           f"shape {list(shape)}")  # fmt: skip
-                    kept.append(pname)
+                if pname in seen:  # a shared tensor, predicted at its first use
                     continue
+                shape = node.shapes[role]
+                dshape, transpose = _decode_plan(node.attrs, node.op, role, shape)
+                if len(dshape) > 4 or (len(dshape) > 2 and _squeezed(node.op, role, shape)):
+                    refuse(f"parameter '{pname}' of op '{node.op}' ({where}) has unsupported "
+                           f"shape {list(shape)}", [pname])  # fmt: skip
+                    continue
+                seen.add(pname)
                 r = ROLES.index(role) if role in ROLES else ROLES.index("other")
                 slots.append(_Slot(pname, i, r, shape, node.op, role,
-                                   bool(node.attrs.get("last", False)), fan_in))  # fmt: skip
+                                   bool(node.attrs.get("last", False)), fan_in, dshape,
+                                   transpose))  # fmt: skip
+        numel: dict[str, int] = {}
+        tied = dict(graph.tied)
         if module is not None:
-            covered = {s.name for s in slots} | set(kept)
-            for pname, _ in module.named_parameters():
-                if pname not in covered:
-                    refuse(f"parameter '{pname}' is used by no traced op")
-                    kept.append(pname)
+            for pname, p in module.named_parameters():
+                numel[pname] = p.numel()
+                if pname not in seen:
+                    refuse(f"parameter '{pname}' is used by no traced op", [pname])
+        else:
+            for node in graph.nodes:
+                for role, pname in node.params.items():
+                    numel[pname] = int(math.prod(node.shapes[role]))
         edges, dist = graph.virtual_edges(self.max_dist)
         return _Prepared(graph.op_index(self.vocab), graph.shape_features(), edges, dist, slots,
-                         kept)  # fmt: skip
+                         kept, reasons, tied, numel)  # fmt: skip
 
     def embed(self, prepared: Sequence[_Prepared]) -> list[Tensor]:
         """Node embeddings ``[N_g, hidden]`` of each prepared graph (disjoint-union batch)."""
@@ -247,48 +378,74 @@ class GHN(nn.Module):
             return out
         dev = self.op_embed.weight.device
         hp = torch.stack(rows) + self.role_embed(torch.tensor(roles, device=dev))
-        mat = [j for j, s in enumerate(slots) if len(s.shape) >= 2]
-        vec = [j for j, s in enumerate(slots) if len(s.shape) == 1]
         raw: dict[int, Tensor] = {}
+        mat = [j for j, s in enumerate(slots) if len(s.decode_shape) >= 2]
+        vec = [j for j, s in enumerate(slots) if len(s.decode_shape) == 1]
         if mat:
-            for j, t in zip(mat, self.decoder.matrices(hp[mat], [slots[j].shape for j in mat])):
+            shapes = [slots[j].decode_shape for j in mat]
+            for j, t in zip(mat, self.decoder.matrices(hp[mat], shapes)):
                 raw[j] = t
         if vec:
-            for j, t in zip(vec, self.decoder.vectors(hp[vec], [slots[j].shape[0] for j in vec])):
+            lengths = [slots[j].decode_shape[0] for j in vec]
+            for j, t in zip(vec, self.decoder.vectors(hp[vec], lengths)):
                 raw[j] = t
         for j, s in enumerate(slots):
-            out[owner[j]][s.name] = normalize_param(raw[j], s.role_name, s.op, s.last, s.fan_in)
+            value = normalize_param(raw[j], s.role_name, s.op, s.last, s.fan_in)
+            out[owner[j]][s.name] = s.finish(value)
         return out
 
     def predict(
-        self, model: nn.Module | ArchGraph, fallback_init: bool = False
-    ) -> dict[str, Tensor]:
-        """Predicted parameters of ``model`` (a module, traced here, or its ArchGraph)."""
+        self,
+        model: nn.Module | ArchGraph,
+        fallback_init: bool = False,
+        example_input: Tensor | None = None,
+    ) -> PredictedParams:
+        """Predicted parameters of ``model`` (a module, recorded here, or its ArchGraph).
+
+        Args:
+            model: the module (or its :class:`ArchGraph`).
+            fallback_init: keep the module's own init for what the GHN cannot predict (logged
+                and listed in the report) instead of raising.
+            example_input: input to record the module on (guessed when ``None``, see
+                :meth:`ArchGraph.from_module`).
+        Returns:
+            ``{name: tensor}`` for every predicted parameter; ``.report`` (:class:`InitReport`)
+            lists the predicted and kept tensors (their union is ``model.named_parameters()``).
+        Raises:
+            GHNVocabularyError: see :meth:`prepare` (unless ``fallback_init``).
+            metanet.graph.arch.ArchTraceError: ``model``'s forward cannot be recorded.
+        """
         if isinstance(model, ArchGraph):
             prepared = self.prepare(model, None, fallback_init)
         else:
-            prepared = self.prepare(ArchGraph.from_module(model), model, fallback_init)
-        return self.predict_prepared([prepared])[0]
+            graph = ArchGraph.from_module(model, example_input)
+            prepared = self.prepare(graph, model, fallback_init)
+        return PredictedParams(self.predict_prepared([prepared])[0], prepared.report())
 
     @torch.no_grad()
-    def apply(self, model: Any, fallback_init: bool = False) -> Any:  # type: ignore[override]
-        """Load predicted parameters into ``model`` (in place) and return it.
+    def apply(self, model: Any, fallback_init: bool = False,  # type: ignore[override]
+              example_input: Tensor | None = None) -> Any:  # fmt: skip
+        """Load predicted parameters into ``model`` (in place) and return it; the
+        :class:`InitReport` is logged (INFO) and kept as ``self.last_report``.
 
         (Given a plain function instead of a module, this is ``nn.Module.apply(fn)``, so code
         that walks module trees with ``.apply(fn)`` keeps working.)
 
         Raises:
             GHNVocabularyError: see :meth:`prepare` (unless ``fallback_init``).
-            metanet.graph.arch.ArchTraceError: ``model``'s forward cannot be traced.
+            metanet.graph.arch.ArchTraceError: ``model``'s forward cannot be recorded.
         """
         if not isinstance(model, nn.Module):
             if callable(model):
                 return super().apply(model)
             raise TypeError(f"GHN.apply needs an nn.Module, got {type(model).__name__}")
-        params = self.predict(model, fallback_init=fallback_init)
+        params = self.predict(model, fallback_init=fallback_init, example_input=example_input)
         named = dict(model.named_parameters())
         for name, value in params.items():
             named[name].copy_(value.to(named[name].device, named[name].dtype))
+        self.last_report = params.report
+        for line in params.report.lines():
+            log.info("%s: %s", type(model).__name__, line)
         return model
 
     def num_decoder_parameters(self) -> int:
@@ -343,3 +500,21 @@ class GHN(nn.Module):
         ghn = cls(**config)
         ghn.load_state_dict(state)
         return ghn.to(map_location)
+
+
+def _pad_op_embedding(table: Tensor, vocab: tuple[str, ...]) -> Tensor:
+    """An op embedding table saved with the first ``len(table)`` ops of ``vocab`` (an older
+    vocabulary), extended to ``vocab``: each appended op copies the row of its
+    :data:`~metanet.graph.arch.OP_FALLBACK` op when that one is stored, else ``unknown``'s."""
+    old = vocab[: table.shape[0]]
+    if "unknown" not in old:
+        oldest = vocab.index("unknown") + 1
+        raise ValueError(f"GHN checkpoint has an op embedding of {table.shape[0]} ops, fewer "
+                         f"than the {oldest} of the oldest vocabulary")  # fmt: skip
+    rows = [table]
+    for op in vocab[table.shape[0] :]:
+        base = OP_FALLBACK.get(op, "unknown")
+        rows.append(table[old.index(base if base in old else "unknown")][None])
+    log.info("GHN checkpoint has %d op embeddings; appended ops %s start from older ones",
+             table.shape[0], list(vocab[table.shape[0] :]))  # fmt: skip
+    return torch.cat(rows)
