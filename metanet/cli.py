@@ -39,6 +39,8 @@ LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 # regression one's). Those reach the model in ``MetanetTask.setup`` from the data module.
 DATA_LINKS = {
     "edge_in_dim": "model.init_args.model.init_args.edge_in_dim",
+    "input_features": "model.init_args.in_features",
+    "num_classes": "model.init_args.num_classes",
 }
 
 

@@ -78,3 +78,24 @@ def test_bad_family_entries_name_the_key(tmp_path):
     with pytest.raises(FamilyError, match=r"train\[0\]\.out: is 10, but the data .* needs 3"):
         GHNData(_family(tmp_path, "{type: mlp, depth: [1, 1], width: [4], out: [10]}"),
                 data=BARS)  # fmt: skip
+
+
+def test_mip_fits_on_a_tensor_file_with_sizes_linked_from_the_data(tmp_path):
+    """``metanet fit`` links the data's input and class counts into the MIP task."""
+    import numpy as np
+
+    from metanet.cli import main
+
+    x = np.random.default_rng(0).random((50, 4, 5)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x, y=np.arange(50) % 3)
+    data = f"{{provider: tensors, path: {tmp_path / 'd.npz'}, test_fraction: 0.2}}"
+    main(["fit", "--config", "configs/ghn/mip-digits.yaml", "--trainer.max_steps", "2",
+          "--trainer.val_check_interval", "1", "--trainer.default_root_dir", str(tmp_path),
+          "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
+          "--trainer.enable_progress_bar", "false", "--data.init_args.data", data])  # fmt: skip
+    # a 20-input, 3-class target MLP was built (the digits' 64 -> 10 would not run on the data)
+    from metanet.tasks.hypernet import TaskBatches
+
+    dm = TaskBatches(data={"provider": "tensors", "path": str(tmp_path / "d.npz"),
+                           "test_fraction": 0.2})  # fmt: skip
+    assert (dm.input_features, dm.num_classes) == (20, 3)

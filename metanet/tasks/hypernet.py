@@ -37,13 +37,12 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader, Dataset
 
-from metanet.data.digits import load_digits
 from metanet.graph.arch import ArchGraph
 from metanet.hyper.family import ArchFamily
 from metanet.hyper.ghn import GHN
 from metanet.zoo.architectures import arch_name, build_module, input_shape
 
-__all__ = ["DigitsBatches", "GHNData", "GHNTask", "MIPRegularizationTask", "arch_inputs"]
+__all__ = ["GHNData", "GHNTask", "MIPRegularizationTask", "TaskBatches", "arch_inputs"]
 
 
 def arch_inputs(arch: dict[str, Any], x: Tensor) -> Tensor:
@@ -170,7 +169,8 @@ class GHNTask(L.LightningModule):
             self._cache.move_to_end(key)
             return self._cache[key]
         module = build_module(arch).to(self.device)
-        prepared = self.ghn.prepare(ArchGraph.from_module(module), module)
+        example = torch.zeros(1, *input_shape(arch), device=self.device)
+        prepared = self.ghn.prepare(ArchGraph.from_module(module, example), module)
         self._cache[key] = (module, prepared)
         while len(self._cache) > self.hparams.cache_size:
             self._cache.popitem(last=False)
@@ -213,7 +213,7 @@ class GHNTask(L.LightningModule):
                                  weight_decay=self.hparams.weight_decay)  # fmt: skip
 
 
-class _DigitsSteps(Dataset):
+class _BatchSteps(Dataset):
     def __init__(self, x: Tensor, y: Tensor, batch_size: int, length: int, seed: int) -> None:
         self.x, self.y, self.batch_size, self.length, self.seed = x, y, batch_size, length, seed
 
@@ -226,29 +226,53 @@ class _DigitsSteps(Dataset):
         return {"x": self.x[idx], "y": self.y[idx]}
 
 
-class DigitsBatches(L.LightningDataModule):
-    """Random digits mini-batches (train) and the full test split (validation), images
-    ``[N, 1, 8, 8]``; for :class:`MIPRegularizationTask`."""
+class TaskBatches(L.LightningDataModule):
+    """Random mini-batches of the task data (train) and its validation split (its test split
+    when it has none), for :class:`MIPRegularizationTask`; inputs are flattened.
 
-    def __init__(self, batch_size: int = 128, steps_per_epoch: int = 200, seed: int = 0) -> None:
+    Args:
+        data: the task data (a provider name or mapping, default the bundled digits).
+        batch_size, steps_per_epoch, seed: training batches.
+
+    ``input_features`` and ``num_classes`` (from the data) are linked to the task's arguments of
+    the same meaning by ``metanet fit`` (:data:`metanet.cli.DATA_LINKS`).
+    """
+
+    def __init__(self, data: dict[str, Any] | str = "digits", batch_size: int = 128,
+                 steps_per_epoch: int = 200, seed: int = 0) -> None:  # fmt: skip
         super().__init__()
+        import math
+
+        from metanet.data.tasks import load_task_data
+
         self.save_hyperparameters()
+        self.task = load_task_data(data)
+        if self.task.target_kind != "classes":
+            raise ValueError(f"TaskBatches: data {self.task.name} has {self.task.target_kind} "
+                             "targets, not classes")  # fmt: skip
+        self.input_features = math.prod(self.task.input_shape)
+        self.num_classes = int(self.task.num_classes)
 
     def setup(self, stage: str | None = None) -> None:
-        self.digits = load_digits()
+        from metanet.zoo.data import in_memory
+
+        task = self.task
+        self.train_xy = in_memory(task.train, "train")
+        self.val_xy = in_memory(task.val if task.val is not None else task.test, "validation")
 
     def train_dataloader(self) -> DataLoader:
-        hp, d = self.hparams, self.digits
-        ds = _DigitsSteps(d.x_train, d.y_train, hp.batch_size, hp.steps_per_epoch, hp.seed)
+        hp = self.hparams
+        x, y = self.train_xy
+        ds = _BatchSteps(x.flatten(1), y, hp.batch_size, hp.steps_per_epoch, hp.seed)
         return DataLoader(ds, batch_size=None, collate_fn=_identity)
 
     def val_dataloader(self) -> DataLoader:
-        d = self.digits
-        return DataLoader([{"x": d.x_test, "y": d.y_test}], batch_size=None, collate_fn=_identity)
+        x, y = self.val_xy
+        return DataLoader([{"x": x.flatten(1), "y": y}], batch_size=None, collate_fn=_identity)
 
 
 class MIPRegularizationTask(L.LightningModule):
-    """A hypernetwork conditioned on an L2 strength ``lam`` in [0, 1] writes a digits MLP.
+    """A hypernetwork conditioned on an L2 strength ``lam`` in [0, 1] writes a classifier MLP.
 
     Every step draws ``lam ~ U(0, 1)`` and minimises ``CE + lam * alpha * sum ||W||^2`` of the
     predicted weights (the task of ``scripts/bench_mip.py``). Validation logs test accuracy and
@@ -256,7 +280,9 @@ class MIPRegularizationTask(L.LightningModule):
 
     Args:
         mip: MIP (``[z, 1-z]`` input + residual on ``W0``) or the plain hypernetwork.
-        widths: hidden widths of the target MLP (64 inputs, 10 outputs).
+        widths: hidden widths of the target MLP.
+        in_features, num_classes: its inputs and outputs (linked from the data module by
+            ``metanet fit``; digits: 64 and 10).
         hidden: hypernetwork hidden widths.
         alpha: L2 scale.
         lr: Adam learning rate.
@@ -264,12 +290,14 @@ class MIPRegularizationTask(L.LightningModule):
 
     def __init__(self, mip: bool = True, widths: list[int] | None = None,
                  hidden: list[int] | None = None, alpha: float = 1e-2,
-                 lr: float = 1e-3) -> None:  # fmt: skip
+                 lr: float = 1e-3, in_features: int = 64,
+                 num_classes: int = 10) -> None:  # fmt: skip
         super().__init__()
         from metanet.hyper.mip import MIPHyperNetwork
 
         self.save_hyperparameters()
-        target = build_module({"type": "mlp", "widths": list(widths or [64])})
+        target = build_module({"type": "mlp", "widths": list(widths or [64]), "in": in_features,
+                               "out": num_classes})  # fmt: skip
         self.hnet = MIPHyperNetwork(target, cond_dim=1, hidden=tuple(hidden or (64, 64)), mip=mip)
 
     def _loss(self, lam: float, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
