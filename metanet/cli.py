@@ -40,7 +40,7 @@ LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 DATA_LINKS = {
     "edge_in_dim": "model.init_args.model.init_args.edge_in_dim",
     "input_features": "model.init_args.in_features",
-    "num_classes": "model.init_args.num_classes",
+    "output_classes": "model.init_args.num_classes",
 }
 
 

@@ -98,4 +98,4 @@ def test_mip_fits_on_a_tensor_file_with_sizes_linked_from_the_data(tmp_path):
 
     dm = TaskBatches(data={"provider": "tensors", "path": str(tmp_path / "d.npz"),
                            "test_fraction": 0.2})  # fmt: skip
-    assert (dm.input_features, dm.num_classes) == (20, 3)
+    assert (dm.input_features, dm.output_classes) == (20, 3)

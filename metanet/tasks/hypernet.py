@@ -234,8 +234,8 @@ class TaskBatches(L.LightningDataModule):
         data: the task data (a provider name or mapping, default the bundled digits).
         batch_size, steps_per_epoch, seed: training batches.
 
-    ``input_features`` and ``num_classes`` (from the data) are linked to the task's arguments of
-    the same meaning by ``metanet fit`` (:data:`metanet.cli.DATA_LINKS`).
+    ``input_features`` and ``output_classes`` (from the data) are linked to the task's
+    ``in_features`` and ``num_classes`` by ``metanet fit`` (:data:`metanet.cli.DATA_LINKS`).
     """
 
     def __init__(self, data: dict[str, Any] | str = "digits", batch_size: int = 128,
@@ -251,7 +251,7 @@ class TaskBatches(L.LightningDataModule):
             raise ValueError(f"TaskBatches: data {self.task.name} has {self.task.target_kind} "
                              "targets, not classes")  # fmt: skip
         self.input_features = math.prod(self.task.input_shape)
-        self.num_classes = int(self.task.num_classes)
+        self.output_classes = int(self.task.num_classes)
 
     def setup(self, stage: str | None = None) -> None:
         from metanet.zoo.data import in_memory
