@@ -572,26 +572,12 @@ def _example_candidates(module: nn.Module) -> list[Tensor]:
         return [torch.randn(1, int(getattr(cfg, "num_channels", 3)), size, size, dtype=dtype,
                             device=device)]  # fmt: skip
     sizes = (32, 16, 28, 64, 8, 224)
+    from metanet.graph.tracing import layer_input_shapes
+
     for m in module.modules():
-        shapes: list[tuple[int, ...]] = []
         if isinstance(m, nn.Embedding):
             return [torch.randint(0, m.num_embeddings, (1, 8), device=device)]
-        if isinstance(m, nn.Linear):
-            shapes = [(2, m.in_features), (2, 3, m.in_features)]
-        elif isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1:
-            shapes = [(2, m.normalized_shape[0]), (2, 3, m.normalized_shape[0])]
-        elif isinstance(m, nn.MultiheadAttention):
-            shapes = [(2, 3, m.embed_dim)]
-        elif isinstance(m, nn.Conv1d):
-            shapes = [(2, m.in_channels, s) for s in sizes]
-        elif isinstance(m, nn.Conv2d):
-            shapes = [(2, m.in_channels, s, s) for s in sizes]
-        elif isinstance(m, nn.BatchNorm1d):
-            shapes = [(2, m.num_features)]
-        elif isinstance(m, nn.BatchNorm2d):
-            shapes = [(2, m.num_features, s, s) for s in sizes]
-        elif isinstance(m, nn.GroupNorm):
-            shapes = [(2, m.num_channels, s, s) for s in sizes]
+        shapes = layer_input_shapes(m, sizes)
         if shapes:
             return [torch.randn(s, dtype=dtype, device=device) for s in shapes]
     return []

@@ -210,23 +210,32 @@ def _example_candidates(
             shapes = [(2, w[1])]
         else:
             shapes = [(2, w[1]) + (s,) * (len(w) - 2) for s in sizes]
-    elif isinstance(m, nn.Linear):
-        shapes = [(2, m.in_features)]
-    elif isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1:
-        shapes = [(2, m.normalized_shape[0])]
-    elif isinstance(m, nn.MultiheadAttention):
-        shapes = [(2, 3, m.embed_dim)]
-    elif isinstance(m, nn.Conv1d):
-        shapes = [(2, m.in_channels, s) for s in sizes]
-    elif isinstance(m, nn.Conv2d):
-        shapes = [(2, m.in_channels, s, s) for s in sizes]
-    elif isinstance(m, nn.BatchNorm1d):
-        shapes = [(2, m.num_features)]
-    elif isinstance(m, nn.BatchNorm2d):
-        shapes = [(2, m.num_features, s, s) for s in sizes]
-    elif isinstance(m, nn.GroupNorm):
-        shapes = [(2, m.num_channels)] + [(2, m.num_channels, s, s) for s in sizes]
+    elif isinstance(m, nn.Module):
+        shapes = layer_input_shapes(m, sizes)
     return [torch.randn(s, dtype=dtype, device=device) for s in shapes]
+
+
+def layer_input_shapes(m: nn.Module, sizes: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """Input shapes (batch 2) that a network whose first layer is ``m`` may take, most likely
+    first: flat and token-sequence inputs for Linear/LayerNorm, ``sizes`` as the spatial size of
+    convolutions and 2-D norms; ``[]`` for other layers. Used to guess an example input."""
+    if isinstance(m, nn.Linear):
+        return [(2, m.in_features), (2, 3, m.in_features)]
+    if isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1:
+        return [(2, m.normalized_shape[0]), (2, 3, m.normalized_shape[0])]
+    if isinstance(m, nn.MultiheadAttention):
+        return [(2, 3, m.embed_dim)]
+    if isinstance(m, nn.Conv1d):
+        return [(2, m.in_channels, s) for s in sizes]
+    if isinstance(m, nn.Conv2d):
+        return [(2, m.in_channels, s, s) for s in sizes]
+    if isinstance(m, nn.BatchNorm1d):
+        return [(2, m.num_features)]
+    if isinstance(m, nn.BatchNorm2d):
+        return [(2, m.num_features, s, s) for s in sizes]
+    if isinstance(m, nn.GroupNorm):
+        return [(2, m.num_channels)] + [(2, m.num_channels, s, s) for s in sizes]
+    return []
 
 
 def _check_graph_memory(module: nn.Module, est: GraphMemoryEstimate, gm: fx.GraphModule) -> None:

@@ -256,19 +256,23 @@ def to_weightspace(nets: Sequence[Network], spec):
         raise PredictError(str(err)) from None
 
 
-def _parse_arch(text: str | None) -> dict | None:
-    if text is None:
-        return None
+def _yaml_argument(flag: str, text: str) -> Any:
+    """A command-line value given as JSON/YAML text or as the path of a YAML file."""
     import yaml
 
     try:
-        if os.path.exists(text):
+        if os.path.isfile(text):
             with open(text) as fh:
-                arch = yaml.safe_load(fh)
-        else:
-            arch = yaml.safe_load(text)
+                return yaml.safe_load(fh)
+        return yaml.safe_load(text)
     except (OSError, yaml.YAMLError) as err:
-        raise PredictError(f"--arch: cannot read {text!r} ({_short(err)})") from None
+        raise PredictError(f"{flag}: cannot read {text!r} ({_short(err)})") from None
+
+
+def _parse_arch(text: str | None) -> dict | None:
+    if text is None:
+        return None
+    arch = _yaml_argument("--arch", text)
     if not isinstance(arch, Mapping):
         raise PredictError(f"--arch must be an arch dict (JSON/YAML mapping), got {text!r}")
     return dict(arch)
@@ -364,16 +368,7 @@ def predict(predictor: Any, nets: Sequence[Network], arch: Mapping | None = None
 
 def _parse_data(text: str) -> Any:
     """``--data``: a provider name, a JSON/YAML mapping, or a YAML file holding one."""
-    import yaml
-
-    try:
-        if os.path.isfile(text):
-            with open(text) as fh:
-                value = yaml.safe_load(fh)
-        else:
-            value = yaml.safe_load(text)
-    except (OSError, yaml.YAMLError) as err:
-        raise PredictError(f"--data: cannot read {text!r} ({_short(err)})") from None
+    value = _yaml_argument("--data", text)
     if isinstance(value, Mapping) and isinstance(value.get("data"), (Mapping, str)):
         value = value["data"]  # a recipe or config file: its data entry
     if not isinstance(value, (Mapping, str)):
