@@ -2,6 +2,7 @@
 
 import logging
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -201,12 +202,16 @@ def test_save_load_and_init_weights_cli(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_lightning_fit_config_runs_and_checkpoint_feeds_init_weights(tmp_path):
+def test_lightning_fit_config_runs_and_checkpoint_feeds_init_weights(tmp_path, monkeypatch):
     from lightning.pytorch.cli import LightningCLI
 
     from metanet.tasks.hypernet import GHNTask  # noqa: F401
 
-    args = ["fit", "--config", "configs/ghn/digits-lowrank.yaml", "--trainer.max_steps", "3",
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)  # the config's runs/ghn-lowrank/checkpoints land in tmp_path
+    args = ["fit", "--config", str(root / "configs/ghn/digits-lowrank.yaml"),
+            "--data.init_args.recipe", str(root / "datasets/ghn-digits-family.yaml"),
+            "--trainer.max_steps", "3",
             "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false",
             "--trainer.enable_progress_bar", "false", "--data.init_args.val_family_archs", "1"]
     LightningCLI(subclass_mode_model=True, subclass_mode_data=True, args=args,
@@ -219,6 +224,14 @@ def test_lightning_fit_config_runs_and_checkpoint_feeds_init_weights(tmp_path):
                             "metanet.zoo.architectures:build_module", "--kwargs", kwargs,
                             "-o", str(out)])  # fmt: skip
     assert rc == 0 and torch.load(out)["0.weight"].shape == (300, 64)
+    # the pickle-free copy beside the checkpoint predicts the same weights
+    out2 = tmp_path / "init.safetensors"
+    rc = init_weights_main(["--ghn", str(ckpts[0].with_suffix(".safetensors")), "--model",
+                            "metanet.zoo.architectures:build_module", "--kwargs", kwargs,
+                            "-o", str(out2)])  # fmt: skip
+    from metanet.serialization import load_file
+
+    assert rc == 0 and torch.equal(load_file(out2)["0.weight"], torch.load(out)["0.weight"])
 
 
 def test_family_recipe_samples_valid_archs_and_rejects_bad_keys(tmp_path):
