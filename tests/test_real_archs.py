@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metanet.graph import EdgeType, ParamGraph, UnsupportedOpError, from_module
-from metanet.nn import GMN
+from metanet.nn import GMN, NGT
 
 STRUCTURAL = {
     EdgeType.RESIDUAL, EdgeType.FLATTEN, EdgeType.ATTN_HEAD, EdgeType.ATTN_PAIR, EdgeType.GROUP,
@@ -432,6 +432,10 @@ PERMUTATIONS: dict[str, Callable[[], Spec]] = {
         [("blocks.0.mlp.0.weight", 0), ("blocks.0.mlp.0.bias", 0), ("blocks.0.mlp.2.weight", 1)],
         _perm(32),
     ),
+    # DenseNet: the transition conv's outputs, which read the concatenation of every layer
+    "densenet": lambda: _same(
+        [("trans.2.weight", 0), ("trans.2.bias", 0), ("fc.weight", 1)], _perm(8)
+    ),
     "gpt2": _gpt2_heads,
     # Llama: the SwiGLU hidden neurons of layer 1
     "llama": lambda: _same(
@@ -448,8 +452,12 @@ def _degrees(g: ParamGraph) -> tuple[list[int], list[int]]:
     return sorted(deg_in.tolist()), sorted(deg_out.tolist())
 
 
+@pytest.mark.parametrize("graph_model", ["GMN", "NGT"])
 @pytest.mark.parametrize("family", list(PERMUTATIONS))
-def test_permuted_hidden_units_give_an_isomorphic_graph(family: str) -> None:
+def test_permuted_hidden_units_give_an_isomorphic_graph(family: str, graph_model: str) -> None:
+    """Depthwise + SE (MobileNetV3), channels-last MLP (ConvNeXt), concatenation (DenseNet),
+    attention heads (GPT-2), gated MLP (Llama): permuting hidden units gives an isomorphic graph
+    on which every graph metanetwork gives the same invariant output."""
     module, x, g, _ = _build(family)
     with torch.no_grad():
         ref = _logits(module(x))
@@ -460,7 +468,9 @@ def test_permuted_hidden_units_give_an_isomorphic_graph(family: str) -> None:
     assert _degrees(gp) == _degrees(g)
     assert not torch.equal(gp.edge_attr, g.edge_attr)  # the weights did move
     torch.manual_seed(0)
-    model = GMN(edge_in_dim=g.edge_attr.size(1), hidden=16, num_layers=2).eval()
+    cls = {"GMN": GMN, "NGT": NGT}[graph_model]
+    model = cls(edge_in_dim=g.edge_attr.size(1), hidden=16, num_layers=2).eval()
+    model.calibrate(g)
     with torch.no_grad():
         torch.testing.assert_close(model(gp), model(g), atol=1e-5, rtol=1e-4)
 
