@@ -351,11 +351,12 @@ static void load_block(v8 *a0, const float *x, int f0, int n, int b0) {
 }
 
 /* Gradient of each network's weighted cross-entropy sum_b w[b] CE(net(x[b]), y[b]).
- * params [M, D]; x [M, B, F0]; y [M, B]; w [M, B]; rate [M] (dropout) or NULL; grad [M, D];
+ * params [M, D]; x [M, B, F0]; y [M, B]; w [M, B]; rate [M] (dropout) or NULL; keys [M]
+ * (each row's dropout key, metanet.zoo.train.dropout_keys) or NULL; grad [M, D];
  * loss [M]. Returns 0, or -1 when out of memory. */
 int chain_ce_grad(int n_ops, const int *desc, int m_nets, int batch, int dim, const float *params,
                   const float *x, const int64_t *y, const float *w, const float *rate,
-                  uint64_t seed, float *grad, float *loss) {
+                  const uint64_t *keys, float *grad, float *loss) {
     work_t wk;
     if (work_init(&wk, n_ops, desc, dim)) return -1;
     const int f0 = feat_in(desc), n_cls = feat_out(desc + (n_ops - 1) * DESC);
@@ -373,7 +374,7 @@ int chain_ce_grad(int n_ops, const int *desc, int m_nets, int batch, int dim, co
                 wl[l] = b < batch ? w[(size_t)m * batch + b] : 0.0f;
                 yl[l] = b < batch ? y[(size_t)m * batch + b] : 0;
             }
-            forward_block(&wk, desc, p, 1, r, seed ^ mix64(((uint64_t)m << 32) + (uint64_t)b0));
+            forward_block(&wk, desc, p, 1, r, keys ? keys[m] ^ mix64((uint64_t)b0) : 0);
             /* softmax cross-entropy per lane; g = (softmax - onehot) * w */
             const v8 *logit = wk.act + wk.offset[n_ops];
             v8 *g = wk.ga;

@@ -150,10 +150,15 @@ class SampledDropout(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.register_buffer("p", torch.zeros(()), persistent=False)
+        # the zoo trainer's multipliers for this step (metanet.zoo.train.dropout_multipliers,
+        # the masks every engine draws); empty: masks from torch.rand_like
+        self.register_buffer("mult", torch.ones(0), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return x
+        if self.mult.numel():
+            return x * self.mult
         keep = (torch.rand_like(x) >= self.p).to(x.dtype)
         return x * keep / (1.0 - self.p).clamp_min(1e-6)
 

@@ -15,8 +15,8 @@ the sum of the networks' independent losses):
 * ReLU chains (MLP or CNN, with dropout, flatten or average-pool heads) use a hand-written
   backward (:meth:`BatchedNet.ce_grad`: softmax minus one-hot, then ``bmm``s and the transposes
   of the row gathers); other chains autograd through the batched forward;
-* dropout: per-network rates ``[N]``, masks from 16-bit random draws
-  (:func:`dropout_multipliers`).
+* dropout: per-network rates ``[N]``, masks from 16-bit draws of a hash keyed by (network,
+  step) (:func:`metanet.zoo.train.dropout_multipliers`, the C kernels' masks).
 
 All networks' parameters live in one flat buffer ``[M, D]`` (``state_dict`` order, one row per
 *lane*), so the optimizer step (SGD with momentum and coupled weight decay on the first rows,
@@ -176,20 +176,6 @@ def supports(arch: dict[str, Any]) -> bool:
     )
 
 
-def dropout_multipliers(shape: Sequence[int], rate: torch.Tensor) -> torch.Tensor:
-    """Inverted-dropout multipliers ``[N, ...]`` (``shape``) for per-network rates ``[N]``: 0 or
-    ``1 / (1 - q)``, ``q`` the rate rounded to a multiple of 1/65536. Draws 16 random bits per
-    entry (four per 64-bit draw), a third of the cost of ``torch.rand_like``."""
-    numel = math.prod(shape)
-    bits = torch.empty((numel + 3) // 4, dtype=torch.int64, device=rate.device)
-    bits = bits.random_(-(2**63), None).view(torch.int16)[:numel].view(*shape)
-    dropped = (rate * 65536.0).round().clamp(0.0, 65535.0)  # codes (of 65536) that drop
-    view = (-1, *([1] * (len(shape) - 1)))
-    threshold = (dropped - 32768.0).to(torch.int16).view(view)
-    scale = (65536.0 / (65536.0 - dropped)).view(view)
-    return torch.where(bits >= threshold, scale, 0.0)
-
-
 @dataclass
 class _Op:
     kind: str  # linear | conv | act | dropout | pool | flatten
@@ -265,6 +251,45 @@ class BatchedNet:
             for o in ops
         )
 
+    def op_shapes(self) -> list[tuple[tuple[int, int, int], tuple[int, int, int]]]:
+        """``(input, output)`` per-sample shapes ``(C, H, W)`` of every op (flat features are
+        ``(F, 1, 1)``): the layout the C kernels and the dropout masks index units in."""
+        size = self.arch.get("input_size", 1)
+        chw = ((self.arch.get("in_channels", 1), size, size) if self.conv
+               else (self.arch["in"], 1, 1))  # fmt: skip
+        shapes = []
+        for op in self.ops:
+            c, h, w = chw
+            if op.kind == "conv":
+                out = (op.band.co, op.band.ho, op.band.wo)
+            elif op.kind == "linear":
+                out = (self.shapes[2 * op.index][0], 1, 1)
+            elif op.kind == "pool":
+                out = (c, 1, 1)
+            elif op.kind == "flatten":
+                out = (c * h * w, 1, 1)
+            else:  # activation, dropout
+                out = chw
+            shapes.append((chw, out))
+            chw = out
+        return shapes
+
+    def dropout_mult(self, j: int, h: torch.Tensor, dropout: tuple[torch.Tensor, torch.Tensor]
+                     ) -> torch.Tensor:  # fmt: skip
+        """The multipliers of dropout op ``j`` for activations ``h`` (this engine's layout:
+        ``[M, B, F]``, or ``[M, B, H, W*C]`` after convolutions), from ``dropout`` = (rates
+        ``[M]``, keys ``[M]``): :func:`metanet.zoo.train.dropout_multipliers`, the C kernels'
+        masks."""
+        from metanet.zoo.train import dropout_multipliers as hashed
+
+        rate, keys = dropout
+        (c, hh, ww), _ = self.op_shapes()[j]
+        m, b = h.shape[0], h.shape[1]
+        mult = hashed(keys, rate, j, b, c * hh * ww)  # units in (C, H, W) order
+        if h.dim() == 4:  # conv maps here are [M, B, H, W*C]
+            mult = mult.view(m, b, c, hh, ww).permute(0, 1, 3, 4, 2).reshape(h.shape)
+        return mult.view(h.shape)
+
     # -- parameters ------------------------------------------------------------------------------
     def pack(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
         """``{key: [N, *shape]}`` -> flat ``[N, D]``."""
@@ -333,7 +358,7 @@ class BatchedNet:
         self,
         p: Sequence[torch.Tensor],
         x: torch.Tensor,
-        dropout: torch.Tensor | None = None,
+        dropout: tuple[torch.Tensor, torch.Tensor] | None = None,
         shared: bool = False,
     ) -> torch.Tensor:
         """Outputs ``[N, B, out]`` of the ``N`` networks with parameters ``p`` (:meth:`views`).
@@ -341,7 +366,8 @@ class BatchedNet:
         Args:
             x: prepared input (:meth:`prepare`), ``[N, B, ...]`` per network or ``[B, ...]``
                 for all networks (``shared``).
-            dropout: per-network dropout rates ``[N]`` (training) or ``None`` (evaluation).
+            dropout: per-network dropout rates and mask keys ``([N], [N])`` (training,
+                :func:`metanet.zoo.train.dropout_keys`) or ``None`` (evaluation).
         """
         n = p[0].shape[0]
         h = x
@@ -358,8 +384,8 @@ class BatchedNet:
             elif op.kind == "act":
                 h = op.module(h)
             elif op.kind == "dropout":
-                if dropout is not None:  # inverted dropout, rate per network
-                    h = h * dropout_multipliers(h.shape, dropout)
+                if dropout is not None:  # inverted dropout, rate and mask key per network
+                    h = h * self.dropout_mult(j, h, dropout)
             elif op.kind == "pool":
                 hh, ww, c = op.hwc
                 h = h.reshape(n, h.shape[1], hh * ww, c).mean(2)  # [N, B, C]
@@ -374,7 +400,7 @@ class BatchedNet:
         x: torch.Tensor,
         y: torch.Tensor,
         w: torch.Tensor,
-        dropout: torch.Tensor | None,
+        dropout: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> torch.Tensor:
         """Gradient ``[M, D]`` (flat layout) of each network's weighted cross-entropy
         ``sum_b w[m, b] * CE(net_m(x[m, b]), y[m, b])`` for a ReLU chain (:attr:`manual`):
@@ -400,7 +426,7 @@ class BatchedNet:
                 h = h * mult
                 tape.append((op, mult))
             elif op.kind == "dropout" and dropout is not None:
-                mult = dropout_multipliers(h.shape, dropout)
+                mult = self.dropout_mult(j, h, dropout)
                 h = h * mult
                 tape.append((op, mult))
             elif op.kind == "pool":
@@ -586,6 +612,7 @@ def train_chunk_batched(
     same records)."""
     from metanet.zoo.train import (
         assemble_records,
+        dropout_keys,
         hparam_column,
         init_rows,
         psnr_targets,
@@ -727,15 +754,17 @@ def train_chunk_batched(
             idx, yb, wb = (v[:, t - w0] for v in sched)
             xb = x_all[idx]
             shared = False
+        drop = None
+        if use_dropout:  # masks keyed by (network, its own step): the same in every engine
+            drop = (st["drop"], dropout_keys(generator_seed, st["net"], t - start_t[st["net"]]))
         if native is not None:  # fused C kernels (metanet.zoo.native)
-            grad, losses = native.ce_grad(flat, xb, yb, wb, st["drop"] if use_dropout else None,
-                                          seed=generator_seed * 1_000_003 + t)  # fmt: skip
+            grad, losses = native.ce_grad(flat, xb, yb, wb, *(drop or (None, None)))
         elif manual:  # non-finite logits give non-finite gradients: the test below sees them
-            grad = net.ce_grad(flat, xb, yb, wb, st["drop"] if use_dropout else None)
+            grad = net.ce_grad(flat, xb, yb, wb, drop)
             losses = grad[:, 0]
         else:
             leaves = net.views(flat, requires_grad=True)
-            out = net.forward(leaves, xb, st["drop"] if use_dropout else None, shared=shared)
+            out = net.forward(leaves, xb, drop, shared=shared)
             if regression:
                 per = ((out - yb) ** 2).mean(-1)
             else:

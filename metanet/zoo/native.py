@@ -87,7 +87,7 @@ def library() -> ctypes.CDLL | None:
         return None
     c_int, c_ptr = ctypes.c_int, ctypes.c_void_p
     lib.chain_ce_grad.argtypes = [c_int, c_ptr, c_int, c_int, c_int, c_ptr, c_ptr, c_ptr, c_ptr,
-                                  c_ptr, ctypes.c_uint64, c_ptr, c_ptr]  # fmt: skip
+                                  c_ptr, c_ptr, c_ptr, c_ptr]  # fmt: skip
     lib.chain_forward.argtypes = [c_int, c_ptr, c_int, c_int, c_int, c_ptr, c_ptr, c_ptr]
     lib.chain_ce_grad.restype = lib.chain_forward.restype = c_int
     return lib
@@ -106,24 +106,14 @@ class NativeChain:
         if not net.manual:
             raise ValueError("the native kernels run ReLU chains only")
         rows = []
-        size = net.arch.get("input_size", 1)
-        chw = (net.arch.get("in_channels", 1), size, size) if net.conv else (net.arch["in"], 1, 1)
-        for op in net.ops:
-            c, h, w = chw
+        for op, ((c, h, w), out) in zip(net.ops, net.op_shapes()):
             if op.kind == "conv":
                 b = op.band
-                out = (b.co, b.ho, b.wo)
                 extra = (b.k, b.s, b.pad, net.offsets[2 * op.index], net.offsets[2 * op.index + 1])
             elif op.kind == "linear":
-                n_out = net.shapes[2 * op.index][0]
-                out = (n_out, 1, 1)
                 extra = (1, 1, 0, net.offsets[2 * op.index], net.offsets[2 * op.index + 1])
-            elif op.kind == "pool":
-                out, extra = (c, 1, 1), (1, 1, 0, 0, 0)
-            elif op.kind == "flatten":
-                out, extra = (c * h * w, 1, 1), (1, 1, 0, 0, 0)
-            else:  # relu, dropout
-                out, extra = chw, (1, 1, 0, 0, 0)
+            else:  # relu, dropout, pool, flatten
+                extra = (1, 1, 0, 0, 0)
             rows.append([OP_CODES[op.kind], c, h, w, *out, *extra])
             chw = out
         self.desc = torch.tensor(rows, dtype=torch.int32).contiguous()
@@ -133,10 +123,13 @@ class NativeChain:
         self.classes = chw[0]
 
     def ce_grad(self, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
-                rate: torch.Tensor | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+                rate: torch.Tensor | None,
+                keys: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Gradient ``[M, D]`` and loss ``[M]`` of each network's weighted cross-entropy
         ``sum_b w[m, b] * CE(net_m(x[m, b]), y[m, b])``: ``x`` ``[M, B, F]``, ``y``/``w``
-        ``[M, B]``, dropout ``rate`` ``[M]`` (or ``None``), ``seed`` for the masks."""
+        ``[M, B]``, dropout ``rate`` ``[M]`` (or ``None``) with each row's mask key ``keys``
+        ``[M]`` (:func:`metanet.zoo.train.dropout_keys`; the masks are
+        :func:`metanet.zoo.train.dropout_multipliers`)."""
         lib = library()
         assert lib is not None
         m, b = y.shape
@@ -145,11 +138,13 @@ class NativeChain:
         y = y.long().contiguous()
         w = w.float().contiguous()
         r = rate.float().contiguous() if rate is not None else None
+        k = keys.long().contiguous() if rate is not None and keys is not None else None
         grad = torch.empty(m, self.dim)
         loss = torch.empty(m)
         err = lib.chain_ce_grad(self.n_ops, _ptr(self.desc), m, b, self.dim, _ptr(flat), _ptr(x),
                                 _ptr(y), _ptr(w), _ptr(r) if r is not None else None,
-                                seed & (2**64 - 1), _ptr(grad), _ptr(loss))  # fmt: skip
+                                _ptr(k) if k is not None else None, _ptr(grad),
+                                _ptr(loss))  # fmt: skip
         if err:
             raise MemoryError("chain_ce_grad: out of memory")
         return grad, loss

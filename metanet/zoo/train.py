@@ -225,6 +225,58 @@ def sample_orders(subset: torch.Tensor, epochs: int, generator_seed: int,
     return keys.argsort(dim=-1)
 
 
+_M64 = (1 << 64) - 1
+
+
+def _i64(c: int) -> int:
+    """A uint64 constant as the int64 with the same bits."""
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+def _shr(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 bits (torch's ``>>`` is arithmetic)."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def mix64(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finalizer on int64 tensors (uint64 arithmetic, wrapping): the hash behind
+    every dropout mask, bit for bit the ``mix64`` of ``metanet/zoo/_chain.c``."""
+    x = x + _i64(0x9E3779B97F4A7C15)
+    x = (x ^ _shr(x, 30)) * _i64(0xBF58476D1CE4E5B9)
+    x = (x ^ _shr(x, 27)) * _i64(0x94D049BB133111EB)
+    return x ^ _shr(x, 31)
+
+
+def dropout_keys(generator_seed: int, nets: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """The dropout key ``[M]`` (int64 bits of a uint64) of network ``nets[m]`` (its index in the
+    chunk) at its own training step ``steps[m]``: every engine draws the masks of that step from
+    it (:func:`dropout_multipliers`), so engines differ only in arithmetic."""
+    seed = torch.tensor(_i64(int(generator_seed) & _M64), dtype=torch.int64)
+    return mix64(seed ^ mix64((nets.long() << 32) + steps.long()))
+
+
+def dropout_multipliers(keys: torch.Tensor, rate: torch.Tensor, op: int, batch: int,
+                        units: int) -> torch.Tensor:  # fmt: skip
+    """Inverted-dropout multipliers ``[M, batch, units]`` of the dropout op number ``op`` of a
+    chain: unit ``i`` (in (C, H, W) order) of batch slot ``b`` of network row ``m`` is kept (times
+    ``1 / (1 - q)``) when a 16-bit draw of ``mix64`` keyed by ``keys[m]``, the slot's block of
+    eight, ``op`` and ``i`` is at least ``q * 65536`` (``q`` the rate ``rate[m]`` rounded to a
+    multiple of 1/65536), else 0 - the same draws as the C kernels."""
+    dev = keys.device
+    b = torch.arange(batch, device=dev)
+    lane = b % 8
+    kb = keys[:, None] ^ mix64(b - lane)[None, :]  # [M, B]
+    kj = mix64(kb ^ _i64(((op + 1) << 56) & _M64))
+    i = torch.arange(units, device=dev)
+    h = mix64(kj[:, :, None] + 2 * i + (lane >= 4).long()[None, :, None])  # [M, B, U]
+    u = (h >> (16 * (lane % 4))[None, :, None]) & 0xFFFF  # sign bits never reach the low 16
+    r = rate.float()
+    drop = torch.where(r >= 1.0, 65536.0, torch.floor(r * 65536.0 + 0.5))
+    scale = torch.where(drop < 65536.0, 65536.0 / (65536.0 - drop), 0.0)
+    keep = u.float() >= drop[:, None, None]
+    return torch.where(keep, scale[:, None, None], 0.0)
+
+
 def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.view(-1, *([1] * (like.dim() - 1)))
 
@@ -386,6 +438,9 @@ def train_chunk(
     dropout = col("dropout", 0.0)
     for k in drop_keys:
         buffers[f"{k}.p"] = dropout.clone()
+    use_dropout = bool(drop_keys) and bool((dropout > 0).any())
+    drop_layout = (_dropout_layout(arch, template, drop_keys, data.x_train[:1])
+                   if use_dropout else [])  # fmt: skip
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in template.modules())
 
     n_train = data.x_train.shape[0]
@@ -452,6 +507,11 @@ def train_chunk(
             else torch.gather(y_all, 1, idx[..., None].expand(-1, -1, y_all.shape[-1]))
         )
         wb = valid.float() / valid.sum(1, keepdim=True).clamp_min(1).float()
+        if use_dropout:  # the masks of (network, step) that every engine draws
+            keys = dropout_keys(generator_seed, alive, torch.full_like(alive, t))
+            for k, op, shape in drop_layout:
+                mult = dropout_multipliers(keys, buffers[f"{k}.p"], op, b_max, math.prod(shape))
+                buffers[f"{k}.mult"] = mult.view(m, b_max, *shape)
         old_buffers = {k: v.clone() for k, v in buffers.items()} if has_bn else None
         grads, losses = step_fn(params, buffers, xb, yb, wb)
         finite = torch.isfinite(losses)
@@ -467,7 +527,7 @@ def train_chunk(
         params = opt.step(params, grads, upd)
         if old_buffers is not None:
             for k in buffers:
-                if k.endswith(".p"):
+                if k.endswith((".p", ".mult")):
                     continue
                 buffers[k] = torch.where(_bcast(upd, buffers[k]), buffers[k], old_buffers[k])
         done_epoch = (t + 1) % st["spe"] == 0
@@ -520,9 +580,34 @@ def train_chunk(
     )
 
 
+def _dropout_layout(arch: dict[str, Any], template: nn.Module, drop_keys: list[str],
+                    x: torch.Tensor) -> list[tuple[str, int, tuple[int, ...]]]:  # fmt: skip
+    """``(module name, op number, input shape)`` of each dropout layer: the op number is its
+    position in the chain of :class:`metanet.zoo.batched.BatchedNet` (what the other engines and
+    the C kernels key their masks by) where that engine trains the arch, else its rank."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    mods = dict(template.named_modules())
+    hooks = [mods[k].register_forward_pre_hook(
+        lambda mod, args, k=k: shapes.__setitem__(k, tuple(args[0].shape[1:])))
+        for k in drop_keys]  # fmt: skip
+    try:
+        with torch.no_grad():
+            template.eval()(x.to(next(template.parameters()).device))
+    finally:
+        for h in hooks:
+            h.remove()
+        template.train()
+    from metanet.zoo import batched
+
+    ops = list(range(len(drop_keys)))
+    if batched.supports(arch):
+        ops = [j for j, op in enumerate(batched.BatchedNet(arch).ops) if op.kind == "dropout"]
+    return [(k, op, shapes[k]) for k, op in zip(drop_keys, ops)]
+
+
 def _persistent(buffers: dict[str, torch.Tensor], drop_keys: list[str]) -> dict[str, torch.Tensor]:
-    """Buffers that belong in the state_dict (not the dropout rates)."""
-    skip = {f"{k}.p" for k in drop_keys}
+    """Buffers that belong in the state_dict (not the dropout rates and masks)."""
+    skip = {f"{k}.{b}" for k in drop_keys for b in ("p", "mult")}
     return {k: v for k, v in buffers.items() if k not in skip}
 
 
