@@ -54,7 +54,6 @@ machine line); CPU times less so (page faults and cache misses still do).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import logging
 import os
 import platform
@@ -70,13 +69,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from bench_common import ResNet18, keep_freed_memory  # noqa: E402
 from test_real_archs import FAMILIES, _example, _logits, _randomize  # noqa: E402
 
 from metanet.graph import ParamGraph, estimate_graph_memory, from_module  # noqa: E402
@@ -86,51 +85,6 @@ from metanet.nn import GMN  # noqa: E402
 from metanet.zoo.architectures import build_module  # noqa: E402
 
 T = TypeVar("T")
-
-
-# -- ResNet-18 (no torchvision) ---------------------------------------------------------------
-class BasicBlock(nn.Module):
-    """ResNet basic block: two 3x3 conv + BN, identity or 1x1-conv + BN shortcut, ReLU."""
-
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.downsample: nn.Module | None = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                            nn.BatchNorm2d(cout))  # fmt: skip
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        skip = x if self.downsample is None else self.downsample(x)
-        return F.relu(out + skip)
-
-
-class ResNet18(nn.Module):
-    """torchvision's ResNet-18 layout: 7x7/2 stem + max pool, 4 stages of 2 basic blocks
-    (64-128-256-512), global average pool, 1000-way Linear (11,689,512 parameters)."""
-
-    def __init__(self, num_classes: int = 1000) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        self.maxpool = nn.MaxPool2d(3, 2, 1)
-        stages, cin = [], 64
-        for cout, stride in [(64, 1), (128, 2), (256, 2), (512, 2)]:
-            stages.append(nn.Sequential(BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)))
-            cin = cout
-        self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(512, num_classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
 def digits_cnn() -> nn.Module:
@@ -206,18 +160,6 @@ def timed(fn: Callable[[], T], repeats: int) -> tuple[T, Timing]:
         peaks.append(mem.delta)
     timing = Timing(statistics.median(walls), statistics.median(cpus), max(peaks))
     return out, timing  # type: ignore[return-value]
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc keep freed memory in the process (no fresh mmap, and page faults, per large
-    tensor), as ``scripts/bench_scatter.py --allocator keep`` does; False where it cannot."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    ok = libc.mallopt(m_mmap_threshold, 1 << 30)
-    return bool(ok and libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def git_state() -> str:

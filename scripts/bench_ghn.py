@@ -26,6 +26,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from bench_common import ResNet18
 from torch import nn
 
 from metanet.data.digits import load_digits
@@ -38,45 +39,6 @@ from metanet.zoo.architectures import arch_name, build_module
 GHN_KW = {"hidden": 64, "layers": 3, "decoder_hidden": 64, "kernel": 5, "max_dist": 3}
 DECODERS = {"lowrank": {"decoder": "lowrank", "rank": 8, "max_dim": 256},
             "tiling": {"decoder": "tiling", "chunk": 32}}  # fmt: skip
-
-
-# -- ResNet-18-like module (no torchvision) --------------------------------------------------------
-class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.down = None
-        if stride != 1 or cin != cout:
-            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                      nn.BatchNorm2d(cout))  # fmt: skip
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        skip = x if self.down is None else self.down(x)
-        return F.relu(out + skip)
-
-
-class ResNet18(nn.Module):
-    """ResNet-18 layout: 7x7 stem, 4 stages of 2 basic blocks (64-128-256-512), 1000 classes."""
-
-    def __init__(self, num_classes: int = 1000) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64),
-                                  nn.ReLU(), nn.MaxPool2d(3, 2, 1))  # fmt: skip
-        blocks, cin = [], 64
-        for cout, stride in [(64, 1), (128, 2), (256, 2), (512, 2)]:
-            blocks += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
-            cin = cout
-        self.blocks = nn.Sequential(*blocks)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(512, num_classes)
-
-    def forward(self, x):
-        return self.fc(torch.flatten(self.pool(self.blocks(self.stem(x))), 1))
 
 
 # -- helpers ---------------------------------------------------------------------------------------

@@ -28,7 +28,6 @@ time slices); a median wall-clock table is printed last.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import os
 import platform
@@ -44,6 +43,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 import torch_geometric  # noqa: E402
+from bench_common import keep_freed_memory  # noqa: E402
 from torch_geometric.nn.aggr import StdAggregation  # noqa: E402
 from torch_geometric.utils import scatter as pyg_scatter  # noqa: E402
 
@@ -55,22 +55,6 @@ REDUCES = ("sum", "mean", "max", "std")
 SINGLE = ("ts.scatter", "ts.segment", "native", "segment_reduce")  # single-backend columns
 COLUMNS = ("metanet", "mn.cold", "mn.scatter", *SINGLE, "pyg")
 MIN_ROUNDS, MAX_ROUNDS = 9, 301
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc keep freed memory in the process (no mmap/munmap per large tensor).
-
-    By default every large temporary (>= 32 MB) is a fresh mmap whose pages fault in on first
-    touch; on this shared machine that cost is bimodal (transparent huge pages available or
-    not) and dominated the spread of the 1M-edge rows. Applies to every column alike.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    ok = libc.mallopt(m_mmap_threshold, 1 << 30)
-    return bool(ok and libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def machine_info() -> str:
