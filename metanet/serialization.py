@@ -106,7 +106,7 @@ def load_file(path: str | os.PathLike, trust_pickle: bool = False) -> Any:
     """
     check_file(path)
     if is_safetensors(path):
-        return load_tree(path)
+        return _read_tree(path)
     with open(path, "rb") as fh:
         head = fh.read(4)
     if head != b"PK\x03\x04" and head[:1] != b"\x80":  # neither torch's zip nor a pickle
@@ -223,9 +223,14 @@ def load_tree(path: str | os.PathLike) -> Any:
     Raises:
         FileError: not a readable safetensors file, or one whose metadata is inconsistent.
     """
+    check_file(path)
+    return _read_tree(path)
+
+
+def _read_tree(path: str | os.PathLike) -> Any:
+    """:func:`load_tree` of a file :func:`check_file` has passed."""
     from safetensors import SafetensorError, safe_open
 
-    check_file(path)
     try:
         with safe_open(str(path), framework="pt") as fh:
             metadata = fh.metadata() or {}
