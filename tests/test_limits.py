@@ -108,6 +108,10 @@ NETWORKS = [
     ("cnn_flat", cnn_flat, (2, 3, 16, 16)),
     ("resnetish", ResNetish, (2, 3, 8, 8)),
     ("transformer", Transformer, (2, 5, 32)),
+    ("wide_stem", lambda: nn.Sequential(nn.Conv2d(3, 8, 7, 2, 3), nn.ReLU(),
+                                        nn.Conv2d(8, 8, 5, padding=2, groups=8), nn.ReLU(),
+                                        nn.Conv2d(8, 4, 3), nn.Flatten(), nn.Linear(36, 3)),
+     (2, 3, 10, 10)),  # 7x7 stem and 5x5 depthwise wider than max_kernel_size=9
     ("zoo_cnn", lambda: build_module({"type": "cnn", "channels": [8, 16], "head": "flatten"}),
      None),
 ]  # fmt: skip

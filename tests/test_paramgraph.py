@@ -492,12 +492,29 @@ def test_nonfinite_and_kernel_errors() -> None:
     g = from_module(model, allow_nonfinite=True)
     assert torch.isnan(g.to_state_dict()["2.weight"][0, 0])
 
-    big = nn.Sequential(nn.Conv2d(1, 2, 5), nn.ReLU(), nn.Conv2d(2, 2, 3))
-    with pytest.raises(ValueError, match=r"'0'.*max_kernel_size=9"):
-        from_module(big, example_input=torch.randn(1, 1, 8, 8))
-    g = from_module(big, example_input=torch.randn(1, 1, 8, 8), max_kernel_size=25)
-    assert g.edge_attr.shape[1] == 25
-    assert all(torch.equal(v, big.state_dict()[k]) for k, v in g.to_state_dict().items())
+
+
+def test_kernels_wider_than_max_kernel_size_become_offset_nodes() -> None:
+    """A 5x5 conv at max_kernel_size=9 is read over its 25 kernel offsets (one PATCH node per
+    input channel and offset, scalar edges), without widening the 3x3 conv's edges; with
+    max_kernel_size=25 it is one 25-wide edge per channel pair. Both write back exactly and
+    compute the same function."""
+    torch.manual_seed(0)
+    big = nn.Sequential(nn.Conv2d(1, 2, 5, padding=2), nn.ReLU(), nn.Conv2d(2, 2, 3))
+    x = torch.randn(1, 1, 8, 8)
+    g = from_module(big, example_input=x)
+    assert g.edge_attr.shape[1] == 9
+    patch = g.node_type == NodeType.PATCH
+    assert int(patch.sum()) == 25 and sorted(g.node_pos[patch].tolist()) == list(range(25))
+    conv0 = g.layout.slots["0.weight"]
+    assert (conv0.width, conv0.rows.numel()) == (1, 50)  # 2 outputs x 25 offsets
+    wide = from_module(big, example_input=x, max_kernel_size=25)
+    assert wide.edge_attr.shape[1] == 25 and not bool((wide.node_type == NodeType.PATCH).any())
+    for graph in (g, wide):
+        assert all(torch.equal(v, big.state_dict()[k]) for k, v in graph.to_state_dict().items())
+        fresh = nn.Sequential(nn.Conv2d(1, 2, 5, padding=2), nn.ReLU(), nn.Conv2d(2, 2, 3))
+        with torch.no_grad():
+            torch.testing.assert_close(graph.load_into(fresh)(x), big(x))
 
 
 def test_bad_values_and_modules() -> None:

@@ -237,6 +237,72 @@ class RegNet(nn.Module):
         return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
 
 
+class BasicBlock(nn.Module):
+    """torchvision's ResNet basic block: two 3x3 conv + BN, identity or 1x1-conv + BN shortcut,
+    ReLU."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample: nn.Module | None = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                            nn.BatchNorm2d(cout))  # fmt: skip
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        skip = x if self.downsample is None else self.downsample(x)
+        return F.relu(out + skip)
+
+
+class ResNet(nn.Module):
+    """torchvision's ResNet layout with basic blocks: a 7x7 stride-2 padded stem (wider than
+    max_kernel_size=9) + max pool, stages of ``blocks`` basic blocks (the first stage at stride
+    1, the others 2), global average pool, a Linear. ``ResNet((64, 128, 256, 512), 2, 1000,
+    stem=64)`` is ResNet-18 (11,689,512 parameters; ``scripts/bench_common.py``)."""
+
+    def __init__(self, widths: tuple[int, ...] = (8, 12), blocks: int = 1,
+                 num_classes: int = 5, stem: int = 8) -> None:  # fmt: skip
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, stem, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(stem)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        cin = stem
+        for i, cout in enumerate(widths):
+            stride = 1 if i == 0 else 2
+            stage = [BasicBlock(cin if b == 0 else cout, cout, stride if b == 0 else 1)
+                     for b in range(blocks)]  # fmt: skip
+            self.add_module(f"layer{i + 1}", nn.Sequential(*stage))
+            cin = cout
+        self.num_stages = len(widths)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
+        for i in range(self.num_stages):
+            x = getattr(self, f"layer{i + 1}")(x)
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+class WideFunctionalConv(nn.Module):
+    """A functional 5x5 conv with dilation (``F.conv2d`` on a parameter), wider than K=9."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(6, 3, 5, 5) * 0.1)
+        self.bias = nn.Parameter(torch.zeros(6))
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(F.conv2d(x, self.weight, self.bias, stride=1, padding=4, dilation=2))
+        return self.fc(x.mean((2, 3)))
+
+
 def channel_shuffle(x: Tensor, groups: int) -> Tensor:
     b, c, h, w = x.size()
     x = x.view(b, groups, c // groups, h, w).transpose(1, 2).contiguous()
@@ -287,6 +353,11 @@ def _hf(name: str, attn: str = "sdpa") -> nn.Module:
     if name == "vit":
         cfg = tf.ViTConfig(image_size=16, patch_size=8, hidden_size=16, num_labels=3, **small)
         return tf.ViTForImageClassification(cfg)
+    if name == "llama_gqa":  # grouped-query attention: 4 query heads share 2 key/value heads
+        small = {**small, "num_attention_heads": 4}
+        cfg = tf.LlamaConfig(vocab_size=40, hidden_size=16, num_key_value_heads=2,
+                             max_position_embeddings=12, use_cache=False, **small)  # fmt: skip
+        return tf.LlamaForCausalLM(cfg)
     cfg = tf.LlamaConfig(vocab_size=40, hidden_size=16, num_key_value_heads=2,
                          max_position_embeddings=12, use_cache=False, **small)  # fmt: skip
     return tf.LlamaForCausalLM(cfg)
@@ -304,7 +375,9 @@ FAMILIES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], int]] = {
     "mobilenet_v3": (lambda: MobileNetV2(v3=True), IMAGE, 9),
     "efficientnet": (EfficientNet, IMAGE, 9),
     "densenet": (DenseNet, IMAGE, 9),
-    "convnext": (ConvNeXt, IMAGE, 49),  # depthwise 7x7: 49 kernel elements per edge
+    "resnet": (ResNet, IMAGE, 9),  # 7x7 stem read as a linear map over its kernel offsets
+    "wide_functional_conv": (WideFunctionalConv, IMAGE, 9),
+    "convnext": (ConvNeXt, IMAGE, 9),  # depthwise 7x7 convs: kernel-offset nodes, scalar edges
     "swin": (Swin, IMAGE, 9),  # 4x4 patchify conv read as a linear map over patch pixels
     "regnet": (RegNet, IMAGE, 9),
     "shufflenet": (ShuffleNet, IMAGE, 9),
@@ -314,6 +387,8 @@ FAMILIES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], int]] = {
     "vit": (lambda: _hf("vit"), IMAGE, 9),  # 8x8 patch embedding: linear map over patch pixels
     "llama": (lambda: _hf("llama"), TOKENS, 9),
     "llama_eager": (lambda: _hf("llama", "eager"), TOKENS, 9),
+    "llama_gqa": (lambda: _hf("llama_gqa"), TOKENS, 9),  # sdpa's enable_gqa
+    "llama_gqa_eager": (lambda: _hf("llama_gqa", "eager"), TOKENS, 9),  # repeat_kv
 }
 
 
@@ -419,6 +494,20 @@ def _gpt2_heads() -> Spec:
             (p + "c_proj.weight", 0, heads)]  # fmt: skip
 
 
+def _gqa_heads() -> Spec:
+    """Layer 0 of the GQA Llama (4 query heads of width 4 over 2 key/value heads): key/value
+    heads ``[1, 0]``, query heads ``[3, 2, 1, 0]`` (both groups swapped, and the heads within
+    each), ``o_proj`` columns with the query heads. Rotary positions act within a head, so
+    whole heads may move."""
+    def rows(order: list[int]) -> Tensor:
+        return torch.cat([torch.arange(4) + 4 * h for h in order])
+
+    p = "model.layers.0.self_attn."
+    q, kv = rows([3, 2, 1, 0]), rows([1, 0])
+    return [(p + "q_proj.weight", 0, q), (p + "k_proj.weight", 0, kv),
+            (p + "v_proj.weight", 0, kv), (p + "o_proj.weight", 1, q)]  # fmt: skip
+
+
 PERMUTATIONS: dict[str, Callable[[], Spec]] = {
     # the 24 expanded channels of the first inverted residual (through its SE gate)
     "mobilenet_v3": lambda: _same(
@@ -426,6 +515,13 @@ PERMUTATIONS: dict[str, Callable[[], Spec]] = {
          *_bn("blocks.0.block.4"), ("blocks.0.block.6.fc1.weight", 1),
          ("blocks.0.block.6.fc2.weight", 0), ("blocks.0.block.6.fc2.bias", 0),
          ("blocks.0.block.7.weight", 1)], _perm(24),
+    ),  # fmt: skip
+    # ResNet: the stem's channels, which the first (identity-shortcut) block adds to and the
+    # second stage's conv and downsample read
+    "resnet": lambda: _same(
+        [("conv1.weight", 0), *_bn("bn1"), ("layer1.0.conv1.weight", 1),
+         ("layer1.0.conv2.weight", 0), *_bn("layer1.0.bn2"), ("layer2.0.conv1.weight", 1),
+         ("layer2.0.downsample.0.weight", 1)], _perm(8),
     ),  # fmt: skip
     # the hidden neurons of ConvNeXt's first MLP
     "convnext": lambda: _same(
@@ -437,6 +533,10 @@ PERMUTATIONS: dict[str, Callable[[], Spec]] = {
         [("trans.2.weight", 0), ("trans.2.bias", 0), ("fc.weight", 1)], _perm(8)
     ),
     "gpt2": _gpt2_heads,
+    # Llama with grouped-query attention: swap the two key/value heads of layer 0 with their
+    # query groups, and the two query heads within each group
+    "llama_gqa": _gqa_heads,
+    "llama_gqa_eager": _gqa_heads,
     # Llama: the SwiGLU hidden neurons of layer 1
     "llama": lambda: _same(
         [("model.layers.1.mlp.gate_proj.weight", 0), ("model.layers.1.mlp.up_proj.weight", 0),
@@ -496,13 +596,6 @@ def test_unsupported_ops_name_the_op_and_module_path() -> None:
 
     with pytest.raises(UnsupportedOpError, match=r"at module path 'attn'"):
         from_module(Wrapper(), torch.randn(2, 3, 4))
-    tf = pytest.importorskip("transformers")
-    gqa = tf.LlamaForCausalLM(tf.LlamaConfig(
-        vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, intermediate_size=32, use_cache=False, attn_implementation="sdpa",
-    ))  # fmt: skip
-    with pytest.raises(UnsupportedOpError, match=r"model\.layers\.0\.self_attn"):
-        from_module(gqa, torch.randint(0, 40, TOKENS))
 
 
 def test_build_times_are_small() -> None:

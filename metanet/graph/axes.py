@@ -10,6 +10,7 @@ neurons with other axes (the caller turns it into an ``UnsupportedOpError``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -63,9 +64,16 @@ def view_groups(s_in: Sequence[int], s_out: Sequence[int]) -> list[tuple[list[in
     return groups
 
 
-def reshape_neurons(s_in: Sequence[int], s_out: Sequence[int], axes: Sequence[int],
-                    nodes: Tensor) -> tuple[tuple[int, ...], Tensor] | None:  # fmt: skip
+def reshape_neurons(
+    s_in: Sequence[int], s_out: Sequence[int], axes: Sequence[int], nodes: Tensor,
+    copies: Sequence[int] = (),
+) -> tuple[tuple[int, ...], Tensor] | None:  # fmt: skip
     """Neuron axes and node ids after ``reshape(s_in -> s_out)``.
+
+    ``copies``: input axes along which the tensor holds copies of one value (stride 0, from
+    ``expand``). Merging a neuron axis with copy axes after it repeats each neuron (Hugging
+    Face's ``repeat_kv`` of grouped-query attention: ``[B, Hkv, g, S, d] -> [B, Hkv * g, S,
+    d]`` gives each key / value head's node ids ``g`` times).
 
     Returns:
         ``(new_axes, new_nodes)``, or ``None`` when the reshape is a *flatten* of one neuron
@@ -73,7 +81,9 @@ def reshape_neurons(s_in: Sequence[int], s_out: Sequence[int], axes: Sequence[in
     Raises:
         AxisError: any other mixing of neuron and non-neuron axes.
     """
+    axes = list(axes)
     axes_set = set(axes)
+    copy_set = set(copies)
     new_axes: list[int] = []
     new_shape: list[int] = []
     for ins, outs in view_groups(s_in, s_out):
@@ -81,6 +91,11 @@ def reshape_neurons(s_in: Sequence[int], s_out: Sequence[int], axes: Sequence[in
         if not neuron_in:
             continue
         other = [a for a in ins if a not in axes_set and s_in[a] != 1]
+        if other and len(neuron_in) == 1 and len(outs) == 1 and all(a in copy_set for a in other) \
+                and neuron_in[0] < min(other):  # fmt: skip
+            rep = math.prod(s_in[a] for a in other)
+            nodes = nodes.repeat_interleave(rep, dim=axes.index(neuron_in[0]))
+            other = []
         if other:
             first_other = min(other)
             if len(axes) == 1 and all(a < first_other for a in neuron_in) and len(outs) == 1:

@@ -97,6 +97,7 @@ class _Scores:
 
     heads: Tensor
     depth: int
+    query: _NV  # the queries (their neuron axes shape grouped-query attention's outputs)
 
 
 @dataclass
@@ -556,19 +557,23 @@ class _Tracer(fx.Interpreter):
         return _NV(out, nv.axis, nv.depth + 1, exclusive=True)
 
     def _patch_dense(self, n: fx.Node, nv: _NV, weight: Tensor, w_key: str,
-                     bias: Tensor | None, b_key: str | None) -> _NV:  # fmt: skip
-        """A patchify conv (stride == kernel, no padding) whose kernel is wider than
-        ``max_kernel_size``, read as the linear map it is over each patch's pixels: every
-        channel gets one ``PATCH`` node per kernel position (``node_pos``), and each output
-        channel one scalar edge per weight element from those pixels."""
-        out_ch, in_ch = int(weight.shape[0]), int(weight.shape[1])
+                     bias: Tensor | None, b_key: str | None, groups: int = 1) -> _NV:  # fmt: skip
+        """A conv whose kernel is wider than ``max_kernel_size``, read as the linear map it is
+        over each window (im2col): every input channel gets one ``PATCH`` node per kernel
+        offset (``node_pos``; a unit ``PATCH`` edge from its channel), and each output channel
+        one scalar edge per weight element from those offsets (within its group). Exact for any
+        stride, padding or dilation (ResNet's 7x7 stem, ConvNeXt's 7x7 depthwise convs, ViT's
+        patch embedding), and the kernel never widens the edges of the other layers."""
+        out_ch, per_group_in = int(weight.shape[0]), int(weight.shape[1])
         p = math.prod(weight.shape[2:])
+        in_ch = nv.flat.numel()
         pos = torch.arange(p).repeat(in_ch)
         pix = self.b.add_nodes(in_ch * p, NodeType.PATCH, nv.depth, pos=pos)
         self.b.add_edges(nv.flat.repeat_interleave(p), pix, EdgeType.PATCH)
         pix_nv = _NV(pix, nv.axis, nv.depth, exclusive=True)
-        return self._dense(n, pix_nv, out_ch, weight.reshape(out_ch, in_ch * p), w_key, bias,
-                           b_key, EdgeType.CONV, slot_param=weight)  # fmt: skip
+        return self._dense(n, pix_nv, out_ch, weight.reshape(out_ch, per_group_in * p), w_key,
+                           bias, b_key, EdgeType.CONV, groups=groups,
+                           slot_param=weight)  # fmt: skip
 
     def _norm(self, n: fx.Node, module: nn.Module, nv: _NV, prefix: str) -> _NV:
         stats = {}
@@ -761,14 +766,17 @@ class _Tracer(fx.Interpreter):
         raise self._err(n, f"{what} neurons on axes {nv.axes} of a {dim}-d tensor are not "
                            "[heads, head_dim]")  # fmt: skip
 
-    def _scores(self, n: fx.Node, q: Tensor, k: Tensor, depth: int) -> _Scores:
+    def _scores(self, n: fx.Node, q: Tensor, k: Tensor, depth: int, query: _NV) -> _Scores:
         """Heads of ``q`` / ``k`` (``[H, d]`` node ids): ``H`` head nodes with ``ATTN_HEAD``
-        edges from their query and key neurons, ``ATTN_PAIR`` edges key_j -> query_j."""
-        if q.shape != k.shape:
+        edges from their query and key neurons, ``ATTN_PAIR`` edges key_j -> query_j. With
+        grouped-query attention (``H`` a multiple of the key heads, e.g. Llama's
+        ``num_key_value_heads``) each key head serves its group of query heads."""
+        if q.shape[1] != k.shape[1] or q.shape[0] % k.shape[0]:
             raise self._err(
-                n, f"queries {tuple(q.shape)} and keys {tuple(k.shape)} [heads, head_dim] differ "
-                "(grouped-query attention is not supported)"
+                n, f"queries {tuple(q.shape)} and keys {tuple(k.shape)} [heads, head_dim] do not "
+                "pair up (query heads must be a multiple of key heads, with one head_dim)"
             )
+        k = k.repeat_interleave(q.shape[0] // k.shape[0], dim=0)
         h, d = q.shape
         heads = self.b.add_nodes(h, NodeType.ATTN_HEAD, depth)
         self.b.add_edges(k.reshape(-1), q.reshape(-1), EdgeType.ATTN_PAIR)
@@ -777,15 +785,30 @@ class _Tracer(fx.Interpreter):
                          EdgeType.ATTN_HEAD)  # fmt: skip
         self.b.retype(q, NodeType.ATTN_QUERY)
         self.b.retype(k, NodeType.ATTN_KEY)
-        return _Scores(heads, depth)
+        return _Scores(heads, depth, query)
 
     def _apply_scores(self, n: fx.Node, s: _Scores, v: _NV, v2: Tensor, result: Tensor) -> _NV:
-        if v2.shape[0] != s.heads.numel():
-            raise self._err(n, f"{s.heads.numel()} heads attend over values {tuple(v2.shape)}")
-        self.b.add_edges(s.heads.repeat_interleave(v2.shape[1]), v2.reshape(-1),
-                         EdgeType.ATTN_HEAD)  # fmt: skip
+        """Heads -> their value neurons (``ATTN_HEAD``). The attended values are the value
+        neurons themselves (a head mixes tokens, not neurons), unless value heads are shared by
+        several query heads (grouped-query attention): then every query head gets its own
+        ``ATTN_VALUE`` copy of its group's value neurons (``ATTN_PAIR`` edge value -> copy),
+        which is what the output projection reads."""
+        h = s.heads.numel()
+        if h % v2.shape[0]:
+            raise self._err(n, f"{h} heads attend over values {tuple(v2.shape)}")
+        v2 = v2.repeat_interleave(h // v2.shape[0], dim=0)
         self.b.retype(v2, NodeType.ATTN_VALUE)
-        out = _NV(v.nodes, 0, max(v.depth, s.depth), False, v.axes)
+        depth = max(v.depth, s.depth)
+        head_of = s.heads.repeat_interleave(v2.shape[1])
+        if v2.reshape(-1).unique().numel() == v2.numel():
+            self.b.add_edges(head_of, v2.reshape(-1), EdgeType.ATTN_HEAD)
+            out = _NV(v.nodes, 0, depth, False, v.axes)
+        else:
+            copies = self.b.add_nodes(v2.numel(), NodeType.ATTN_VALUE, depth)
+            self.b.add_edges(v2.reshape(-1), copies, EdgeType.ATTN_PAIR)
+            self.b.add_edges(head_of, copies, EdgeType.ATTN_HEAD)
+            like = v if v.nodes.numel() == copies.numel() else s.query
+            out = _NV(copies.view(like.nodes.shape), 0, depth, True, like.axes)
         self._check_axis(n, out, result)
         return out
 
@@ -807,7 +830,7 @@ class _Tracer(fx.Interpreter):
         q2 = self._heads_2d(n, q, xq.dim(), xq.dim() - 1, "query")
         k2 = self._heads_2d(n, k, xk.dim(), xk.dim() - 1, "key")
         v2 = self._heads_2d(n, v, xv.dim(), xv.dim() - 1, "value")
-        s = self._scores(n, q2, k2, max(q.depth, k.depth))
+        s = self._scores(n, q2, k2, max(q.depth, k.depth), q)
         return self._apply_scores(n, s, v, v2, result)
 
     def _matmul(self, n: fx.Node, a: Any, b: Any, result: Tensor) -> Any:
@@ -817,7 +840,7 @@ class _Tracer(fx.Interpreter):
         if isinstance(a, _NV) and isinstance(b, _NV):
             q2 = self._heads_2d(n, a, ca.dim(), ca.dim() - 1, "query")
             kt = self._heads_2d(n, b, cb.dim(), cb.dim() - 2, "key")
-            return self._scores(n, q2, kt, max(a.depth, b.depth))
+            return self._scores(n, q2, kt, max(a.depth, b.depth), a)
         if isinstance(a, _Scores) and isinstance(b, _NV):
             v2 = self._heads_2d(n, b, cb.dim(), cb.dim() - 1, "value")
             return self._apply_scores(n, a, self._aligned(b, cb, result), v2, result)
@@ -974,8 +997,9 @@ class _Tracer(fx.Interpreter):
         s_in, s_out = tuple(x.shape), tuple(result.shape)
         if s_in == s_out:
             return self._pass(n, src, nv, result)
+        copies = tuple(a for a in range(x.dim()) if x.shape[a] > 1 and x.stride(a) == 0)
         try:
-            moved = reshape_neurons(s_in, s_out, nv.axes, nv.nodes)
+            moved = reshape_neurons(s_in, s_out, nv.axes, nv.nodes, copies)
         except AxisError as exc:
             raise self._err(n, str(exc)) from None
         if moved is not None:
@@ -1085,9 +1109,9 @@ class _Tracer(fx.Interpreter):
             x = concrete[0]
             kdim = 1 if isinstance(m, nn.Conv1d) else 2
             self._require_axis(n, nv, x, x.dim() - kdim - 1, type(m).__name__, m)
-            if math.prod(m.kernel_size) > self.b.k and _is_patchify(m):
+            if math.prod(m.kernel_size) > self.b.k:
                 return self._patch_dense(n, nv, m.weight, prefix + "weight", m.bias,
-                                         prefix + "bias")  # fmt: skip
+                                         prefix + "bias", groups=m.groups)  # fmt: skip
             return self._dense(n, nv, m.out_channels, m.weight, prefix + "weight", m.bias,
                                prefix + "bias", EdgeType.CONV, groups=m.groups)  # fmt: skip
         if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm)):
@@ -1211,6 +1235,8 @@ class _Tracer(fx.Interpreter):
             self._require_axis(n, nv, x, x.dim() - (weight.dim() - 2) - 1, "conv")
             etype = EdgeType.CONV
         b_key = b.param_key if b is not None else None
+        if etype == EdgeType.CONV and math.prod(weight.shape[2:]) > self.b.k:
+            return self._patch_dense(n, nv, weight, w.param_key, bias, b_key, groups=groups)
         return self._dense(n, nv, weight.shape[0], weight, w.param_key, bias, b_key, etype,
                            groups=groups)  # fmt: skip
 
@@ -1231,15 +1257,3 @@ class _Tracer(fx.Interpreter):
             n, nv, self._param(w) if w is not None else None, w.param_key if w else "",
             self._param(b) if b is not None else None, b.param_key if b else "",
         )  # fmt: skip
-
-
-def _is_patchify(m: nn.Module) -> bool:
-    """A conv whose windows tile the input (stride == kernel size, no padding or dilation)."""
-    pad = m.padding
-    no_pad = pad == "valid" or (not isinstance(pad, str) and all(p == 0 for p in pad))
-    return (
-        tuple(m.stride) == tuple(m.kernel_size)
-        and no_pad
-        and all(d == 1 for d in m.dilation)
-        and m.groups == 1
-    )

@@ -15,7 +15,7 @@ Counts (``K`` = ``max_kernel_size``, ``f`` = bytes per value of the graph's dtyp
 * MultiheadAttention (``E`` = embed_dim, ``H`` heads): ``3E + H`` nodes and
   ``E * (E + kdim + vdim) + 4E`` edges (the output projection counts as a Linear);
 * Embedding ``[V, D]`` / Hugging Face Conv1D ``[in, out]``: one edge per entry (``V`` one-hot
-  nodes for an Embedding); a patchify conv whose kernel exceeds ``K``: ``in * k`` patch nodes and
+  nodes for an Embedding); a conv whose kernel exceeds ``K``: ``in * k`` kernel-offset nodes and
   edges besides its ``out * in * k`` scalar edges; a module's own 1-D parameter (layer scale,
   RMSNorm weight) or ``[1, .., C]`` table (cls token, position embedding): one node and edge
   per element (plus the table's rows);
@@ -110,8 +110,8 @@ class _Counts:
 
 def _count_module(m: nn.Module, c: _Counts, k: int = 9) -> None:
     """Add the nodes / edges that ``m``'s own parameters contribute (not its children's);
-    ``k`` = max_kernel_size (a patchify conv with a larger kernel gets patch-pixel nodes)."""
-    from metanet.graph.fx_builder import _is_patchify, is_hf_conv1d
+    ``k`` = max_kernel_size (a conv with a larger kernel gets kernel-offset nodes)."""
+    from metanet.graph.fx_builder import is_hf_conv1d
 
     if isinstance(m, nn.Embedding) or is_hf_conv1d(m):
         v, d = (int(s) for s in m.weight.shape)  # Embedding [V, D]; Conv1D [in, out]
@@ -133,9 +133,10 @@ def _count_module(m: nn.Module, c: _Counts, k: int = 9) -> None:
             return
         shape = tuple(weight.shape)
         kernel = math.prod(shape[2:])
-        if kernel > k and isinstance(m, nn.modules.conv._ConvNd) and _is_patchify(m):
-            c.nodes += shape[1] * kernel  # patch pixels, one edge each from their channel
-            c.edges += shape[1] * kernel
+        if kernel > k and isinstance(m, nn.modules.conv._ConvNd):
+            in_ch = shape[1] * int(m.groups)  # kernel offsets, one edge each from their channel
+            c.nodes += in_ch * kernel
+            c.edges += in_ch * kernel
             c.dense(shape[0], shape[1] * kernel, 1, m.bias is not None)
             return
         c.dense(shape[0], shape[1], kernel, getattr(m, "bias", None) is not None)

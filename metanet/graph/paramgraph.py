@@ -68,7 +68,7 @@ class NodeType(IntEnum):
     #                type, a learned token such as ViT's cls token); node_pos = the index
     PRODUCT = 12  # elementwise product of two neuron sets (gated MLP, squeeze-excitation)
     SCALE = 13  # neuron times a per-neuron parameter (layer scale, RMSNorm weight; bias = shift)
-    PATCH = 14  # one pixel of a channel's patch (patchify conv read as a linear map; node_pos)
+    PATCH = 14  # one kernel offset of a channel (a conv wider than max_kernel_size; node_pos)
 
 
 class EdgeType(IntEnum):
@@ -84,12 +84,13 @@ class EdgeType(IntEnum):
     ATTN_VALUE = 7  # input neuron -> value neuron (W_v)
     ATTN_OUT = 8  # value neuron -> attention output neuron (W_o)
     ATTN_HEAD = 9  # query/key neuron -> its head, head -> its value neurons (value 1.0)
-    ATTN_PAIR = 10  # key neuron j -> query neuron j (their dot product; value 1.0)
+    ATTN_PAIR = 10  # key neuron j -> query neuron j (their dot product), or a shared value
+    #                 neuron -> its copy in one query head (grouped-query attention); value 1.0
     GROUP = 11  # GroupNorm group -> its normalized channels (value 1.0)
     EMBEDDING = 12  # one-hot index -> embedding neuron (value = table entry w[index, neuron])
     PRODUCT = 13  # operand neuron -> product neuron (value 1.0)
     SCALE = 14  # neuron -> its scaled copy (value = the per-neuron scale; 1.0 for a shift)
-    PATCH = 15  # channel -> one pixel of its patch (value 1.0)
+    PATCH = 15  # channel -> one of its kernel offsets (value 1.0)
 
 
 @dataclass(frozen=True)

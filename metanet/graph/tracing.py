@@ -11,12 +11,13 @@ input is guessed from a symbolic fx trace. Constructions (after Graph Metanetwor
 
 * **Linear / Conv1d / Conv2d**: new neurons (``HIDDEN``) carrying the bias in ``x[:, 0]``; one
   edge per weight ``w[out, in]`` from input neuron to output neuron. A conv edge carries the
-  kernel ``w[out, in].flatten()`` (row-major) zero-padded to ``max_kernel_size`` columns
-  (ValueError if larger). **Grouped / depthwise** convs have edges only within a group
-  (``out * in / groups`` edges). A *patchify* conv (stride == kernel, no padding, e.g. ViT's
-  16x16 patch embedding) whose kernel exceeds ``max_kernel_size`` is read as the linear map it
-  is: each input channel gets one ``PATCH`` node per kernel position (unit ``PATCH`` edges) and
-  every weight element is one scalar edge from a patch pixel. Hugging Face's ``Conv1D``
+  kernel ``w[out, in].flatten()`` (row-major) zero-padded to ``max_kernel_size`` columns.
+  **Grouped / depthwise** convs have edges only within a group (``out * in / groups`` edges).
+  A conv whose kernel exceeds ``max_kernel_size`` (ResNet's 7x7 stem, ConvNeXt's 7x7
+  depthwise convs, ViT's 16x16 patch embedding) is read as the linear map it is over each
+  window (im2col): each input channel gets one ``PATCH`` node per kernel offset (unit ``PATCH``
+  edges, ``node_pos`` = offset) and every weight element is one scalar edge from an offset
+  node, so one wide kernel never widens the edges of every other layer. Hugging Face's ``Conv1D``
   (``[in, out]`` weights, GPT-2) is a Linear whose slot reads the transposed edges.
 * **Embeddings** (``nn.Embedding``, ``F.embedding``): one one-hot node per row (``INPUT`` when
   indexed by the module's token-id input, ``POSITION`` for constant indices such as positions
@@ -36,7 +37,11 @@ input is guessed from a symbolic fx trace. Constructions (after Graph Metanetwor
   the projection neurons laid out ``[heads, head_dim]`` (retyped ``ATTN_QUERY`` / ``KEY`` /
   ``VALUE``), plus ``ATTN_HEAD`` nodes and ``ATTN_PAIR`` edges as for MultiheadAttention below.
   Parameter-free rotary positions (``q * cos + rotate_half(q) * sin``) give ``SUM`` neurons
-  fed by each neuron and its rotary partner. Grouped-query attention is not supported.
+  fed by each neuron and its rotary partner. **Grouped-query attention** (Llama's
+  ``num_key_value_heads``; ``enable_gqa`` or ``repeat_kv``'s expand + reshape): each key head
+  pairs with every query head of its group, and each query head gets its own ``ATTN_VALUE``
+  copy of its group's value neurons (``ATTN_PAIR`` edge value -> copy), read by the output
+  projection.
 * **Per-neuron parameters**: ``x * gamma`` (layer scale, RMSNorm weight) adds ``SCALE``
   neurons with one ``SCALE`` edge per element; ``+ beta`` right after is their bias (else new
   ``SCALE`` neurons with unit edges). Parameter-free normalizations written as ops (RMSNorm's
@@ -174,6 +179,9 @@ def _first_consumer(gm: fx.GraphModule) -> nn.Module | tuple[str, tuple[int, ...
     return None
 
 
+_CONV_FUNCTIONS = (F.conv1d, F.conv2d, torch.conv1d, torch.conv2d)
+
+
 def _input_axis(gm: fx.GraphModule, example: Tensor) -> int:
     if example.dim() <= 2:
         return example.dim() - 1
@@ -194,6 +202,8 @@ def _input_axis(gm: fx.GraphModule, example: Tensor) -> int:
                     return 1
             if user.op == "call_function" and user.target in (F.linear, F.layer_norm):
                 return example.dim() - 1
+            if user.op == "call_function" and user.target in _CONV_FUNCTIONS:
+                return 1
             frontier.append(user)
     return 1
 
