@@ -6,7 +6,9 @@ EfficientNet, DenseNet, ConvNeXt, Swin, RegNet, ShuffleNet), the tiny Hugging Fa
 ViT and Llama built from config objects there (random init, nothing downloaded), the digits CNN
 of the zoo recipes (``build_module({"type": "cnn", "channels": [8, 16], "kernel": 3})``, input
 ``[2, 1, 8, 8]``) and a standard ResNet-18 written here (BasicBlock x [2, 2, 2, 2], 1000 classes,
-input ``[1, 3, 224, 224]``, ``max_kernel_size=49`` for its 7x7 stem; torchvision is not used).
+input ``[1, 3, 224, 224]``; torchvision is not used) at the default ``max_kernel_size=9``, where
+its 7x7 stem is read over its kernel offsets, and at ``max_kernel_size=49``, where every edge is
+49 values wide (the only way before kernel-offset nodes; the comparison row).
 
 Per architecture (every model in ``eval()`` mode, all float state, BatchNorm statistics included,
 set to random values as the tests do):
@@ -34,7 +36,7 @@ set to random values as the tests do):
   cell gives the one-line reason, and, if the reason is the vocabulary, the counts with
   ``fallback_init=True``.
 
-GMN: ``metanet.nn.GMN(edge_in_dim=49, hidden=--gmn-hidden, num_layers=--gmn-layers)``
+GMN: ``metanet.nn.GMN(edge_in_dim=K, hidden=--gmn-hidden, num_layers=--gmn-layers)``
 (calibrated on the graph first, not timed), forward + backward of ``mean(out ** 2)`` on the
 ResNet-18 graph, and the forward alone under ``no_grad`` (``--repeats`` each); peak RSS delta
 measured as for builds.
@@ -96,7 +98,8 @@ def digits_cnn() -> nn.Module:
 ARCHS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], int]] = {
     **{k: v for k, v in FAMILIES.items() if not k.endswith("_eager")},
     "digits_cnn": (digits_cnn, (2, 1, 8, 8), 9),
-    "resnet18": (ResNet18, (1, 3, 224, 224), 49),
+    "resnet18": (ResNet18, (1, 3, 224, 224), 9),
+    "resnet18_k49": (ResNet18, (1, 3, 224, 224), 49),
 }
 GMN_NAME = "gmn"
 

@@ -5,55 +5,21 @@ timings. Imported by ``scripts/bench_*.py`` (run from the repository root)."""
 from __future__ import annotations
 
 import ctypes
+import sys
+from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from test_real_archs import ResNet  # noqa: E402
 
 
 # -- ResNet-18 (no torchvision) ---------------------------------------------------------------
-class BasicBlock(nn.Module):
-    """ResNet basic block: two 3x3 conv + BN, identity or 1x1-conv + BN shortcut, ReLU."""
-
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.downsample: nn.Module | None = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                            nn.BatchNorm2d(cout))  # fmt: skip
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        skip = x if self.downsample is None else self.downsample(x)
-        return F.relu(out + skip)
-
-
-class ResNet18(nn.Module):
+def ResNet18(num_classes: int = 1000) -> nn.Module:  # noqa: N802 (named like torchvision's)
     """torchvision's ResNet-18 layout: 7x7/2 stem + max pool, 4 stages of 2 basic blocks
-    (64-128-256-512), global average pool, 1000-way Linear (11,689,512 parameters)."""
-
-    def __init__(self, num_classes: int = 1000) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        self.maxpool = nn.MaxPool2d(3, 2, 1)
-        stages, cin = [], 64
-        for cout, stride in [(64, 1), (128, 2), (256, 2), (512, 2)]:
-            stages.append(nn.Sequential(BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)))
-            cin = cout
-        self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(512, num_classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+    (64-128-256-512), global average pool, 1000-way Linear (11,689,512 parameters); the
+    ``ResNet`` family stand-in of ``tests/test_real_archs.py`` at full size."""
+    return ResNet((64, 128, 256, 512), blocks=2, num_classes=num_classes, stem=64)
 
 
 def keep_freed_memory() -> bool:
