@@ -177,7 +177,9 @@ class ConvNeXt(nn.Module):
 
 class WindowAttention(nn.Module):
     """Swin's windowed self-attention: window partition by view/permute, fused qkv reshaped to
-    (3, heads, head_dim) and permuted, scores by matmul, windows merged back."""
+    (3, heads, head_dim) and permuted, scores by matmul plus the learned relative position bias
+    (``relative_position_bias_table[relative_position_index]``, as timm and torchvision write
+    it), windows merged back."""
 
     def __init__(self, c: int, heads: int, window: int) -> None:
         super().__init__()
@@ -185,6 +187,17 @@ class WindowAttention(nn.Module):
         self.norm, self.qkv, self.proj = nn.LayerNorm(c), nn.Linear(c, 3 * c), nn.Linear(c, c)
         self.norm2 = nn.LayerNorm(c)
         self.mlp = nn.Sequential(nn.Linear(c, 2 * c), nn.GELU(), nn.Linear(2 * c, c))
+        self.relative_position_bias_table = nn.Parameter(torch.randn((2 * window - 1) ** 2, heads))
+        coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window),
+                                            indexing="ij")).flatten(1)  # fmt: skip
+        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + window - 1
+        index = rel[..., 0] * (2 * window - 1) + rel[..., 1]
+        self.register_buffer("relative_position_index", index)
+
+    def _bias(self) -> Tensor:
+        n = self.window**2
+        table = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        return table.view(n, n, -1).permute(2, 0, 1).contiguous().unsqueeze(0)
 
     def forward(self, x: Tensor) -> Tensor:  # [B, H, W, C]
         b, h, w, c = x.shape
@@ -193,7 +206,7 @@ class WindowAttention(nn.Module):
         y = y.reshape(-1, ws * ws, c)
         qkv = self.qkv(y).reshape(y.shape[0], ws * ws, 3, self.heads, c // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
-        attn = (q * (c // self.heads) ** -0.5) @ k.transpose(-2, -1)
+        attn = (q * (c // self.heads) ** -0.5) @ k.transpose(-2, -1) + self._bias()
         y = (attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(-1, ws * ws, c)
         y = self.proj(y).view(b, h // ws, w // ws, ws, ws, c).permute(0, 1, 3, 2, 4, 5)
         x = x + y.reshape(b, h, w, c)
@@ -508,6 +521,14 @@ def _gqa_heads() -> Spec:
             (p + "v_proj.weight", 0, kv), (p + "o_proj.weight", 1, q)]  # fmt: skip
 
 
+def _swin_heads() -> Spec:
+    heads = torch.cat([torch.arange(4, 8), torch.arange(0, 4)])
+    qkv = torch.cat([heads + 8 * i for i in range(3)])
+    p = "blocks.0."
+    return [(p + "qkv.weight", 0, qkv), (p + "qkv.bias", 0, qkv), (p + "proj.weight", 1, heads),
+            (p + "relative_position_bias_table", 1, torch.tensor([1, 0]))]  # fmt: skip
+
+
 PERMUTATIONS: dict[str, Callable[[], Spec]] = {
     # the 24 expanded channels of the first inverted residual (through its SE gate)
     "mobilenet_v3": lambda: _same(
@@ -516,6 +537,9 @@ PERMUTATIONS: dict[str, Callable[[], Spec]] = {
          ("blocks.0.block.6.fc2.weight", 0), ("blocks.0.block.6.fc2.bias", 0),
          ("blocks.0.block.7.weight", 1)], _perm(24),
     ),  # fmt: skip
+    # Swin: the two heads of block 0 (q, k, v blocks of the fused qkv, proj's columns and the
+    # relative position bias table's head columns)
+    "swin": _swin_heads,
     # ResNet: the stem's channels, which the first (identity-shortcut) block adds to and the
     # second stage's conv and downsample read
     "resnet": lambda: _same(
@@ -584,7 +608,7 @@ def test_unsupported_ops_name_the_op_and_module_path() -> None:
             self.bias = nn.Parameter(torch.zeros(3, 3))
 
         def forward(self, x: Tensor) -> Tensor:
-            return (self.q(x) @ self.k(x).transpose(-2, -1) + self.bias).softmax(-1)
+            return (self.q(x) @ self.k(x).transpose(-2, -1) + self.bias).softmax(-1) @ x
 
     class Wrapper(nn.Module):
         def __init__(self) -> None:
@@ -594,8 +618,34 @@ def test_unsupported_ops_name_the_op_and_module_path() -> None:
         def forward(self, x: Tensor) -> Tensor:
             return self.attn(x)
 
-    with pytest.raises(UnsupportedOpError, match=r"at module path 'attn'"):
-        from_module(Wrapper(), torch.randn(2, 3, 4))
+    module = Wrapper()
+    with torch.no_grad():
+        module.attn.bias.copy_(torch.randn(3, 3))
+    g = from_module(module, torch.randn(2, 3, 4))  # one head: a per-head score bias
+    assert torch.equal(g.to_state_dict()["attn.bias"], module.attn.bias)
+
+    class SharedBias(nn.Module):
+        """Two heads biased by one shared table: no per-head construction."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.q, self.k = nn.Linear(4, 4), nn.Linear(4, 4)
+            self.bias = nn.Parameter(torch.zeros(3, 3))
+
+        def forward(self, x: Tensor) -> Tensor:
+            q, k = self.q(x).view(2, 3, 2, 2).transpose(1, 2), self.k(x).view(2, 3, 2, 2)
+            return (q @ k.permute(0, 2, 3, 1) + self.bias).softmax(-1)
+
+    class Wrapper2(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = SharedBias()
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.attn(x)
+
+    with pytest.raises(UnsupportedOpError, match=r"at module path 'attn'.*one value"):
+        from_module(Wrapper2(), torch.randn(2, 3, 4))
 
 
 def test_build_times_are_small() -> None:

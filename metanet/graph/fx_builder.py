@@ -812,6 +812,46 @@ class _Tracer(fx.Interpreter):
         self._check_axis(n, out, result)
         return out
 
+    def _score_bias(self, n: fx.Node, s: _Scores, p: _Opaque, result: Tensor) -> _Scores:
+        """A parameter added to the attention logits (Swin's relative position bias table,
+        T5 / ALiBi-style learned biases): each entry biases the logits of one head at a fixed
+        set of (query, key) positions. Entries with the same set of positions share one
+        ``POSITION`` node (``node_pos`` = its rank), with one ``EMBEDDING`` edge per entry into
+        the head it biases, so permuting heads (with the table's head column) is a graph
+        automorphism."""
+        weight = self._param(p)
+        idx = p.index.reshape((1,) * (result.dim() - p.index.dim()) + tuple(p.index.shape))
+        h = s.heads.numel()
+        axis = s.query.axes[0] if h > 1 and len(s.query.axes) == 2 else None
+        if axis is None:
+            per_head = idx.reshape(1, -1)
+        elif idx.shape[axis] == h:
+            per_head = idx.movedim(axis, 0).reshape(h, -1)
+        else:
+            raise self._err(n, f"{p.what} biases the logits of {h} heads with one value "
+                               f"(shape {tuple(p.index.shape)}); only per-head biases have a "
+                               "graph construction")  # fmt: skip
+        numel = weight.numel()
+        owner = torch.full((numel,), -1, dtype=torch.long)
+        pattern: dict[int, tuple[int, ...]] = {}
+        for head in range(per_head.size(0)):
+            order = torch.argsort(per_head[head], stable=True)
+            ids, counts = torch.unique_consecutive(per_head[head][order], return_counts=True)
+            if bool((owner[ids] >= 0).any()):
+                raise self._err(n, f"an entry of {p.what} biases several heads")
+            owner[ids] = head
+            for e, positions in zip(ids.tolist(), order.split(counts.tolist())):
+                pattern[e] = tuple(positions.tolist())
+        if bool((owner < 0).any()):
+            raise self._err(n, f"{int((owner < 0).sum())} entries of {p.what} bias no logit")
+        keys = sorted(set(pattern.values()))
+        rank = {k: i for i, k in enumerate(keys)}
+        pos = self.b.add_nodes(len(keys), NodeType.POSITION, 0, pos=torch.arange(len(keys)))
+        src = pos[torch.tensor([rank[pattern[e]] for e in range(numel)], dtype=torch.long)]
+        eids = self.b.add_edges(src, s.heads[owner], EdgeType.EMBEDDING, weight.reshape(-1, 1))
+        self.b.add_slot(p.param_key, weight, "edge", eids, 0, 1, _module_path(n))
+        return s
+
     def _sdpa(self, n: fx.Node, args: tuple, kwargs: dict, result: Tensor) -> _NV:
         names = ["query", "key", "value", "attn_mask"]
         bound = dict(zip(names, args))
@@ -898,6 +938,10 @@ class _Tracer(fx.Interpreter):
         if len(args) < 2 or not isinstance(result, Tensor):
             return NotImplemented
         a, b = args[0], args[1]
+        if name == "add" and float(kwargs.get("alpha", 1.0)) == 1.0:
+            for sc, p in ((a, b), (b, a)):
+                if isinstance(sc, _Scores) and isinstance(p, _Opaque) and p.param_key:
+                    return self._score_bias(n, sc, p, result)
         if not (isinstance(a, _NV) or isinstance(b, _NV)):
             return NotImplemented
         cs = self._concrete(n)

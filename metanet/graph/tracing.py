@@ -41,7 +41,9 @@ input is guessed from a symbolic fx trace. Constructions (after Graph Metanetwor
   ``num_key_value_heads``; ``enable_gqa`` or ``repeat_kv``'s expand + reshape): each key head
   pairs with every query head of its group, and each query head gets its own ``ATTN_VALUE``
   copy of its group's value neurons (``ATTN_PAIR`` edge value -> copy), read by the output
-  projection.
+  projection. A **parameter added to the logits** (Swin's relative position bias table, learned
+  per-head biases): entries that bias the same (query, key) positions share one ``POSITION``
+  node, with one ``EMBEDDING`` edge per entry into the head it biases.
 * **Per-neuron parameters**: ``x * gamma`` (layer scale, RMSNorm weight) adds ``SCALE``
   neurons with one ``SCALE`` edge per element; ``+ beta`` right after is their bias (else new
   ``SCALE`` neurons with unit edges). Parameter-free normalizations written as ops (RMSNorm's
