@@ -12,6 +12,7 @@ hidden channels / heads gives an isomorphic graph (same sorted degree sequences,
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metanet.graph import EdgeType, ParamGraph, UnsupportedOpError, from_module
+from metanet.graph import EdgeType, NodeType, ParamGraph, UnsupportedOpError, from_module
 from metanet.nn import GMN, NGT
 
 STRUCTURAL = {
@@ -594,6 +595,49 @@ def test_permuted_hidden_units_give_an_isomorphic_graph(family: str, graph_model
     torch.manual_seed(0)
     cls = {"GMN": GMN, "NGT": NGT}[graph_model]
     model = cls(edge_in_dim=g.edge_attr.size(1), hidden=16, num_layers=2).eval()
+    model.calibrate(g)
+    with torch.no_grad():
+        torch.testing.assert_close(model(gp), model(g), atol=1e-5, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- several outputs
+class TwoHeads(nn.Module):
+    """GoogLeNet / Inception-style: a main classifier and an auxiliary head on an inner layer,
+    returned together (as a dict)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU())
+        self.inner = nn.Sequential(nn.Conv2d(6, 8, 3, padding=1), nn.ReLU())
+        self.aux = nn.Linear(6, 4)
+        self.main = nn.Linear(8, 5)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        h = self.body(x)
+        return {"logits": self.main(self.inner(h).mean((2, 3))), "aux": self.aux(h.mean((2, 3)))}
+
+
+def test_a_module_with_several_outputs() -> None:
+    """Every returned tensor's neurons are OUTPUT nodes, numbered in return order; the graph
+    writes back exactly, and permuting the shared body's channels gives an isomorphic graph."""
+    torch.manual_seed(0)
+    module = _randomize(TwoHeads(), 0)
+    x = _example(IMAGE)
+    g = from_module(module, x)
+    out = g.node_type == NodeType.OUTPUT
+    assert int(out.sum()) == 9 and sorted(g.node_pos[out].tolist()) == list(range(9))
+    fresh = _randomize(TwoHeads(), 5)
+    with torch.no_grad():
+        g.load_into(fresh)
+        for key in ("logits", "aux"):
+            torch.testing.assert_close(fresh(x)[key], module(x)[key])
+    perm = _perm(6)
+    spec = [("body.0.weight", 0, perm), ("body.0.bias", 0, perm), ("inner.0.weight", 1, perm),
+            ("aux.weight", 1, perm)]  # fmt: skip
+    permuted = _permute(copy.deepcopy(module), spec)
+    gp = from_module(permuted, x)
+    assert _degrees(gp) == _degrees(g)
+    model = GMN(hidden=16, num_layers=2).eval()
     model.calibrate(g)
     with torch.no_grad():
         torch.testing.assert_close(model(gp), model(g), atol=1e-5, rtol=1e-4)

@@ -337,7 +337,7 @@ class _Tracer(fx.Interpreter):
         self.input_axis = input_axis
         self.info: dict[fx.Node, Any] = {}
         self.params = dict(gm.named_parameters(remove_duplicate=False))
-        self.output_nv: _NV | None = None
+        self.output_nodes: Tensor | None = None
         self.called: set[str] = set()
         self.slices: list[tuple[fx.Node, Tensor]] = []  # (getitem, neurons it leaves out)
 
@@ -502,11 +502,18 @@ class _Tracer(fx.Interpreter):
         return _NV(ids, axis, 0, exclusive=False)
 
     def _output(self, n: fx.Node) -> None:
+        """The module's outputs: every returned tensor computed from the input (a tuple, list or
+        dict of them, e.g. a main and an auxiliary head); their neurons become ``OUTPUT`` nodes
+        numbered in return order. Returned attention weights and constants are not outputs."""
         args, _ = self._nv_args(n)
-        outs = [a for a in self._flat(args) if a is not None]
-        if len(outs) != 1 or not isinstance(outs[0], _NV):
-            raise self._err(n, "the module must return exactly one tensor computed from its input")
-        self.output_nv = outs[0]
+        outs = [a for a in self._flat(args) if isinstance(a, _NV)]
+        if not outs:
+            raise self._err(n, "the module returns no tensor computed from its input")
+        flat = torch.cat([o.flat for o in outs])
+        order = torch.unique(flat, return_inverse=True)[1]
+        first = torch.full((int(order.max()) + 1,), flat.numel(), dtype=torch.long)
+        first.scatter_reduce_(0, order, torch.arange(flat.numel()), "amin")
+        self.output_nodes = flat[first.sort().values]  # each neuron once, in return order
         self._check_slices()
         return None
 
@@ -515,7 +522,7 @@ class _Tracer(fx.Interpreter):
         elsewhere (split heads, rotary halves); dropping neurons altogether is not encoded."""
         if not self.slices:
             return
-        used = torch.cat([c for c in self.b.src] + [self.output_nv.flat])
+        used = torch.cat([c for c in self.b.src] + [self.output_nodes])
         for n, dropped in self.slices:
             if not bool(torch.isin(dropped, used).all()):
                 raise self._err(n, "the slice drops neurons that nothing else uses")

@@ -218,9 +218,12 @@ def _holds_tensor(out: Any) -> bool:
 
 
 def _main_output(out: Any, rec: _Recorder) -> Any:
-    """The graph output: a tensor; a tuple keeps its recorded tensors; a ``Mapping`` (e.g. a
-    Hugging Face ``ModelOutput``) gives its first recorded tensor (``logits`` /
-    ``last_hidden_state``: by convention the main output comes first)."""
+    """The graph output: a tensor; a tuple, list or plain ``Mapping`` keeps its recorded
+    tensors (several outputs, e.g. a main and an auxiliary head); a Hugging Face
+    ``ModelOutput`` gives its first recorded tensor (``logits`` / ``last_hidden_state``: by
+    convention the main output comes first; caches and hidden states are not outputs)."""
+    if isinstance(out, Mapping) and not hasattr(out, "to_tuple"):
+        return tuple(rec.lookup(v) if isinstance(v, Tensor) else None for v in out.values())
     if isinstance(out, Mapping):
         for v in out.values():
             if isinstance(v, Tensor) and rec.lookup(v) is not None:

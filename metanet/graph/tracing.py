@@ -82,6 +82,10 @@ input is guessed from a symbolic fx trace. Constructions (after Graph Metanetwor
   neurons inside a head. (GMN's reference shares one neuron set for q, k and v and does not
   encode heads; ours refines it.)
 
+**Outputs**: every tensor the module returns that is computed from its input (a tensor, or a
+tuple / list / dict of them, e.g. a main and an auxiliary head) gives ``OUTPUT`` nodes, numbered
+in return order; a Hugging Face ``ModelOutput`` gives its first tensor (``logits``).
+
 ``node_pos`` pins the non-permutable neurons (input and output indices). Unsupported modules,
 functions or methods raise :class:`UnsupportedOpError` naming the op and the module path.
 """
@@ -408,13 +412,13 @@ def _finalize(module: nn.Module, state: dict, b: _Builder, tracer: _Tracer) -> P
                 "(unused, tied to another parameter, or consumed by an unsupported op)"
             )
         extras[key] = value.detach().cpu().clone()
-    if tracer.output_nv is None:  # pragma: no cover - fx graphs always have an output
+    if tracer.output_nodes is None:  # pragma: no cover - fx graphs always have an output
         raise UnsupportedOpError("the traced module has no output")
     node_type = torch.cat(b.node_type)
     for ids, ntype in b.retyped:
         node_type[ids] = int(ntype)
     node_pos = torch.cat(b.node_pos)
-    out_nodes = tracer.output_nv.nodes.reshape(-1)
+    out_nodes = tracer.output_nodes
     not_input = node_type[out_nodes] != int(NodeType.INPUT)
     node_type[out_nodes[not_input]] = int(NodeType.OUTPUT)
     node_pos[out_nodes[not_input]] = torch.arange(out_nodes.numel())[not_input]
