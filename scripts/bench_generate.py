@@ -14,6 +14,9 @@
    both aligned to the reference, against the nearest-neighbour spread inside the zoo); generation
    speed (networks/s on CPU); conditional accuracy on each condition's own task vs the other's.
 
+Error overlap, the four baselines of :mod:`metanet.generate.baselines`, selection on validation and
+the two zoo kinds (one run vs many seeds) are in ``scripts/bench_generate_novelty.py``.
+
 Baseline row "Gaussian (aligned)": a Gaussian with the mean and covariance of the canonicalized zoo
 — what a generator must beat to have learned more than second-order statistics.
 """

@@ -9,7 +9,15 @@
 * :mod:`~metanet.generate.flow`: flow matching with Euler/Heun ODE samplers;
 * :mod:`~metanet.generate.backbones`: residual-MLP and chunk-token transformer denoisers;
 * :mod:`~metanet.generate.taskzoo`: a multi-task (digit class subsets) MLP zoo for conditioning;
-* :mod:`~metanet.generate.evaluate`: test accuracy of generated digits classifiers;
+* :mod:`~metanet.generate.evaluate`: test accuracy of generated classifiers, validation/test
+  splits, median/mean accuracy with best-of-N chosen on validation;
+* :mod:`~metanet.generate.novelty`: error overlap (max IoU of misclassified test samples against
+  the training checkpoints) and aligned L2 nearest-neighbour distance, memorization flags, the
+  novelty-vs-accuracy plot;
+* :mod:`~metanet.generate.baselines`: training checkpoints, checkpoint + noise, averages of
+  aligned checkpoints, a diagonal Gaussian of the aligned zoo;
+* :mod:`~metanet.generate.selection`: :class:`SelectOnValidation`, a callback that chooses a
+  generator's checkpoint on the validation split;
 * :mod:`~metanet.generate.cli`: ``metanet generate``.
 
 The LightningModules live in :mod:`metanet.tasks.generation`.
@@ -18,7 +26,7 @@ The LightningModules live in :mod:`metanet.tasks.generation`.
 from metanet.generate.autoencoder import ParamAutoencoder
 from metanet.generate.backbones import ResidualMLP, TokenTransformer
 from metanet.generate.canonicalize import canonicalize, nearest_distances, pick_reference
-from metanet.generate.data import GeneratorDataModule
+from metanet.generate.data import GeneratorDataModule, ZooInputError
 from metanet.generate.diffusion import GaussianDiffusion, make_betas
 from metanet.generate.flow import FlowMatching
 
@@ -29,6 +37,7 @@ __all__ = [
     "ParamAutoencoder",
     "ResidualMLP",
     "TokenTransformer",
+    "ZooInputError",
     "canonicalize",
     "make_betas",
     "nearest_distances",

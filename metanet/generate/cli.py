@@ -7,7 +7,17 @@ writes ``OUT/net_0000.safetensors`` ... (plain safetensors ``state_dict`` files 
 to ``OUT/arch.json``) and, when the target task is a classifier whose data this machine can read
 (:func:`metanet.generate.evaluate.can_evaluate`), ``OUT/generated.csv`` with each network's test
 accuracy (on its condition's own classes when the condition is a task of class subsets, and on
-every task's classes as ``acc_<task>`` columns).
+every task's classes as ``acc_<task>`` columns). When the zoo's data has a validation split, a
+``val_acc`` column is added and the summary names the best network *by validation accuracy*
+(its test accuracy beside the median and mean of all networks; nothing is chosen on test).
+
+``--against ZOO`` measures novelty against the training networks in ``ZOO`` (the group of the
+generator's architecture, aligned to the generator's reference network):
+``max_error_iou`` (the maximum IoU of the network's misclassified test samples with those of any
+training network) and ``aligned_l2_nn`` (aligned L2 distance to the nearest training network)
+columns, and ``memorized`` (1 for a near copy; :func:`metanet.generate.novelty.novelty`). Runs the
+generator held out of its training (``GeneratorDataModule(holdout=...)``) are not training
+networks and are left out when ``ZOO`` is the zoo it was trained on.
 
 The generator checkpoint is read tensors-only; ``--trust-pickle`` allows a full unpickle of a
 checkpoint that needs one, which runs code named in the file (only for files you trust).
@@ -34,7 +44,8 @@ A folder that has ``arch.json`` therefore holds exactly the networks of one comp
 killed at any point leaves no partial file, and running the same command again completes it.
 
 Bad input (a condition the generator was not trained with, a checkpoint of another task or of
-another architecture than ``--arch``, a checkpoint that needs pickle without ``--trust-pickle``,
+another architecture than ``--arch``, an ``--against`` zoo without networks of the generator's
+architecture, a checkpoint that needs pickle without ``--trust-pickle``,
 an unreadable file, test data that cannot be read for the evaluation, ``n <= 0``, a job over
 the memory limit) prints ``error: ...`` and exits with 2.
 """
@@ -121,6 +132,13 @@ def _parser() -> argparse.ArgumentParser:
         help="JSON arch dict the networks must fit (checked against the generator)",
     )
     p.add_argument("--no-eval", action="store_true", help="do not evaluate the networks")
+    p.add_argument(
+        "--against",
+        default=None,
+        metavar="ZOO",
+        help="zoo of the generator's training networks: add novelty columns (max error IoU, "
+        "aligned L2 nearest-neighbour distance, memorized) to generated.csv",
+    )
     p.add_argument(
         "--trust-pickle",
         action="store_true",
@@ -279,7 +297,12 @@ def _write_csv(path: Path, rows: list[list[str]]) -> None:
 def run(args: argparse.Namespace) -> str:
     """Sample, write and evaluate; returns a one-line summary."""
     from metanet.data.tasks import TaskDataError
-    from metanet.generate.evaluate import can_evaluate, classifier_accuracy, load_test_split
+    from metanet.generate.evaluate import (
+        can_evaluate,
+        classifier_accuracy,
+        load_eval_splits,
+        load_test_split,
+    )
     from metanet.limits import check_memory, memory_limit_bytes
     from metanet.serialization import atomic_write, save_state_dict
     from metanet.tasks.generation import load_generator
@@ -301,14 +324,28 @@ def run(args: argparse.Namespace) -> str:
     if args.arch is not None:
         _check_arch(args.arch, info["arch"])
     evaluate = not args.no_eval and can_evaluate(info)
+    if args.against is not None and not evaluate:
+        raise _UsageError("--against needs the evaluation (a classifier zoo, without --no-eval)")
     x = y = None
+    val = None
     if evaluate:
         try:
             x, y = load_test_split(info)
+            splits = load_eval_splits(info)
         except TaskDataError as err:
             raise _UsageError(
                 f"cannot evaluate the networks: {err} (pass --no-eval to skip the evaluation)"
             ) from None
+        if splits.source == "val":
+            val = (splits.x_val, splits.y_val)
+    train_group = None
+    if args.against is not None:
+        from metanet.generate.data import ZooInputError, zoo_group_for
+
+        try:
+            train_group = zoo_group_for(args.against, info["arch"])
+        except (ZooInputError, OSError) as err:
+            raise _UsageError(f"--against: {err}") from None
     estimate = estimate_memory(
         gen, args.n, args.sampler, args.guidance, eval_examples=len(x) if x is not None else 0
     )
@@ -350,21 +387,75 @@ def run(args: argparse.Namespace) -> str:
     own = [
         float(per_task[c][i]) if c in per_task else float(acc_all[i]) for i, c in enumerate(names)
     ]
-    rows = [["file", "condition", "test_acc", "test_acc_all_classes",
-             *[f"acc_{t}" for t in per_task]]]  # fmt: skip
+    val_own: list[float] | None = None
+    if val is not None:
+        val_all = classifier_accuracy(ws, info["arch"], *val)
+        val_task = {t: classifier_accuracy(ws, info["arch"], *val, cls) for t, cls in tasks.items()}
+        val_own = [
+            float(val_task[c][i]) if c in val_task else float(val_all[i])
+            for i, c in enumerate(names)
+        ]
+    nov = _novelty_columns(gen, ws, train_group, x, y) if train_group is not None else None
+    header = ["file", "condition", "test_acc", "test_acc_all_classes",
+              *[f"acc_{t}" for t in per_task]]  # fmt: skip
+    if val_own is not None:
+        header.append("val_acc")
+    if nov is not None:
+        header += ["max_error_iou", "aligned_l2_nn", "memorized"]
+    rows = [header]
     for i, f in enumerate(files):
-        rows.append(
-            [
-                f,
-                names[i] or "",
-                f"{own[i]:.4f}",
-                f"{float(acc_all[i]):.4f}",
-                *[f"{float(a[i]):.4f}" for a in per_task.values()],
-            ]
-        )
+        row = [
+            f,
+            names[i] or "",
+            f"{own[i]:.4f}",
+            f"{float(acc_all[i]):.4f}",
+            *[f"{float(a[i]):.4f}" for a in per_task.values()],
+        ]
+        if val_own is not None:
+            row.append(f"{val_own[i]:.4f}")
+        if nov is not None:
+            row += [f"{float(nov.iou[i]):.4f}", f"{float(nov.distance[i]):.4f}",
+                    str(int(nov.memorized[i]))]  # fmt: skip
+        rows.append(row)
     _write_csv(out / "generated.csv", rows)
-    med = sorted(own)[len(own) // 2]
-    return f"{summary}; test_acc best {max(own):.4f} median {med:.4f} (generated.csv)"
+    own_t = torch.tensor(own)
+    text = f"{summary}; test_acc median {own_t.median():.4f} mean {own_t.mean():.4f}"
+    if val_own is not None:
+        b = int(torch.tensor(val_own).argmax())
+        text += f"; best by val_acc: {files[b]} (val {val_own[b]:.4f}, test {own[b]:.4f})"
+    if nov is not None:
+        text += (
+            f"; novelty: max error IoU median {nov.iou.median():.3f}, aligned L2 NN median "
+            f"{nov.distance.median():.3f}, memorized {nov.memorized.float().mean():.0%}"
+        )
+    return f"{text} (generated.csv)"
+
+
+def _same_zoo(info: Mapping[str, Any], group: Any) -> bool:
+    """Whether zoo ``group`` is the one the generator was trained on (same file fingerprint)."""
+    zoo = info.get("zoo_info") or {}
+    attrs = dict(getattr(getattr(group, "zoo", None), "attrs", {}) or {})
+    fp = str(attrs.get("fingerprint", ""))
+    return bool(fp) and fp == zoo.get("fingerprint")
+
+
+def _novelty_columns(gen: Any, ws: Any, group: Any, x: torch.Tensor, y: torch.Tensor) -> Any:
+    """Novelty of ``ws`` against the networks of zoo ``group`` (aligned to the generator's
+    reference network): a :class:`metanet.generate.novelty.NoveltyReport`."""
+    from metanet.generate.canonicalize import canonicalize
+    from metanet.generate.novelty import error_sets, novelty
+    from metanet.limits import check_memory
+    from metanet.weightspace import WeightSpace
+
+    info = gen.info
+    check_memory(len(group) * int(info["dim"]) * 8, f"the {len(group)} networks of --against")
+    held = set(info.get("holdout_records") or []) if _same_zoo(info, group) else set()
+    records = [i for i in range(len(group)) if i not in held]
+    train = group.weight_space(records).to(torch.float32)
+    reference = WeightSpace.unflatten(gen.reference.detach().float().cpu()[None], gen.spec)
+    train_aligned = canonicalize(train, reference).flatten()
+    train_errors = error_sets(WeightSpace.unflatten(train_aligned, gen.spec), info["arch"], x, y)
+    return novelty(ws, train_aligned, train_errors, reference, info["arch"], x, y)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

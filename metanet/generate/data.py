@@ -3,10 +3,13 @@ weight vectors with condition labels, for the weight generators of :mod:`metanet
 
 Set-up (``setup()``, once):
 
-1. read every record of the chosen architecture (optionally only ``min_test_acc`` and above, at
-   most ``max_networks``, chosen by a seeded shuffle);
+1. read every record of the chosen architecture (optionally only ``min_test_acc`` and above),
+   hold out ``holdout`` whole runs (every checkpoint of a held-out run; seeded choice) as
+   independent networks the generator never sees (the reference point of novelty: what a new
+   run looks like), and keep at most ``max_networks`` of the rest (seeded choice);
 2. canonicalize (``canonicalize=True``): align every network to a reference network (the best
-   by ``test_acc``, or the medoid) with Git Re-Basin weight matching;
+   by ``val_acc`` when the zoo records a validation split, else by ``test_acc``, or the
+   medoid) with Git Re-Basin weight matching; held-out networks are aligned to it too;
 3. flatten to ``[N, D]`` (:meth:`WeightSpace.flatten` order) and standardize with per-layer
    (default) or per-parameter mean/std;
 4. condition labels: the categories of a hyperparameter (``condition="task"`` of a
@@ -32,9 +35,14 @@ from metanet.generate.canonicalize import canonicalize as canonicalize_ws
 from metanet.generate.canonicalize import pick_reference
 from metanet.weightspace import WeightSpace, WeightSpaceSpec
 
-__all__ = ["GeneratorDataModule", "layer_stats_vectors"]
+__all__ = ["GeneratorDataModule", "ZooInputError", "layer_stats_vectors", "zoo_group_for"]
 
 NORMALIZATIONS = ("layer", "param", "none")
+
+
+class ZooInputError(ValueError):
+    """A zoo that cannot feed the requested generator (several architectures and none chosen,
+    too few networks or runs for the requested split, an unknown condition column)."""
 
 
 def layer_stats_vectors(
@@ -62,6 +70,33 @@ def layer_stats_vectors(
             means.append(t.mean().expand(n))
             stds.append((s.clamp_min(eps) + eps).expand(n))
     return torch.cat(means).float(), torch.cat(stds).float()
+
+
+def zoo_group_for(zoo: Any, arch: dict[str, Any]) -> Any:
+    """The group of ``zoo`` (a path or zoo object) that holds networks of ``arch`` (a
+    generator's target architecture), e.g. its training networks for novelty.
+
+    Raises:
+        ZooInputError: the zoo has no group of that architecture (the message names the zoo file,
+            the architecture wanted and the ones it has).
+    """
+    from metanet.data.datamodules import open_zoo
+    from metanet.zoo.architectures import arch_name
+
+    z = open_zoo(zoo)
+    where = os.fspath(getattr(z, "path", "") or "zoo")
+    want = arch_name(dict(arch))
+    names = list(z.architectures)
+    for name in names:
+        group = z[name]
+        group_arch = getattr(group, "arch", None)
+        if name == want or (group_arch and arch_name(dict(group_arch)) == want):
+            if group.spec is None:
+                break
+            return group
+    raise ZooInputError(
+        f"{where}: no networks of the generator's architecture '{want}' (the zoo has {names})"
+    )
 
 
 def _condition_labels(
@@ -101,9 +136,12 @@ class GeneratorDataModule(L.LightningDataModule):
             (``None``: unconditional).
         bins: bin edges for a numeric ``condition``.
         canonicalize: align every network to the reference with Git Re-Basin first.
-        reference: ``"best"`` (highest test_acc), ``"medoid"`` or a record index.
+        reference: ``"best"`` (highest val_acc, or test_acc when the zoo has no validation
+            split), ``"medoid"`` or a record index.
         min_test_acc: keep only records with at least this test accuracy.
-        max_networks: keep at most this many records (seeded random choice).
+        holdout: runs held out of training (an int), or that share of the runs (a float in
+            (0, 1)); 0: none.
+        max_networks: keep at most this many training records (seeded random choice).
         normalize: ``"layer"`` (default), ``"param"`` or ``"none"`` standardization.
         batch_size: networks per batch.
         align_iter: coordinate-descent sweeps of weight matching.
@@ -112,7 +150,13 @@ class GeneratorDataModule(L.LightningDataModule):
     After ``setup()``: ``spec``, ``arch``, ``dim``, ``conditions`` (vocabulary), ``labels`` [N],
     ``vectors`` [N, D] (normalized), ``mean`` / ``std`` [D], ``reference_vector`` [D] (raw
     reference network), ``test_acc`` [N], ``run_ids`` [N], ``task_classes`` (condition -> digit
-    classes, when the zoo records them), ``zoo_info`` (name, kind, data split).
+    classes, when the zoo records them), ``zoo_info`` (name, kind, data split); with a holdout
+    also ``holdout_vectors`` [H, D] (raw units, aligned like the training networks when
+    canonicalized), ``holdout_test_acc`` [H], ``holdout_run_ids`` [H], ``holdout_records`` [H].
+
+    Raises (in ``setup``, :class:`ZooInputError`, one line naming the zoo file): a zoo of several
+    weight-space architectures without ``arch``; fewer than 2 training networks left, or a holdout
+    that leaves no run for training or asks for more runs than the zoo has; an unknown condition.
     """
 
     def __init__(
@@ -126,6 +170,7 @@ class GeneratorDataModule(L.LightningDataModule):
         min_test_acc: float | None = None,
         max_networks: int | None = None,
         normalize: str = "layer",
+        holdout: int | float = 0,
         batch_size: int = 32,
         align_iter: int = 100,
         seed: int = 0,
@@ -135,6 +180,13 @@ class GeneratorDataModule(L.LightningDataModule):
             raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if isinstance(holdout, bool) or not (
+            (isinstance(holdout, int) and holdout >= 0)
+            or (isinstance(holdout, float) and 0.0 <= holdout < 1.0)
+        ):
+            raise ValueError(
+                f"holdout must be a number of runs >= 0 or a fraction in [0, 1), got {holdout!r}"
+            )
         if isinstance(reference, str) and reference not in ("best", "medoid"):
             raise ValueError(f"reference must be 'best', 'medoid' or an index, got {reference!r}")
         self.zoo = zoo
@@ -146,6 +198,7 @@ class GeneratorDataModule(L.LightningDataModule):
         self.min_test_acc = min_test_acc
         self.max_networks = max_networks
         self.normalize = normalize
+        self.holdout = holdout
         self.batch_size = batch_size
         self.align_iter = align_iter
         self.seed = seed
@@ -153,21 +206,45 @@ class GeneratorDataModule(L.LightningDataModule):
 
     # -- set-up ---------------------------------------------------------------------------------
     def _group(self, zoo: Any) -> Any:
+        where = os.fspath(getattr(zoo, "path", "") or "zoo")
         names = list(zoo.architectures)
         if self.arch_name is not None:
             if self.arch_name not in names:
-                raise ValueError(f"zoo has no architecture '{self.arch_name}'; it has {names}")
+                raise ZooInputError(f"{where}: no architecture '{self.arch_name}'; it has {names}")
             group = zoo[self.arch_name]
         else:
             usable = [n for n in names if zoo[n].spec is not None]
             if len(usable) != 1:
-                raise ValueError(
-                    f"zoo has weight-space architectures {usable}: choose one with arch=..."
+                raise ZooInputError(
+                    f"{where}: a generator models one architecture, and this zoo has "
+                    f"{len(usable)} with a weight space {usable}: choose one with arch=..."
                 )
             group = zoo[usable[0]]
         if group.spec is None:
-            raise ValueError(f"architecture '{group.name}' has no weight space (norm/residual)")
+            raise ZooInputError(
+                f"{where}: architecture '{group.name}' has no weight space (norm/residual)"
+            )
         return group
+
+    def _split_holdout(
+        self, keep: np.ndarray, runs: np.ndarray, where: str, group: str,
+        rng: np.random.Generator,
+    ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        """``(train records, held-out records)`` of ``keep``: whole runs are held out."""
+        if not self.holdout:
+            return keep, keep[:0]
+        uniq = np.unique(runs[keep])
+        h = self.holdout
+        count = int(round(h * len(uniq))) if isinstance(h, float) else int(h)
+        if count < 1 or count >= len(uniq):
+            raise ZooInputError(
+                f"{where}: holdout={h!r} asks for {count} of the {len(uniq)} run(s) of "
+                f"'{group}' ({len(keep)} networks); a holdout needs at least 1 run held out "
+                "and 1 left for training"
+            )
+        held = rng.choice(uniq, count, replace=False)
+        out = np.isin(runs[keep], held)
+        return keep[~out], keep[out]
 
     def setup(self, stage: str | None = None) -> None:
         if self._ready:
@@ -175,24 +252,33 @@ class GeneratorDataModule(L.LightningDataModule):
         from metanet.data.datamodules import open_zoo
 
         zoo = open_zoo(self.zoo)
+        where = os.fspath(getattr(zoo, "path", "") or "zoo")
         group = self._group(zoo)
         metrics = group.metrics
         n_all = len(group)
         keep = np.arange(n_all)
         acc = np.asarray(metrics["test_acc"], dtype=float)
+        runs_all = np.asarray(metrics["run_id"]).astype(np.int64)
         if self.min_test_acc is not None:
             keep = keep[acc[keep] >= self.min_test_acc]
         rng = np.random.default_rng(self.seed)
+        keep, held = self._split_holdout(keep, runs_all, where, group.name, rng)
         if self.max_networks is not None and len(keep) > self.max_networks:
             keep = np.sort(rng.choice(keep, self.max_networks, replace=False))
         if len(keep) < 2:
-            raise ValueError(
-                f"{getattr(zoo, 'path', 'zoo')}: only {len(keep)} network(s) of '{group.name}' "
-                "left after filtering; a generator needs at least 2"
+            raise ZooInputError(
+                f"{where}: only {len(keep)} network(s) of '{group.name}' left for training "
+                f"(of {n_all}; min_test_acc={self.min_test_acc}, holdout={self.holdout!r}, "
+                f"max_networks={self.max_networks}); a generator needs at least 2"
             )
         ws = group.weight_space(keep).to(torch.float32)
         self.test_acc = torch.as_tensor(acc[keep], dtype=torch.float32)
-        self.run_ids = torch.as_tensor(np.asarray(metrics["run_id"])[keep].astype(np.int64))
+        self.run_ids = torch.as_tensor(runs_all[keep])
+        select = (
+            np.asarray(metrics["val_acc"], dtype=float)
+            if "val_acc" in metrics and np.isfinite(np.asarray(metrics["val_acc"], float)).all()
+            else acc
+        )
 
         # conditions
         self.task_classes: dict[str, list[int]] | None = None
@@ -207,8 +293,8 @@ class GeneratorDataModule(L.LightningDataModule):
             elif self.condition in mt:
                 column = np.asarray(mt[self.condition])[keep]
             else:
-                raise ValueError(
-                    f"condition '{self.condition}' is neither a hyperparameter "
+                raise ZooInputError(
+                    f"{where}: condition '{self.condition}' is neither a hyperparameter "
                     f"{sorted(hp)} nor a metric {sorted(mt)} of '{group.name}'"
                 )
             self.conditions, labels = _condition_labels(column, self.condition, self.bins)
@@ -226,12 +312,23 @@ class GeneratorDataModule(L.LightningDataModule):
                 raise ValueError(f"reference record {self.reference} is not among the kept ones")
             ref = int(np.searchsorted(keep, self.reference))
         elif self.reference == "best":
-            ref = pick_reference(ws, self.test_acc)
+            ref = pick_reference(ws, torch.as_tensor(select[keep], dtype=torch.float32))
         else:
             ref = pick_reference(ws)
         if self.canonicalize:
             ws = canonicalize_ws(ws, ref, max_iter=self.align_iter, seed=self.seed)
         self.reference_index = int(keep[ref])
+        self.holdout_records = torch.as_tensor(held)
+        self.holdout_test_acc = torch.as_tensor(acc[held], dtype=torch.float32)
+        self.holdout_run_ids = torch.as_tensor(runs_all[held])
+        self.holdout_vectors = torch.zeros(0, ws.spec.num_params)
+        if len(held):
+            held_ws = group.weight_space(held).to(torch.float32)
+            if self.canonicalize:
+                held_ws = canonicalize_ws(
+                    held_ws, ws[ref], max_iter=self.align_iter, seed=self.seed
+                )
+            self.holdout_vectors = held_ws.flatten()
         self.spec: WeightSpaceSpec = group.spec
         self.arch: dict = dict(group.arch)
         self.raw_vectors = ws.flatten()

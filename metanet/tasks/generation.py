@@ -124,6 +124,9 @@ class GenerationTask(L.LightningModule):
             normalize=str(dm.normalize),
             condition_name=dm.condition,
         )
+        held = getattr(dm, "holdout_records", None)
+        if held is not None and len(held):  # zoo records the generator never saw
+            info["holdout_records"] = [int(i) for i in held]
         self.build(info)
         self.mean.copy_(dm.mean)
         self.std.copy_(dm.std)
