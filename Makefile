@@ -6,7 +6,7 @@ export OMP_NUM_THREADS ?= 2
 # Idle OpenMP workers must sleep, not spin: spinning halves throughput on a shared 2-core machine.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup demo test test-native bench lint clean
+.PHONY: setup demo test test-native bench lint docs clean
 
 setup:
 	bash scripts/setup.sh $(VENV)
@@ -23,6 +23,11 @@ bench: setup
 
 lint: setup
 	$(VENV)/bin/ruff check metanet scripts tests
+
+# API reference from the docstrings + the pages under docs/, into site/; warnings are errors
+docs: setup
+	$(PY) -m pip install -q -e ".[docs]"
+	$(PY) -m mkdocs build --strict -d site
 
 clean:
 	rm -rf $(VENV) .cache runs lightning_logs

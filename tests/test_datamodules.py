@@ -188,17 +188,21 @@ def test_aligned_mixup_in_the_train_loader_gives_soft_labels(zoo_path):
     assert len(ws) == 6
 
 
-def test_graph_datamodule_reads_5x5_kernels_with_a_wider_edge_attr(tmp_path):
+def test_graph_datamodule_reads_5x5_kernels_narrow_or_wide(tmp_path):
     pytest.importorskip("metanet.graph.tracing")
     from metanet.graph import ParamGraph
-    from metanet.graph.tracing import UnsupportedOpError
 
     cnn5 = {"type": "cnn", "channels": [3, 4], "kernel": 5, "head": "pool"}
     path = tmp_path / "zoo5.h5"
     with ZooWriter(path, attrs={"name": "k5"}) as w:
         w.add(cnn5, *_records(cnn5, runs=4, ckpts=1, seed=4))
-    with pytest.raises((ValueError, UnsupportedOpError), match="max_kernel_size"):
-        next(iter(ParamGraphDataModule(str(path), splits=(0.5, 0.5)).train_dataloader()))
+    narrow_dm = ParamGraphDataModule(str(path), splits=(0.5, 0.5))
+    narrow, _ = next(iter(narrow_dm.train_dataloader()))
+    assert narrow.edge_attr.shape[1] == 9  # 5x5 kernels read over their 25 kernel offsets
+    gid, rid = narrow_dm.splits["train"]
+    sd = ParamGraph.state_dicts_from_batch(narrow)[0]
+    want = Zoo.open(path)[narrow_dm.group_names[gid[0]]].params([rid[0]])
+    assert all(torch.equal(sd[k], v[0]) for k, v in want.items())
     with pytest.raises(ValueError, match="max_kernel_size"):
         ParamGraphDataModule(str(path), max_kernel_size=0)
     dm = ParamGraphDataModule(str(path), splits=(0.5, 0.5), max_kernel_size=25)

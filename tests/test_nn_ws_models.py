@@ -18,7 +18,8 @@ from metanet.nn.dws import DWSLayer, DWSNet
 from metanet.nn.layers import WSFeatures
 from metanet.nn.nfn import NFN, HNPLinear, NFNEquivariant, NPLinear
 from metanet.nn.statnn import StatNN, layer_statistics, statistic_names
-from metanet.nn.unf import UNF, PermSpec, UNFEquivariant, UNFLayer
+from metanet.nn.unf import UNF, UNFEquivariant, UNFLayer
+from metanet.nn.unf_terms import PermSpec
 from metanet.weightspace import (
     LayerSpec,
     WeightSpace,

@@ -254,3 +254,43 @@ def test_small_cnn_zoo_folder_feeds_the_weightspace_datamodule(tmp_path):
     assert len(dm.split_run_ids("train")) == 2 and len(dm.split_run_ids("val")) == 1
     ws, y = next(iter(dm.val_dataloader()))
     assert len(ws) == 3 and ws.spec.hidden_sizes == (C, C, C)  # one run = 3 checkpoints
+
+
+# --------------------------------------------------------------------------------------------
+# one protocol for every zoo
+# --------------------------------------------------------------------------------------------
+def test_every_reader_and_the_hdf5_zoo_satisfy_the_zoo_protocol(tmp_path):
+    from metanet.data import ZooGroupLike, ZooLike
+    from metanet.data.datamodules import open_zoo
+
+    _write_cnn_zoo(tmp_path / "cnn")
+    nets = _write_ckpt_folder(tmp_path / "ckpts", n=3)
+    ckpt_zoo = read_checkpoint_folder(tmp_path / "ckpts", arch=ARCH)
+    write_zoo(ckpt_zoo, tmp_path / "zoo.h5")
+    with Zoo.open(tmp_path / "zoo.h5") as h5:
+        zoos = {
+            "small_cnn_zoo": read_small_cnn_zoo(tmp_path / "cnn"),
+            "checkpoint_folder": ckpt_zoo,
+            "hdf5": h5,
+            "one_group": open_zoo(ckpt_zoo.groups()[0]),
+        }
+        for what, zoo in zoos.items():
+            assert isinstance(zoo, ZooLike), what
+            assert list(zoo.iter_records())[:1] == [(zoo.architectures[0], 0)], what
+            for group in zoo:
+                assert isinstance(group, ZooGroupLike), what
+                assert len(group) == len(group.metrics["run_id"]), what
+        assert not isinstance(object(), ZooLike) and not isinstance(ckpt_zoo, ZooGroupLike)
+        # the HDF5 copy and the folder it was written from read the same networks
+        x = torch.randn(2, 64)
+        g = h5[h5.architectures[0]]
+        for i, net in enumerate(nets):
+            torch.testing.assert_close(g.module(i)(x), net(x), atol=0, rtol=0)
+        # write_zoo takes any ZooLike: the HDF5 zoo itself is re-written record for record
+        write_zoo(h5, tmp_path / "again.h5")
+        with Zoo.open(tmp_path / "again.h5") as again:
+            assert again.architectures == h5.architectures
+            copy = again[again.architectures[0]]
+            for key, value in g.params().items():
+                torch.testing.assert_close(copy.params()[key], value, atol=0, rtol=0)
+            np.testing.assert_array_equal(copy.metrics["test_acc"], g.metrics["test_acc"])

@@ -17,7 +17,8 @@ import torch
 from tiny_zoo import CNN_FLAT, MLP, build_tiny_inr_zoo, build_tiny_zoo, one_thread  # noqa: I001
 from torch import nn
 
-from metanet.tasks import GeneralizationTask, INRClassificationTask, kendall_tau, r2_score
+from metanet.metrics import kendall_tau, r2_score
+from metanet.tasks import GeneralizationTask, INRClassificationTask
 from metanet.tasks._common import PAYLOAD_KEY, TaskConfigError
 from metanet.weightspace import WeightSpace, permute, random_permutation
 

@@ -1,8 +1,10 @@
 """Zoo storage (HDF5), readers for public zoo layouts, and LightningDataModules.
 
 * :mod:`metanet.data.zoo_store` - ``Zoo.open(path)``, ``ZooWriter`` (metanet's HDF5 format).
-* :mod:`metanet.data.readers` - ``read_small_cnn_zoo`` (Unterthiner et al. 2020 layout),
-  ``read_checkpoint_folder`` (``*.pt`` files + metrics CSV), ``write_zoo`` (to HDF5).
+* :mod:`metanet.data.zoo_protocol` - ``ZooLike`` / ``ZooGroupLike``, the interface every zoo
+  (HDF5 or read from another layout) satisfies.
+* :mod:`metanet.data.readers` - one module per layout: ``read_small_cnn_zoo`` (Unterthiner et
+  al. 2020), ``read_checkpoint_folder`` (``*.pt`` files + metrics CSV), ``write_zoo`` (to HDF5).
 * :mod:`metanet.data.datamodules` - ``WeightSpaceDataModule``, ``ParamGraphDataModule``.
 * :mod:`metanet.data.digits` - scikit-learn's digits with metanet's fixed split.
 * :mod:`metanet.data.tasks` - ``load_task_data(config)`` -> ``TaskData`` (train / val / test
@@ -38,6 +40,8 @@ _EXPORTS = {
     "ZooGroup": "metanet.data.zoo_store",
     "ZooWriter": "metanet.data.zoo_store",
     "ZooFormatError": "metanet.data.zoo_store",
+    "ZooLike": "metanet.data.zoo_protocol",
+    "ZooGroupLike": "metanet.data.zoo_protocol",
     "InMemoryZoo": "metanet.data.readers",
     "InMemoryZooGroup": "metanet.data.readers",
     "ZooReadError": "metanet.data.readers",

@@ -1,7 +1,8 @@
 """LightningDataModules over model zoos: WeightSpace batches and PyG batches of ParamGraphs.
 
-Both modules read any zoo with the ``Zoo`` interface: a metanet HDF5 zoo (path or
-:class:`metanet.data.zoo_store.Zoo`) or a reader's :class:`metanet.data.readers.InMemoryZoo`.
+Both modules read any zoo that satisfies :class:`metanet.data.zoo_protocol.ZooLike`: a metanet
+HDF5 zoo (path or :class:`metanet.data.zoo_store.Zoo`) or a reader's
+:class:`metanet.data.readers.InMemoryZoo`.
 
 * Splits are by training run: every record (checkpoint) of one ``run_id`` lands in the same split,
   so no run leaks from train into val/test. The split is a seeded permutation of the runs.
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
+from metanet.data.zoo_protocol import ZooGroupLike, ZooLike
 from metanet.weightspace import WeightSpace
 
 __all__ = ["LayerStats", "ParamGraphDataModule", "WeightSpaceDataModule", "open_zoo"]
@@ -39,8 +41,9 @@ __all__ = ["LayerStats", "ParamGraphDataModule", "WeightSpaceDataModule", "open_
 SPLITS = ("train", "val", "test")
 
 
-def open_zoo(zoo: Any) -> Any:
-    """A zoo object from a path (metanet HDF5 file or Small-CNN-Zoo folder) or a zoo object."""
+def open_zoo(zoo: str | os.PathLike | ZooLike | ZooGroupLike) -> ZooLike:
+    """A zoo object from a path (metanet HDF5 file or Small-CNN-Zoo folder), a zoo (returned
+    as it is) or a single group (wrapped in an :class:`~metanet.data.readers.InMemoryZoo`)."""
     if isinstance(zoo, (str, os.PathLike)):
         path = os.fspath(zoo)
         if os.path.isdir(path):
@@ -91,13 +94,13 @@ class LayerStats:
         return WeightSpace(ws.spec, weights, biases)
 
 
-def _layer_names(group: Any) -> list[str]:
+def _layer_names(group: ZooGroupLike) -> list[str]:
     if group.spec is not None:
         return [layer.name for layer in group.spec.layers]
     return [k[: -len(".weight")] for k in group.keys if k.endswith(".weight")]
 
 
-def _compute_stats(group: Any, indices: np.ndarray, chunk: int = 512) -> LayerStats:
+def _compute_stats(group: ZooGroupLike, indices: np.ndarray, chunk: int = 512) -> LayerStats:
     names = _layer_names(group)
     n_l = len(names)
     acc = np.zeros((4, n_l, 3))  # [w/b, layer, (count, sum, sumsq)] (rows 2-3 unused)
@@ -139,7 +142,7 @@ class _ZooDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        zoo: Any,
+        zoo: Any,  # path | ZooLike | ZooGroupLike: Any, as LightningCLI parses this hint
         groups: str | Sequence[str] | None = None,
         target: str = "test_acc",
         task: str | None = None,
@@ -176,7 +179,7 @@ class _ZooDataModule(L.LightningDataModule):
         self.transforms = transforms
         self.checkpoints = checkpoints
         self.stats_max_records = stats_max_records
-        self.zoo: Any = None
+        self.zoo: ZooLike | None = None
         self.group_names: list[str] = []
         self.splits: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.targets: dict[str, torch.Tensor] = {}
@@ -186,7 +189,7 @@ class _ZooDataModule(L.LightningDataModule):
         self._stats: dict[str, LayerStats] | None = None
 
     # -- which groups ------------------------------------------------------------------------
-    def _select_groups(self, zoo: Any) -> list[str]:
+    def _select_groups(self, zoo: ZooLike) -> list[str]:
         names = list(zoo.architectures)
         if self.group_filter is None:
             return names
@@ -405,7 +408,7 @@ class WeightSpaceDataModule(_ZooDataModule):
 
     def __init__(
         self,
-        zoo: Any,
+        zoo: Any,  # path | ZooLike | ZooGroupLike: Any, as LightningCLI parses this hint
         group: str | None = None,
         target: str = "test_acc",
         task: str | None = None,
@@ -426,7 +429,7 @@ class WeightSpaceDataModule(_ZooDataModule):
         self.group = group
         self.normalize_weights = normalize_weights
 
-    def _select_groups(self, zoo: Any) -> list[str]:
+    def _select_groups(self, zoo: ZooLike) -> list[str]:
         if self.group is not None:
             return super()._select_groups(zoo)
         with_ws = [n for n in zoo.architectures if zoo[n].spec is not None]
@@ -480,7 +483,7 @@ class WeightSpaceDataModule(_ZooDataModule):
 # ------------------------------------------------------------------------------------------------
 # ParamGraph batches
 # ------------------------------------------------------------------------------------------------
-def _example_input(group: Any) -> torch.Tensor | None:
+def _example_input(group: ZooGroupLike) -> torch.Tensor | None:
     shape = getattr(group, "input_shape", None)
     if shape is None and isinstance(getattr(group, "arch", None), dict):
         from metanet.zoo.architectures import input_shape
@@ -489,7 +492,7 @@ def _example_input(group: Any) -> torch.Tensor | None:
     return torch.zeros(1, *shape) if shape is not None else None
 
 
-def _trace_template(group: Any, max_kernel_size: int):
+def _trace_template(group: ZooGroupLike, max_kernel_size: int):
     """The ParamGraph of a group's first record: the structure every record of it shares."""
     from metanet.graph import from_module
 
@@ -597,7 +600,7 @@ class ParamGraphDataModule(_ZooDataModule):
 
     def __init__(
         self,
-        zoo: Any,
+        zoo: Any,  # path | ZooLike | ZooGroupLike: Any, as LightningCLI parses this hint
         groups: str | Sequence[str] | None = None,
         target: str = "test_acc",
         task: str | None = None,

@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import torch
 
+from metanet.data.errors import TaskDataError
+
 if TYPE_CHECKING:
     from metanet.data.providers.config import ProviderConfig
 
@@ -57,15 +59,6 @@ DEFAULT_PROVIDER = "digits"
 # leaves them out, so the same data moved to another folder keeps its fingerprint
 _NON_IDENTITY_KEYS = frozenset({"path", "root", "x", "y", "stream", "download", "name"})
 _HASH_CHUNK_BYTES = 1 << 24
-
-
-class TaskDataError(ValueError):
-    """Data that cannot be used; the one-line message names the config key and the file/class."""
-
-
-def one_line(text: str) -> str:
-    """``text`` with every run of whitespace (newlines included) collapsed to one space."""
-    return " ".join(str(text).split())
 
 
 # ------------------------------------------------------------------------------------------------

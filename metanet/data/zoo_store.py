@@ -604,6 +604,9 @@ def _stacked_to_ws(params: Mapping[str, torch.Tensor], spec):
 class Zoo:
     """A zoo file opened for reading: ``zoo.architectures``, ``zoo[name] -> ZooGroup``.
 
+    Satisfies :class:`metanet.data.zoo_protocol.ZooLike` (its groups ``ZooGroupLike``), like the
+    readers' in-memory zoos.
+
     The HDF5 handle is opened lazily and once per process, so a Zoo can be used by several
     ``DataLoader`` workers; pickling keeps only the path.
     """

@@ -40,6 +40,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from metanet.graph.fx_builder import _first_consumer, _trace, is_hf_conv1d
 from metanet.limits import format_bytes, itemsize
 
 __all__ = ["GraphMemoryEstimate", "estimate_graph_memory"]
@@ -111,8 +112,6 @@ class _Counts:
 def _count_module(m: nn.Module, c: _Counts, k: int = 9) -> None:
     """Add the nodes / edges that ``m``'s own parameters contribute (not its children's);
     ``k`` = max_kernel_size (a conv with a larger kernel gets kernel-offset nodes)."""
-    from metanet.graph.fx_builder import is_hf_conv1d
-
     if isinstance(m, nn.Embedding) or is_hf_conv1d(m):
         v, d = (int(s) for s in m.weight.shape)  # Embedding [V, D]; Conv1D [in, out]
         c.dense(d, v, 1, getattr(m, "bias", None) is not None)
@@ -182,8 +181,6 @@ def _count_module(m: nn.Module, c: _Counts, k: int = 9) -> None:
 
 def _input_width(gm: fx.GraphModule) -> int:
     """Input neurons: the input width of the first layer the input reaches (0 if unknown)."""
-    from metanet.graph.tracing import _first_consumer
-
     first = _first_consumer(gm)
     if isinstance(first, tuple):
         return int(first[1][1])
@@ -281,8 +278,6 @@ def estimate_graph_memory(
             if torch.is_floating_point(t):
                 dtype = torch.promote_types(dtype, t.dtype)
     if traced is None:
-        from metanet.graph.tracing import _trace
-
         traced = _trace(module)
     c = _Counts()
     for m in module.modules():

@@ -239,9 +239,9 @@ def check_finite(state_dict: Mapping[str, Tensor], allow_nonfinite: bool) -> Non
 class ParamGraph(Data):
     """A network's parameter graph (see the module docstring for the stored tensors).
 
-    Build with :meth:`from_module`; go back with :meth:`to_state_dict` / :meth:`load_into`
-    (bit-exact copies of the parameters), or from a metanetwork's predicted values with
-    :meth:`state_dict_from` / :meth:`state_dicts_from_batch`.
+    Build with :func:`metanet.graph.from_module`; go back with :meth:`to_state_dict` /
+    :meth:`load_into` (bit-exact copies of the parameters), or from a metanetwork's predicted
+    values with :meth:`state_dict_from` / :meth:`state_dicts_from_batch`.
     """
 
     def __inc__(self, key: str, value: Any, *args: Any, **kwargs: Any) -> Any:
@@ -250,19 +250,6 @@ class ParamGraph(Data):
         return super().__inc__(key, value, *args, **kwargs)
 
     # ------------------------------------------------------------------ construction
-    @classmethod
-    def from_module(
-        cls,
-        module: nn.Module,
-        example_input: Tensor | None = None,
-        max_kernel_size: int = 9,
-        allow_nonfinite: bool = False,
-    ) -> ParamGraph:
-        """Same as :func:`metanet.graph.from_module`."""
-        from metanet.graph.tracing import from_module
-
-        return from_module(module, example_input, max_kernel_size, allow_nonfinite)
-
     def with_state_dict(
         self, state_dict: Mapping[str, Tensor], allow_nonfinite: bool = False
     ) -> ParamGraph:

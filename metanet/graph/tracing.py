@@ -92,10 +92,8 @@ functions or methods raise :class:`UnsupportedOpError` naming the op and the mod
 
 from __future__ import annotations
 
-import inspect
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import torch.fx as fx
@@ -107,6 +105,8 @@ from metanet.graph.fx_builder import (
     _LAST_AXIS_MODULES,
     UnsupportedOpError,
     _Builder,
+    _first_consumer,
+    _trace,
     _Tracer,
     is_leaf,
 )
@@ -127,62 +127,9 @@ __all__ = ["UnsupportedOpError", "from_module", "graphs_from_state_dicts"]
 
 
 # ----------------------------------------------------------------------------- entry point
-class _LeafTracer(fx.Tracer):
-    """fx tracer with the leaves of :func:`metanet.graph.fx_builder.is_leaf` (only used to
-    guess an input and for :func:`estimate_graph_memory` without an example input)."""
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return is_leaf(m) or super().is_leaf_module(m, module_qualified_name)
-
-
 def _record(module: nn.Module, example: Tensor) -> fx.GraphModule:
     """The recorded forward of ``module`` on ``example`` (see :mod:`metanet.graph.recorder`)."""
     return record(module, example, is_leaf)
-
-
-def _trace(module: nn.Module) -> fx.GraphModule:
-    """Symbolic fx trace (no example input); UnsupportedOpError if fx cannot trace it."""
-    concrete: dict[str, Any] = {}
-    params = list(inspect.signature(module.forward).parameters.values())
-    for p in params[1:]:
-        if p.default is not inspect.Parameter.empty:
-            concrete[p.name] = p.default
-    try:
-        tracer = _LeafTracer()
-        graph = tracer.trace(module, concrete_args=concrete or None)
-        return fx.GraphModule(tracer.root, graph, type(module).__name__)
-    except Exception as exc:  # fx raises many kinds (TraceError, TypeError, ...)
-        raise UnsupportedOpError(
-            f"torch.fx could not trace {type(module).__name__}: {type(exc).__name__}: {exc}"
-        ) from exc
-
-
-def _first_consumer(gm: fx.GraphModule) -> nn.Module | tuple[str, tuple[int, ...]] | None:
-    """The first layer reached from the input through parameter-free ops: a module, or
-    ``("linear" | "conv", weight_shape)`` for ``F.linear`` / ``F.conv*d`` on a parameter."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    if not placeholders:
-        return None
-    frontier, seen = [placeholders[0]], set()
-    while frontier:
-        node = frontier.pop(0)
-        for user in node.users:
-            if user in seen:
-                continue
-            seen.add(user)
-            if user.op == "call_module":
-                m = gm.get_submodule(str(user.target))
-                if isinstance(m, _LAST_AXIS_MODULES + _CHANNEL_AXIS_MODULES) and not isinstance(
-                    m, nn.Flatten
-                ):
-                    return m
-            if user.op == "call_function" and user.target in (F.linear, F.conv1d, F.conv2d):
-                w = user.args[1] if len(user.args) > 1 else user.kwargs.get("weight")
-                if isinstance(w, fx.Node) and w.op == "get_attr":
-                    kind = "linear" if user.target is F.linear else "conv"
-                    return kind, tuple(gm.get_parameter(str(w.target)).shape)
-            frontier.append(user)
-    return None
 
 
 _CONV_FUNCTIONS = (F.conv1d, F.conv2d, torch.conv1d, torch.conv2d)

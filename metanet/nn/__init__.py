@@ -6,7 +6,8 @@ Weight-space models (``input_kind = "weightspace"``; first argument a ``WeightSp
 * :class:`NFN` / :class:`NFNEquivariant` with :class:`NPLinear` / :class:`HNPLinear` - neural
   functionals (Zhou et al. 2023);
 * :class:`UNF` / :class:`UNFEquivariant` / :class:`UNFLayer` - universal neural functionals
-  generated from any :class:`PermSpec` (Zhou et al. 2024);
+  generated from any :class:`PermSpec` (Zhou et al. 2024; the enumeration of their equivariant
+  terms is :mod:`metanet.nn.unf_terms`);
 * :class:`StatNN` / :class:`StatFeaturizer` - per-layer weight statistics (Unterthiner et al. 2020).
 
 Graph models (``input_kind = "graph"``; input a PyG ``Batch`` of ``ParamGraph``):
@@ -22,7 +23,8 @@ from metanet.nn.nfn import NFN, HNPLinear, NFNEquivariant, NPLinear
 from metanet.nn.ngt import NGT
 from metanet.nn.readout import GraphReadout
 from metanet.nn.statnn import StatFeaturizer, StatNN, layer_statistics
-from metanet.nn.unf import UNF, PermSpec, UNFEquivariant, UNFLayer
+from metanet.nn.unf import UNF, UNFEquivariant, UNFLayer
+from metanet.nn.unf_terms import PermSpec
 
 __all__ = [
     "DWSLayer",

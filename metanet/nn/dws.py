@@ -8,9 +8,9 @@ pair of layers, each block being the sum of the parameter-sharing terms the grou
 followed by a broadcast; for ``W_{i+1} -> W_i`` the shared axis is kept and the other pooled; for
 non-adjacent layers only full pooling survives. Unpermuted axes (input neurons of the first layer,
 output neurons of the last) are dense feature axes. This is the same space as NFN's HNP layer; the
-enumeration is shared with :mod:`metanet.nn.unf`. DWS's defaults differ: pooling is ``max`` and
-the model interleaves batch norm (:class:`~metanet.nn.layers.ChannelBatchNorm`), as in the paper's
-experiments (``hidden_dim=32``, ``n_hidden=4``, ``reduction="max"``, batch norm on).
+enumeration is shared with :mod:`metanet.nn.unf_terms`. DWS's defaults differ: pooling is ``max``
+and the model interleaves batch norm (:class:`~metanet.nn.layers.ChannelBatchNorm`), as in the
+paper's experiments (``hidden_dim=32``, ``n_hidden=4``, ``reduction="max"``, batch norm on).
 
 DWS is defined for MLP weight spaces; conv layers are accepted (kernels become feature channels,
 as in NFN), which keeps the layer exactly equivariant.

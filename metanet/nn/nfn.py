@@ -6,7 +6,7 @@ Two symmetry groups of an MLP/CNN weight space:
   network's input and output neurons are fixed. :class:`HNPLinear` is the maximal linear layer
   for this group: input/output neuron axes (and conv kernels, ``in_repeat`` blocks) carry no
   symmetry and are folded into channels, every other term comes from the parameter-sharing
-  enumeration of :mod:`metanet.nn.unf`.
+  enumeration of :mod:`metanet.nn.unf_terms`.
 * **NP** (neuron permutations): input and output neurons are treated as permutable too, which gives
   far fewer parameters (no dense maps over pixels/classes). Since the real symmetry is only HNP,
   NFN models break the extra symmetry with IO encodings (:class:`IOSinusoidalEncoding` or

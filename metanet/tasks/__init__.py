@@ -6,18 +6,19 @@
 * :mod:`metanet.tasks.statnn`: the StatNN baseline (weight statistics + gradient-boosted trees);
 * :mod:`metanet.tasks.predict_cli`: ``metanet predict-accuracy``.
 
+The scores they log (:func:`~metanet.metrics.kendall_tau`, :func:`~metanet.metrics.r2_score`) live
+in :mod:`metanet.metrics`.
+
 Every task takes its metanetwork as ``model``: a factory ``WeightSpaceSpec -> nn.Module`` for
 weight-space models (built in ``setup()`` from the data module's spec) or a graph model.
 """
 
 from metanet.tasks.base import MetanetTask
-from metanet.tasks.generalization import GeneralizationTask, kendall_tau, r2_score
+from metanet.tasks.generalization import GeneralizationTask
 from metanet.tasks.inr import INRClassificationTask
 
 __all__ = [
     "GeneralizationTask",
     "INRClassificationTask",
     "MetanetTask",
-    "kendall_tau",
-    "r2_score",
 ]

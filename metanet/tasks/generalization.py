@@ -24,37 +24,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from metanet.metrics import kendall_tau, r2_score
 from metanet.tasks._common import TaskConfigError, batch_size_of
 from metanet.tasks.base import MetanetTask, ModelArg
+from metanet.tasks.plots import predicted_vs_true, training_curves_from_logger
 
 log = logging.getLogger(__name__)
 
 LOSSES = ("mse", "huber", "bce")
-
-
-def kendall_tau(pred: np.ndarray | torch.Tensor, true: np.ndarray | torch.Tensor) -> float:
-    """Kendall's tau-b rank correlation of ``pred`` and ``true`` (``[N]`` each; NaN if constant)."""
-    from scipy.stats import kendalltau
-
-    p, t = _np(pred), _np(true)
-    if p.size < 2 or np.all(p == p[0]) or np.all(t == t[0]):
-        return float("nan")
-    return float(kendalltau(p, t).statistic)
-
-
-def r2_score(pred: np.ndarray | torch.Tensor, true: np.ndarray | torch.Tensor) -> float:
-    """Coefficient of determination ``1 - SS_res / SS_tot`` of ``pred`` for ``true`` (``[N]``)."""
-    p, t = _np(pred).astype(np.float64), _np(true).astype(np.float64)
-    ss_tot = float(((t - t.mean()) ** 2).sum())
-    if p.size < 2 or ss_tot == 0.0:
-        return float("nan")
-    return 1.0 - float(((t - p) ** 2).sum()) / ss_tot
-
-
-def _np(x: np.ndarray | torch.Tensor) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    return np.asarray(x, dtype=np.float64).reshape(-1)
 
 
 class GeneralizationTask(MetanetTask):
@@ -202,8 +179,6 @@ class GeneralizationTask(MetanetTask):
         if not self.hparams.plot or pred.numel() < 2 or not self.trainer.is_global_zero:
             return
         folder = run_folder(self.trainer)
-        from metanet.tasks.plots import predicted_vs_true
-
         target = self.hparams.target
         label = {"test_acc": "test accuracy", "train_acc": "train accuracy"}.get(target, target)
         path = predicted_vs_true(
@@ -220,8 +195,6 @@ class GeneralizationTask(MetanetTask):
     def on_fit_end(self) -> None:
         if not self.trainer.is_global_zero:
             return
-        from metanet.tasks.plots import training_curves_from_logger
-
         training_curves_from_logger(self.trainer)
 
     def model_label(self) -> str:

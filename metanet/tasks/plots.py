@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from metanet.metrics import kendall_tau, r2_score
+
 
 def _pyplot():
     import matplotlib
@@ -39,8 +41,6 @@ def predicted_vs_true(
         path: output ``.png`` file (its folder is created).
         title: figure title; ``label``: what the axes measure.
     """
-    from metanet.tasks.generalization import kendall_tau, r2_score
-
     p = np.asarray(pred, dtype=np.float64).reshape(-1)
     t = np.asarray(true, dtype=np.float64).reshape(-1)
     if p.shape != t.shape or p.size == 0:

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from metanet.metrics import kendall_tau
 from metanet.tasks._common import PAYLOAD_KEY, TaskConfigError, apply_weight_normalization
 
 
@@ -480,8 +481,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         cell = f"  {true[i]:>13.4f}" if true is not None else ""
         print(f"{r + 1:>4}  {preds[i]:>18.4f}{cell}  {nets[i].path:<{width}}")
     if true is not None and len(nets) > 1:
-        from metanet.tasks.generalization import kendall_tau
-
         print(f"Kendall's tau (predicted vs true test accuracy): {kendall_tau(preds, true):.4f}")
     return 0
 

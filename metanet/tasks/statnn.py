@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from metanet.metrics import kendall_tau, r2_score
 from metanet.nn.statnn import layer_statistics
-from metanet.tasks.generalization import kendall_tau, r2_score
 from metanet.weightspace import WeightSpace
 
 STATISTICS = ("mean", "var", "q0", "q25", "q50", "q75", "q100")

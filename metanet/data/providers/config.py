@@ -11,7 +11,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from metanet.data.tasks import TaskDataError, one_line
+from metanet.data.errors import TaskDataError, one_line
 from metanet.limits import ENV_VAR as MEMORY_LIMIT_ENV
 
 __all__ = ["MEMORY_LIMIT_ENV", "ProviderConfig", "check_fits_memory", "memory_limit_bytes"]
