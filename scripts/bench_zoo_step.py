@@ -22,6 +22,7 @@ import torch
 from metanet.zoo.batched import BatchedNet
 from metanet.zoo.native import NativeChain, library
 from metanet.zoo.recipe import Recipe
+from metanet.zoo.schedule import dropout_keys
 
 
 def _ms(fn: Callable[[], object], reps: int) -> float:
@@ -47,10 +48,12 @@ def bench_arch(path: str, nets: int, batch: int, reps: int, compile_step: bool) 
     y = torch.randint(0, 10, (nets, batch))
     w = torch.full((nets, batch), 1.0 / batch)
     rate = torch.rand(nets) * 0.5
+    keys = dropout_keys(1, torch.arange(nets), torch.zeros(nets, dtype=torch.long))
+    drop = (rate, keys)  # the masks every engine draws (metanet.zoo.schedule)
     digits = torch.randn(1797, *shape)
     views = net.views(flat, False)
-    step_t = _ms(lambda: net.ce_grad(flat, x, y, w, rate), reps)
-    step_c = _ms(lambda: chain.ce_grad(flat, x_raw, y, w, rate, seed=1), reps)
+    step_t = _ms(lambda: net.ce_grad(flat, x, y, w, drop), reps)
+    step_c = _ms(lambda: chain.ce_grad(flat, x_raw, y, w, rate, keys), reps)
     eval_t = _ms(lambda: net.forward_eval(views, digits), 3)
     eval_c = _ms(lambda: chain.forward(flat, digits), 3)
     row = (f"| {arch['type']} ({recipe.name}) | {step_t:.2f} | {step_c:.2f} | "
@@ -59,9 +62,9 @@ def bench_arch(path: str, nets: int, batch: int, reps: int, compile_step: bool) 
     if compile_step:
         t0 = time.perf_counter()
         compiled = torch.compile(net.ce_grad, dynamic=True)
-        compiled(flat, x, y, w, rate)
+        compiled(flat, x, y, w, drop)
         compile_s = time.perf_counter() - t0
-        step_i = _ms(lambda: compiled(flat, x, y, w, rate), reps)
+        step_i = _ms(lambda: compiled(flat, x, y, w, drop), reps)
         row += f" {step_i:.2f} | {compile_s:.0f} |"
     return row
 

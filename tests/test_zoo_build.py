@@ -25,7 +25,13 @@ from metanet.zoo.architectures import ArchError, arch_name, build_module, has_we
 from metanet.zoo.build import build_zoo, make_chunks
 from metanet.zoo.data import recipe_task
 from metanet.zoo.recipe import Recipe, RecipeError
-from metanet.zoo.train import classifier_data, init_network, resolve_engine, train_chunk
+from metanet.zoo.train import (
+    classifier_data,
+    engine_fingerprint,
+    init_network,
+    resolve_engine,
+    train_chunk,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "data" / "zoo-tiny-mlp.yaml"
@@ -548,7 +554,11 @@ def test_build_stores_every_network_and_metrics_match_modules(tmp_path):
     out = build_zoo(TINY, tmp_path / "z.h5", limit=6, progress=False)
     zoo = _check_zoo(out, r, limit=6)
     assert list(zoo.attrs["engines"]) == [resolve_engine(a) for a in r.architectures]
-    assert zoo.attrs["fingerprint"] == r.fingerprint(6, list(zoo.attrs["engines"]))
+    engines = [engine_fingerprint(e) for e in zoo.attrs["engines"]]
+    assert zoo.attrs["fingerprint"] == r.fingerprint(6, engines)
+    # an engine whose arithmetic changed gets a new revision, hence a new fingerprint
+    assert engine_fingerprint("vmap") != "vmap" and engine_fingerprint("batched") == "batched"
+    assert r.fingerprint(6, ["vmap/2"]) != r.fingerprint(6, ["vmap"])
     assert zoo.attrs["data_provider"] == "digits" and len(zoo.attrs["data_fingerprint"]) == 64
     assert yaml.safe_load(zoo.attrs["recipe"])["name"] == "zoo-tiny-mlp"
     assert zoo.attrs["data"]["split_seed"] == 0 and zoo.attrs["data"]["test_fraction"] == 0.25
@@ -747,8 +757,8 @@ ZOO_RECIPES = [  # datasets/ also holds the GHN architecture family (no "kind")
 def test_shipped_recipes_load_and_plan(path: Path) -> None:
     recipe = Recipe.load(path)
     plans = recipe.plan(limit=3)
-    assert recipe.name == path.stem and len(plans) == 3
-    assert recipe.num_networks >= 3
+    assert recipe.num_networks >= 1  # digits-mlp-onerun is one run with dense checkpoints
+    assert recipe.name == path.stem and len(plans) == min(3, recipe.num_networks)
 
 
 @pytest.mark.parametrize("arch", [{"type": "mlp", "widths": [8]}, CNN_STRIDED],

@@ -2,8 +2,12 @@
 
 * :mod:`metanet.zoo.architectures` - arch dicts -> modules (``build_module``, ``arch_name``).
 * :mod:`metanet.zoo.recipe` - YAML recipes (``Recipe.load``) and per-network hparam sampling.
-* :mod:`metanet.zoo.train` - vmap training of a chunk of networks (functional SGD/AdamW).
-* :mod:`metanet.zoo.batched` - the fast hand-batched engine for MLPs, plain CNNs and SIRENs.
+* :mod:`metanet.zoo.schedule` - what every engine shares: step schedule, random draws (initial
+  weights, sample orders, dropout masks), chunk data and results.
+* :mod:`metanet.zoo.optim` - ``RowOptimizer``, the one SGD/AdamW of every engine.
+* :mod:`metanet.zoo.train` - the reference engine (vmap over any module) and engine choice.
+* :mod:`metanet.zoo.batched` - the fast hand-batched engine for MLPs, plain CNNs and SIRENs
+  (C kernels in :mod:`metanet.zoo.native`).
 * :mod:`metanet.zoo.build` - resumable, sharded zoo building (``build_zoo``).
 * :mod:`metanet.zoo.cli` - ``metanet zoo build RECIPE.yaml``.
 

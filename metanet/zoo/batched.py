@@ -16,14 +16,17 @@ the sum of the networks' independent losses):
   backward (:meth:`BatchedNet.ce_grad`: softmax minus one-hot, then ``bmm``s and the transposes
   of the row gathers); other chains autograd through the batched forward;
 * dropout: per-network rates ``[N]``, masks from 16-bit draws of a hash keyed by (network,
-  step) (:func:`metanet.zoo.train.dropout_multipliers`, the C kernels' masks).
+  step) (:func:`metanet.zoo.schedule.dropout_multipliers`, the C kernels' masks).
 
 All networks' parameters live in one flat buffer ``[M, D]`` (``state_dict`` order, one row per
-*lane*), so the optimizer step (SGD with momentum and coupled weight decay on the first rows,
-AdamW on the others; per-row learning rate, weight decay, momentum and step count) is a few
-in-place elementwise ops, and snapshots are row copies. Lanes (:func:`plan_lanes`) train their
+*lane*), so the optimizer step (:class:`metanet.zoo.optim.RowOptimizer`, the one optimizer of
+every engine: SGD with momentum and coupled weight decay on the first rows, AdamW on the others;
+per-row learning rate, weight decay, momentum and step count) is a few in-place elementwise ops,
+and snapshots are row copies. Lanes (:func:`metanet.zoo.schedule.plan_lanes`) train their
 networks one after another, so no row idles while short runs finish. Sample indices, labels and
-loss weights of every step come from per-network, per-epoch permutations drawn up front.
+loss weights of every step come from the per-network, per-epoch sample orders every engine reads
+(:func:`metanet.zoo.schedule.sample_orders`), drawn up front. This module imports nothing from
+:mod:`metanet.zoo.train` (the engine interface imports it).
 Evaluation shares the input across networks: one GEMM (MLP/SIREN) or one convolution with
 ``N * C_out`` channels (CNN, oneDNN forward) for the first layer of all networks.
 
@@ -39,8 +42,6 @@ The results equal :mod:`metanet.zoo.train`'s ``torch.func`` engine and plain per
 from __future__ import annotations
 
 import functools
-import heapq
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -55,6 +56,21 @@ from metanet.zoo.architectures import (
     Sine,
     build_module,
     normalize_arch,
+)
+from metanet.zoo.optim import RowOptimizer, optimizer_hparams, uses_adam
+from metanet.zoo.schedule import (
+    ChunkData,
+    ChunkResult,
+    assemble_records,
+    dropout_keys,
+    dropout_multipliers,
+    hparam_column,
+    init_rows,
+    kept_records,
+    plan_lanes,
+    psnr_targets,
+    sample_orders,
+    step_schedule,
 )
 
 
@@ -278,14 +294,12 @@ class BatchedNet:
                      ) -> torch.Tensor:  # fmt: skip
         """The multipliers of dropout op ``j`` for activations ``h`` (this engine's layout:
         ``[M, B, F]``, or ``[M, B, H, W*C]`` after convolutions), from ``dropout`` = (rates
-        ``[M]``, keys ``[M]``): :func:`metanet.zoo.train.dropout_multipliers`, the C kernels'
+        ``[M]``, keys ``[M]``): :func:`metanet.zoo.schedule.dropout_multipliers`, the C kernels'
         masks."""
-        from metanet.zoo.train import dropout_multipliers as hashed
-
         rate, keys = dropout
         (c, hh, ww), _ = self.op_shapes()[j]
         m, b = h.shape[0], h.shape[1]
-        mult = hashed(keys, rate, j, b, c * hh * ww)  # units in (C, H, W) order
+        mult = dropout_multipliers(keys, rate, j, b, c * hh * ww)  # units in (C, H, W) order
         if h.dim() == 4:  # conv maps here are [M, B, H, W*C]
             mult = mult.view(m, b, c, hh, ww).permute(0, 1, 3, 4, 2).reshape(h.shape)
         return mult.view(h.shape)
@@ -367,7 +381,7 @@ class BatchedNet:
             x: prepared input (:meth:`prepare`), ``[N, B, ...]`` per network or ``[B, ...]``
                 for all networks (``shared``).
             dropout: per-network dropout rates and mask keys ``([N], [N])`` (training,
-                :func:`metanet.zoo.train.dropout_keys`) or ``None`` (evaluation).
+                :func:`metanet.zoo.schedule.dropout_keys`) or ``None`` (evaluation).
         """
         n = p[0].shape[0]
         h = x
@@ -502,66 +516,6 @@ class BatchedNet:
 # ------------------------------------------------------------------------------------------------
 # training
 # ------------------------------------------------------------------------------------------------
-class FlatOptimizer:
-    """SGD with momentum (coupled weight decay, as ``torch.optim.SGD``) on rows ``[:k]`` and
-    AdamW (as ``torch.optim.AdamW``) on rows ``[k:]`` of a flat parameter buffer ``[M, D]``,
-    with per-row learning rate, weight decay and momentum ``[M]`` and per-row step counts
-    (:meth:`reset` starts a new network in a row)."""
-
-    def __init__(
-        self,
-        flat: torch.Tensor,
-        lr: torch.Tensor,
-        wd: torch.Tensor,
-        mom: torch.Tensor,
-        k_sgd: int,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-    ) -> None:
-        self.lr, self.wd, self.mom, self.k = lr[:, None], wd[:, None], mom[:, None], k_sgd
-        self.b1, self.b2 = betas
-        self.eps = eps
-        self.buf = torch.zeros_like(flat[:k_sgd])
-        self.m = torch.zeros_like(flat[k_sgd:])
-        self.v = torch.zeros_like(flat[k_sgd:])
-        self.t = torch.zeros(flat.shape[0] - k_sgd, 1, dtype=torch.float64, device=flat.device)
-
-    def select(self, keep: torch.Tensor) -> None:
-        """Keep the rows where ``keep`` ``[M]`` is true (order preserved)."""
-        ks, ka = keep[: self.k], keep[self.k :]
-        self.lr, self.wd, self.mom = self.lr[keep], self.wd[keep], self.mom[keep]
-        self.buf, self.m, self.v, self.t = self.buf[ks], self.m[ka], self.v[ka], self.t[ka]
-        self.k = int(ks.sum())
-
-    def reset(self, rows: torch.Tensor, lr: torch.Tensor, wd: torch.Tensor,
-              mom: torch.Tensor) -> None:  # fmt: skip
-        """Fresh state and hyperparameters ``[R]`` for the networks starting in ``rows``."""
-        self.lr[rows, 0], self.wd[rows, 0], self.mom[rows, 0] = lr, wd, mom
-        s, a = rows[rows < self.k], rows[rows >= self.k] - self.k
-        self.buf[s] = 0.0
-        self.m[a], self.v[a], self.t[a] = 0.0, 0.0, 0.0
-
-    def step(self, flat: torch.Tensor, grad: torch.Tensor) -> None:
-        """Update ``flat`` in place from ``grad`` (both ``[M, D]``)."""
-        k = self.k
-        if k:
-            p, g = flat[:k], grad[:k]
-            g.add_(p * self.wd[:k])
-            self.buf.mul_(self.mom[:k]).add_(g)
-            p.sub_(self.buf * self.lr[:k])
-        if k < flat.shape[0]:
-            p, g = flat[k:], grad[k:]
-            lr, wd = self.lr[k:], self.wd[k:]
-            self.t += 1
-            c1 = (1.0 - self.b1**self.t).float()
-            c2 = (1.0 - self.b2**self.t).sqrt().float()
-            p.mul_(1.0 - lr * wd)
-            self.m.lerp_(g, 1.0 - self.b1)
-            self.v.mul_(self.b2).addcmul_(g, g, value=1.0 - self.b2)
-            denom = (self.v.sqrt() / c2).add_(self.eps)
-            p.sub_(self.m / denom * (lr / c1))
-
-
 def native_chain(net: BatchedNet, device: torch.device, regression: bool = False) -> Any:
     """The fused C kernels (:class:`metanet.zoo.native.NativeChain`) for ``net`` where they
     apply (a ReLU chain trained with cross-entropy on the CPU, the kernels compiled), else
@@ -575,61 +529,26 @@ def native_chain(net: BatchedNet, device: torch.device, regression: bool = False
     return native.NativeChain(net)
 
 
-def plan_lanes(steps: Sequence[int], groups: Sequence[int]) -> list[list[int]]:
-    """Assign networks (``steps[i]`` training steps, pool ``groups[i]``) to *lanes*: rows of
-    the batch that train their networks one after another (continuous batching). Per pool,
-    ``ceil(sum / max)`` lanes (``max``: the longest network of the chunk, which bounds the
-    chunk's steps anyway), filled longest-first into the least-loaded lane. Returns the
-    lanes (lists of network indices in training order), pool 0 first."""
-    longest = max(steps)
-    lanes: list[list[int]] = []
-    for g in sorted(set(groups)):
-        mine = sorted((i for i in range(len(steps)) if groups[i] == g),
-                      key=lambda i: (-steps[i], i))  # fmt: skip
-        count = min(len(mine), math.ceil(sum(steps[i] for i in mine) / longest))
-        heap = [(0, j) for j in range(count)]
-        pool: list[list[int]] = [[] for _ in range(count)]
-        for i in mine:
-            load, j = heapq.heappop(heap)
-            pool[j].append(i)
-            heapq.heappush(heap, (load + steps[i], j))
-        lanes += pool
-    return lanes
-
-
 def train_chunk_batched(
     arch: dict[str, Any],
     plans: Sequence[Any],
-    data: Any,
+    data: ChunkData,
     keep_fractions: Sequence[float],
     device: torch.device | str = "cpu",
     generator_seed: int = 0,
     on_step: Callable[[int, int], None] | None = None,
     eval_batch: int = 512,
     extra_metrics: dict[str, Sequence[Any]] | None = None,
-):
+) -> ChunkResult:
     """:func:`metanet.zoo.train.train_chunk` with the hand-batched engine (same arguments,
-    same records)."""
-    from metanet.zoo.train import (
-        assemble_records,
-        dropout_keys,
-        hparam_column,
-        init_rows,
-        psnr_targets,
-        sample_orders,
-        step_schedule,
-    )
-
+    same records). The schedule, the random draws and the optimizer are those of every engine
+    (:mod:`metanet.zoo.schedule`, :mod:`metanet.zoo.optim`); only the arithmetic is this
+    module's (or the C kernels')."""
     device = torch.device(device)
     net = BatchedNet(arch)
     n = len(plans)
-    hp = [p.hparams for p in plans]
-
-    def col(key: str, default: Any, dtype=torch.float32) -> torch.Tensor:
-        return hparam_column(plans, key, default, dtype, device)
-
     flat0 = init_rows(arch, plans).to(device)  # net.keys order = named_parameters order
-    is_adam = [h.get("optimizer", "adam") == "adam" for h in hp]
+    is_adam = uses_adam(plans)
 
     regression = data.regression
     native = native_chain(net, device, regression)
@@ -642,8 +561,8 @@ def train_chunk_batched(
     full = bool((batch >= n_train).all()) and bool(subset.all())  # every step: all samples
     y_all = data.y_train.to(device)
 
-    lr_all, wd_all, mom_all = col("lr", 0.01), col("weight_decay", 0.0), col("momentum", 0.9)
-    dropout = col("dropout", 0.0)
+    lr_all, wd_all, mom_all = optimizer_hparams(plans, device)
+    dropout = hparam_column(plans, "dropout", 0.0, device=device)
     use_dropout = bool((dropout > 0).any()) and any(o.kind == "dropout" for o in net.ops)
     snap_at = keep * spe[:, None]  # [N, K] local step after which slot k is snapshotted
 
@@ -673,7 +592,7 @@ def train_chunk_batched(
     first = torch.tensor([lane[0] for lane in lanes], dtype=torch.long, device=device)
     lane_row = list(range(len(lanes)))  # lane -> row of the batch (-1 once the lane is done)
     flat = flat0[first].clone()
-    opt = FlatOptimizer(flat, lr_all[first], wd_all[first], mom_all[first], k_sgd)
+    opt = RowOptimizer(flat, lr_all[first], wd_all[first], mom_all[first], k_sgd)
     st: dict[str, torch.Tensor] = {"net": first, "drop": dropout[first],
                                    "y": y_all[first] if full else y_all[:0]}  # fmt: skip
     frozen = torch.zeros(len(lanes), dtype=torch.bool, device=device)  # diverged: no updates
@@ -784,13 +703,7 @@ def train_chunk_batched(
             if bool(newly.any()):
                 stop_step[st["net"][newly]] = t - start_t[st["net"][newly]]
                 frozen |= newly
-        if bool(frozen.any()):
-            held = flat[frozen].clone()
-            grad[frozen] = 0.0
-            opt.step(flat, grad)
-            flat[frozen] = held
-        else:
-            opt.step(flat, grad)
+        opt.step(flat, grad, frozen)
         snapping = events_snap.get(t + 1)
         if snapping:
             for k_slot in range(n_slots):
@@ -812,14 +725,7 @@ def train_chunk_batched(
             drop_rows(keep_rows)
 
     # -- evaluation of each distinct (network, kept epoch) ---------------------------------------
-    records: list[tuple[int, int, int]] = []  # (network, slot, epoch)
-    for i in range(n):
-        seen = set()
-        for k_slot in range(n_slots):
-            e = int(keep[i, k_slot])
-            if e not in seen:
-                seen.add(e)
-                records.append((i, k_slot, e))
+    records = kept_records(keep)  # (network, slot, epoch)
     rec_net = torch.tensor([r[0] for r in records], dtype=torch.long, device=device)
     rec_slot = torch.tensor([r[1] for r in records], dtype=torch.long, device=device)
     rec_flat = snaps[rec_slot, rec_net]  # [R, D]

@@ -316,11 +316,11 @@ def _run(
         device = str(fabric.device)
         if fabric.device.type == "cpu" and threads:  # cores shared between the node's ranks
             torch.set_num_threads(threads)
-    from metanet.zoo.train import resolve_engine
+    from metanet.zoo.train import engine_fingerprint, resolve_engine
 
     engines = [resolve_engine(a, engine, recipe.kind == "siren", device)
                for a in recipe.architectures]  # fmt: skip
-    fingerprint = recipe.fingerprint(limit, engines)
+    fingerprint = recipe.fingerprint(limit, [engine_fingerprint(e) for e in engines])
     done = _existing_ok(output, fingerprint, overwrite) if rank == 0 else False
     if fabric is not None:
         done = bool(fabric.broadcast(done, src=0))

@@ -128,8 +128,8 @@ class NativeChain:
         """Gradient ``[M, D]`` and loss ``[M]`` of each network's weighted cross-entropy
         ``sum_b w[m, b] * CE(net_m(x[m, b]), y[m, b])``: ``x`` ``[M, B, F]``, ``y``/``w``
         ``[M, B]``, dropout ``rate`` ``[M]`` (or ``None``) with each row's mask key ``keys``
-        ``[M]`` (:func:`metanet.zoo.train.dropout_keys`; the masks are
-        :func:`metanet.zoo.train.dropout_multipliers`)."""
+        ``[M]`` (:func:`metanet.zoo.schedule.dropout_keys`; the masks are
+        :func:`metanet.zoo.schedule.dropout_multipliers`)."""
         lib = library()
         assert lib is not None
         m, b = y.shape

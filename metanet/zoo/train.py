@@ -4,9 +4,9 @@ All ``N`` networks of a chunk share one module *structure*; their parameters are
 (``{key: [N, *shape]}``) and one step is ``vmap(grad(loss))`` over ``functional_call``. Everything
 that differs between networks is a batched tensor:
 
-* learning rate, weight decay, momentum, optimizer (SGD with momentum / AdamW) — the update is
-  written functionally on the stacked tensors, both rules are computed and ``torch.where`` picks
-  each network's rule (:class:`FunctionalOptimizer`);
+* learning rate, weight decay, momentum, optimizer (SGD with momentum / AdamW) — per-row
+  hyperparameters of :class:`metanet.zoo.optim.RowOptimizer`, the one optimizer of every engine,
+  updating the stacked tensors in place (networks laid out SGD first);
 * dropout rate — a per-network buffer of :class:`~metanet.zoo.architectures.SampledDropout`, masks
   drawn with ``vmap(randomness="different")``;
 * train fraction and label noise — per-network label tables ``[N, n_train]`` and subset masks;
@@ -14,10 +14,15 @@ that differs between networks is a batched tensor:
   is ``[N, B_max, ...]`` and a per-sample weight ``[N, B_max]`` (``1/b_n`` on the ``b_n`` real
   samples, 0 on padding) makes the loss each network's own mean over its own batch;
 * epochs — network ``n`` runs ``epochs_n * ceil(n_sub / b_n)`` steps; once done (or once its
-  loss/gradient is not finite: "diverged") its parameters and optimizer state stop changing.
+  loss/gradient is not finite: "diverged") its parameters stop changing.
 
 Chunks are built so networks of similar batch size and step count train together (little padding).
 Checkpoints are snapshots of each network at its kept epochs, evaluated after training in one vmap.
+
+The schedule (steps, kept epochs, early stops), the random draws (initial weights, sample orders,
+dropout masks) and the records are those of :mod:`metanet.zoo.schedule`, the optimizer that of
+:mod:`metanet.zoo.optim`, shared with the other engines so that engines differ only in arithmetic;
+their names stay importable from here.
 
 This ``torch.func`` engine trains any architecture (norm layers, residual blocks). For plain
 chains (MLPs, CNNs without norm/residual, SIRENs) :func:`train_chunk` uses the several times faster
@@ -27,25 +32,72 @@ same networks up to float rounding.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from metanet.zoo.architectures import ACTIVATIONS, SampledDropout, build_module, normalize_arch
+from metanet.zoo import batched
+from metanet.zoo.architectures import SampledDropout, build_module
+from metanet.zoo.optim import RowOptimizer, optimizer_hparams, optimizer_order, uses_adam
 from metanet.zoo.recipe import NetworkPlan
+from metanet.zoo.schedule import (  # re-exported: the names every engine shares
+    ChunkData,
+    ChunkResult,
+    assemble_records,
+    dropout_keys,
+    dropout_multipliers,
+    hparam_column,
+    init_network,
+    init_networks,
+    init_rows,
+    kept_records,
+    mix64,
+    psnr_targets,
+    sample_orders,
+    step_schedule,
+)
 
 if TYPE_CHECKING:
     from metanet.data.tasks import TaskData
 
+__all__ = [
+    "ENGINES",
+    "ChunkData",
+    "ChunkResult",
+    "assemble_records",
+    "classifier_data",
+    "dropout_keys",
+    "dropout_multipliers",
+    "hparam_column",
+    "init_network",
+    "init_networks",
+    "init_rows",
+    "kept_records",
+    "mix64",
+    "psnr_targets",
+    "resolve_engine",
+    "sample_orders",
+    "siren_data",
+    "step_schedule",
+    "train_chunk",
+    "vmap_step",
+]
+
 ENGINES = ("auto", "batched", "vmap")
+# arithmetic revisions of an engine: bumped when its numbers change, so that a resumed build's
+# fingerprint never mixes chunks of two revisions (vmap 2: the shared RowOptimizer arithmetic)
+ENGINE_REVISIONS: dict[str, int] = {"vmap": 2}
+
+
+def engine_fingerprint(engine: str) -> str:
+    """The name of a resolved engine as the zoo fingerprint records it (with its revision)."""
+    rev = ENGINE_REVISIONS.get(engine)
+    return engine if rev is None else f"{engine}/{rev}"
 
 
 def resolve_engine(arch: dict[str, Any], engine: str = "auto", regression: bool = False,
@@ -62,8 +114,6 @@ def resolve_engine(arch: dict[str, Any], engine: str = "auto", regression: bool 
         raise ValueError(f"engine must be one of {list(ENGINES)}, got {engine!r}")
     if engine == "vmap":
         return "vmap"
-    from metanet.zoo import batched
-
     if not batched.supports(arch):
         if engine == "batched":
             raise ValueError(f"the batched engine does not train {arch} (use engine='vmap')")
@@ -72,310 +122,32 @@ def resolve_engine(arch: dict[str, Any], engine: str = "auto", regression: bool 
     return "batched" if native is None else "native"
 
 
-@dataclass
-class ChunkResult:
-    """Records of a trained chunk: ``params`` ``{key: [R, ...]}``, metrics/hparams ``[R]``."""
-
-    params: dict[str, torch.Tensor]
-    metrics: dict[str, np.ndarray]
-    hparams: dict[str, np.ndarray]
-
-
-# ------------------------------------------------------------------------------------------------
-# initialization
-# ------------------------------------------------------------------------------------------------
-_INIT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
-
-
-@torch.no_grad()
-def _apply_scheme(layers: Sequence[nn.Module], scheme: str, scale: float) -> None:
-    """Re-initialize the weights of ``layers`` with ``scheme`` (biases zeroed; ``"default"``
-    keeps them as constructed) and multiply them by ``scale``."""
-    for layer in layers:
-        w = layer.weight
-        if scheme != "default":
-            if scheme == "kaiming_uniform":
-                nn.init.kaiming_uniform_(w, nonlinearity="relu")
-            elif scheme == "kaiming_normal":
-                nn.init.kaiming_normal_(w, nonlinearity="relu")
-            elif scheme == "xavier_uniform":
-                nn.init.xavier_uniform_(w)
-            elif scheme == "xavier_normal":
-                nn.init.xavier_normal_(w)
-            elif scheme == "orthogonal":
-                nn.init.orthogonal_(w)
-            elif scheme == "normal":
-                nn.init.normal_(w, std=0.05)
-            else:
-                raise ValueError(f"unknown init scheme {scheme!r}")
-            if layer.bias is not None:
-                layer.bias.zero_()
-        w.mul_(scale)
-
-
-def init_network(arch: dict[str, Any], seed: int, scheme: str = "default", scale: float = 1.0):
-    """A module of ``arch`` initialized from ``seed``: ``scheme`` for Linear/Conv weights (biases
-    zero unless ``"default"``, which keeps PyTorch's/SIREN's init), weights multiplied by
-    ``scale``."""
-    with torch.random.fork_rng(devices=[]):
-        # the CPU generator only: torch.manual_seed also queues lazy CUDA seeding, which
-        # records a stack trace per call (most of the cost of initializing a tiny network)
-        torch.default_generator.manual_seed(seed)
-        module = build_module(arch)
-        _apply_scheme([m for m in module.modules() if isinstance(m, _INIT_LAYERS)], scheme, scale)
-    return module
-
-
-def init_rows(arch: dict[str, Any], plans: Sequence[NetworkPlan]) -> torch.Tensor:
-    """The initial parameters of every plan's network as rows ``[N, D]`` (``named_parameters``
-    order), equal to :func:`init_network`'s, without building a module per network: one module
-    is re-initialized per plan (``reset_parameters`` of each layer in construction order draws
-    what the constructors draw). Plain MLP/CNN chains only; other archs go through
-    :func:`init_network`."""
-    template = build_module(arch)
-    layers = [m for m in template.modules() if isinstance(m, _INIT_LAYERS)]
-    plain = normalize_arch(arch)["type"] in ("mlp", "cnn") and all(
-        isinstance(m, (*_INIT_LAYERS, nn.Sequential, nn.Flatten, nn.AvgPool2d, SampledDropout,
-                       *ACTIVATIONS.values()))  # fmt: skip
-        for m in template.modules()
-    )
-    params = list(template.parameters())
-    if not plain:
-        return torch.stack([torch.cat([q.detach().reshape(-1) for q in m.parameters()])
-                            for m in init_networks(arch, plans)])  # fmt: skip
-    out = torch.empty(len(plans), sum(q.numel() for q in params))
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        for i, plan in enumerate(plans):
-            torch.default_generator.manual_seed(plan.weight_seed)
-            for layer in layers:
-                layer.reset_parameters()
-            _apply_scheme(layers, plan.hparams.get("init", "default"),
-                          float(plan.hparams.get("init_scale", 1.0)))  # fmt: skip
-            torch.cat([q.reshape(-1) for q in params], out=out[i])
-    return out
-
-
-def init_networks(arch: dict[str, Any], plans: Sequence[NetworkPlan]) -> list[nn.Module]:
-    """One freshly initialized module per plan (its weight seed, init scheme and scale)."""
-    return [
-        init_network(
-            arch,
-            p.weight_seed,
-            p.hparams.get("init", "default"),
-            float(p.hparams.get("init_scale", 1.0)),
-        )  # fmt: skip
-        for p in plans
-    ]
-
-
-def hparam_column(
-    plans: Sequence[NetworkPlan], key: str, default: Any, dtype=torch.float32, device="cpu"
-) -> torch.Tensor:
-    """The hyperparameter ``key`` of every plan as a tensor ``[N]`` (``default`` where unset)."""
-    return torch.tensor([p.hparams.get(key, default) for p in plans], dtype=dtype, device=device)
-
-
-# ------------------------------------------------------------------------------------------------
-# functional optimizer
-# ------------------------------------------------------------------------------------------------
-
-
-def step_schedule(
-    plans: Sequence[NetworkPlan],
-    subset_size: torch.Tensor,
-    n_train: int,
-    keep_fractions: Sequence[float],
-    device: torch.device | str = "cpu",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The per-network step schedule both engines follow: ``(batch, steps_per_epoch, epochs,
-    keep)``, each ``[N]`` except ``keep`` ``[N, K]`` (the epoch after which checkpoint slot ``k``
-    is taken: ``max(1, round(f_k * epochs))``). ``subset_size`` ``[N]``: training samples of each
-    network; a batch size above it (or unset) means full batches."""
-    batch = torch.minimum(
-        hparam_column(plans, "batch_size", n_train, torch.long, device), subset_size
-    )
-    steps_per_epoch = (subset_size + batch - 1) // batch
-    epochs = hparam_column(plans, "epochs", 1, torch.long, device)
-    keep = torch.stack(
-        [(epochs.double() * f).round().clamp_min(1).long() for f in keep_fractions], dim=1
-    )
-    return batch, steps_per_epoch, epochs, keep
-
-
-def psnr_targets(plans: Sequence[NetworkPlan], device: torch.device | str = "cpu"
-                 ) -> tuple[torch.Tensor, bool]:  # fmt: skip
-    """The early-stop threshold of each network as a training MSE ``[N]`` (``psnr_target`` dB
-    for values in [0, 1]: ``mse <= 10**(-psnr/10)``; no target: -1, never reached) and whether
-    any network has one. Both engines stop updating a network at the first step whose
-    full-batch loss is within it (the DWS/NFN INR protocol's early stop)."""
-    targets = [p.hparams.get("psnr_target") for p in plans]
-    mse = [10.0 ** (-float(t) / 10.0) if t else -1.0 for t in targets]
-    return torch.tensor(mse, device=device), any(t for t in targets)
-
-
-def sample_orders(subset: torch.Tensor, epochs: int, generator_seed: int,
-                  device: torch.device | str = "cpu") -> torch.Tensor:  # fmt: skip
-    """The order in which every network visits its training samples in each epoch,
-    ``[N, epochs, n]`` (a permutation of its ``subset`` ``[N, n]`` first, samples outside it
-    last): the one random draw of the sample order, made here for every engine so that engines
-    differ only in arithmetic."""
-    gen = torch.Generator(device="cpu").manual_seed(generator_seed)
-    keys = torch.rand(subset.shape[0], epochs, subset.shape[1], generator=gen).to(device)
-    keys.masked_fill_(~subset.to(device)[:, None, :], 2.0)
-    return keys.argsort(dim=-1)
-
-
-_M64 = (1 << 64) - 1
-
-
-def _i64(c: int) -> int:
-    """A uint64 constant as the int64 with the same bits."""
-    return c - (1 << 64) if c >= 1 << 63 else c
-
-
-def _shr(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Logical right shift of int64 bits (torch's ``>>`` is arithmetic)."""
-    return (x >> k) & ((1 << (64 - k)) - 1)
-
-
-def mix64(x: torch.Tensor) -> torch.Tensor:
-    """splitmix64's finalizer on int64 tensors (uint64 arithmetic, wrapping): the hash behind
-    every dropout mask, bit for bit the ``mix64`` of ``metanet/zoo/_chain.c``."""
-    x = x + _i64(0x9E3779B97F4A7C15)
-    x = (x ^ _shr(x, 30)) * _i64(0xBF58476D1CE4E5B9)
-    x = (x ^ _shr(x, 27)) * _i64(0x94D049BB133111EB)
-    return x ^ _shr(x, 31)
-
-
-def dropout_keys(generator_seed: int, nets: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-    """The dropout key ``[M]`` (int64 bits of a uint64) of network ``nets[m]`` (its index in the
-    chunk) at its own training step ``steps[m]``: every engine draws the masks of that step from
-    it (:func:`dropout_multipliers`), so engines differ only in arithmetic."""
-    seed = torch.tensor(_i64(int(generator_seed) & _M64), dtype=torch.int64)
-    return mix64(seed ^ mix64((nets.long() << 32) + steps.long()))
-
-
-def dropout_multipliers(keys: torch.Tensor, rate: torch.Tensor, op: int, batch: int,
-                        units: int) -> torch.Tensor:  # fmt: skip
-    """Inverted-dropout multipliers ``[M, batch, units]`` of the dropout op number ``op`` of a
-    chain: unit ``i`` (in (C, H, W) order) of batch slot ``b`` of network row ``m`` is kept (times
-    ``1 / (1 - q)``) when a 16-bit draw of ``mix64`` keyed by ``keys[m]``, the slot's block of
-    eight, ``op`` and ``i`` is at least ``q * 65536`` (``q`` the rate ``rate[m]`` rounded to a
-    multiple of 1/65536), else 0 - the same draws as the C kernels."""
-    dev = keys.device
-    b = torch.arange(batch, device=dev)
-    lane = b % 8
-    kb = keys[:, None] ^ mix64(b - lane)[None, :]  # [M, B]
-    kj = mix64(kb ^ _i64(((op + 1) << 56) & _M64))
-    i = torch.arange(units, device=dev)
-    h = mix64(kj[:, :, None] + 2 * i + (lane >= 4).long()[None, :, None])  # [M, B, U]
-    u = (h >> (16 * (lane % 4))[None, :, None]) & 0xFFFF  # sign bits never reach the low 16
-    r = rate.float()
-    drop = torch.where(r >= 1.0, 65536.0, torch.floor(r * 65536.0 + 0.5))
-    scale = torch.where(drop < 65536.0, 65536.0 / (65536.0 - drop), 0.0)
-    keep = u.float() >= drop[:, None, None]
-    return torch.where(keep, scale[:, None, None], 0.0)
-
-
-def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return v.view(-1, *([1] * (like.dim() - 1)))
-
-
-class FunctionalOptimizer:
-    """SGD with momentum (coupled weight decay) and AdamW, on stacked parameters ``[N, ...]``.
-
-    Per-network hyperparameters are ``[N]`` tensors; ``is_adam`` ``[N]`` bool picks the rule.
-    :meth:`step` updates only networks where ``mask`` ``[N]`` is true.
-    """
-
-    def __init__(
-        self,
-        params: dict[str, torch.Tensor],
-        lr: torch.Tensor,
-        weight_decay: torch.Tensor,
-        momentum: torch.Tensor,
-        is_adam: torch.Tensor,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-    ) -> None:
-        self.lr, self.wd, self.mom, self.is_adam = lr, weight_decay, momentum, is_adam
-        self.b1, self.b2 = betas
-        self.eps = eps
-        self.any_adam = bool(is_adam.any())
-        self.any_sgd = bool((~is_adam).any())
-        self.buf = {k: torch.zeros_like(p) for k, p in params.items()} if self.any_sgd else {}
-        self.m = {k: torch.zeros_like(p) for k, p in params.items()} if self.any_adam else {}
-        self.v = {k: torch.zeros_like(p) for k, p in params.items()} if self.any_adam else {}
-        self.t = torch.zeros_like(lr)
-
-    def select(self, keep: torch.Tensor) -> None:
-        """Keep only the networks where ``keep`` ``[N]`` is true (drop finished networks)."""
-        self.lr, self.wd, self.mom = self.lr[keep], self.wd[keep], self.mom[keep]
-        self.is_adam, self.t = self.is_adam[keep], self.t[keep]
-        for state in (self.buf, self.m, self.v):
-            for k in list(state):
-                state[k] = state[k][keep]
-
-    def step(
-        self, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], mask: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
-        """New parameters after one step (networks with ``mask == False`` are unchanged)."""
-        self.t = self.t + mask.to(self.t.dtype)
-        t = self.t.clamp_min(1.0)
-        c1 = 1.0 - self.b1**t
-        c2 = 1.0 - self.b2**t
-        out = {}
-        for k, p in params.items():
-            g = grads[k]
-            m_ = _bcast(mask, p)
-            lr = _bcast(self.lr, p)
-            wd = _bcast(self.wd, p)
-            new = p
-            if self.any_sgd:
-                buf = _bcast(self.mom, p) * self.buf[k] + g + wd * p
-                p_sgd = p - lr * buf
-                self.buf[k] = torch.where(m_, buf, self.buf[k])
-                new = p_sgd
-            if self.any_adam:
-                m = self.b1 * self.m[k] + (1 - self.b1) * g
-                v = self.b2 * self.v[k] + (1 - self.b2) * g * g
-                upd = (m / _bcast(c1, p)) / ((v / _bcast(c2, p)).sqrt() + self.eps)
-                p_adam = p - lr * (upd + wd * p)
-                self.m[k] = torch.where(m_, m, self.m[k])
-                self.v[k] = torch.where(m_, v, self.v[k])
-                new = (
-                    p_adam
-                    if not self.any_sgd
-                    else torch.where(_bcast(self.is_adam, p), p_adam, new)
-                )
-            out[k] = torch.where(m_, new, p)
-        return out
-
-
 # ------------------------------------------------------------------------------------------------
 # chunk training
 # ------------------------------------------------------------------------------------------------
-@dataclass
-class ChunkData:
-    """What a chunk trains on. Classification: ``x_train [n, ...]``, per-network labels
-    ``y_train [N, n]`` (long), subset ``mask [N, n]``, and clean eval sets. Regression (SIREN):
-    ``x_train`` shared coordinates, ``y_train [N, n, out]`` float per-network targets."""
-
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    subset: torch.Tensor
-    x_eval: dict[str, torch.Tensor]
-    y_eval: dict[str, torch.Tensor]
-    regression: bool = False
-    # per split, ``[N, n_eval]`` bool: the samples each network is scored on (class-subset
-    # tasks); a split without an entry scores every network on all its samples
-    eval_masks: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.view(-1, *([1] * (like.dim() - 1)))
 
 
 def _loss(out: torch.Tensor, y: torch.Tensor, regression: bool) -> torch.Tensor:
     if regression:
         return ((out - y) ** 2).mean(dim=-1)
     return F.cross_entropy(out, y, reduction="none")
+
+
+def vmap_step(template: nn.Module, regression: bool = False) -> Callable[..., Any]:
+    """The reference engine's gradient step of ``M`` networks of ``template``'s structure:
+    ``step(params, buffers, x, y, w) -> (grads, losses)`` with stacked ``params``/``buffers``
+    ``{key: [M, ...]}``, batches ``x`` ``[M, B, ...]``, targets ``y`` ``[M, B(, out)]`` and
+    per-sample loss weights ``w`` ``[M, B]`` (each network's loss is ``sum_b w * loss_b``:
+    cross-entropy, or the MSE for ``regression``). ``scripts/bench_zoo_compile.py`` times it
+    eager and under ``torch.compile``."""
+
+    def loss_fn(p, b, x, y, w):
+        out = functional_call(template, (p, b), (x,))
+        return (_loss(out, y, regression) * w).sum()
+
+    return vmap(grad_and_value(loss_fn), randomness="different")
 
 
 def train_chunk(
@@ -408,8 +180,6 @@ def train_chunk(
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {list(ENGINES)}, got {engine!r}")
     if engine != "vmap":
-        from metanet.zoo import batched
-
         if batched.supports(arch):
             return batched.train_chunk_batched(
                 arch, plans, data, keep_fractions, device=device, generator_seed=generator_seed,
@@ -419,11 +189,6 @@ def train_chunk(
             raise ValueError(f"the batched engine does not train {arch} (use engine='vmap')")
     device = torch.device(device)
     n = len(plans)
-    hp = [p.hparams for p in plans]
-
-    def col(key: str, default: Any, dtype=torch.float32) -> torch.Tensor:
-        return hparam_column(plans, key, default, dtype, device)
-
     modules = init_networks(arch, plans)
     template = build_module(arch).to(device)
     params = {
@@ -435,7 +200,7 @@ def train_chunk(
         for k, _ in template.named_buffers()
     }
     drop_keys = [k for k, b in template.named_modules() if isinstance(b, SampledDropout)]
-    dropout = col("dropout", 0.0)
+    dropout = hparam_column(plans, "dropout", 0.0, device=device)
     for k in drop_keys:
         buffers[f"{k}.p"] = dropout.clone()
     use_dropout = bool(drop_keys) and bool((dropout > 0).any())
@@ -453,13 +218,6 @@ def train_chunk(
     b_max = int(batch.max())
     t_max = int(total_steps.max())
 
-    opt = FunctionalOptimizer(
-        params,
-        lr=col("lr", 0.01),
-        weight_decay=col("weight_decay", 0.0),
-        momentum=col("momentum", 0.9),
-        is_adam=torch.tensor([h.get("optimizer", "adam") == "adam" for h in hp], device=device),
-    )
     snaps = [
         {k: v.clone() for k, v in {**params, **_persistent(buffers, drop_keys)}.items()}
         for _ in keep_fractions
@@ -469,9 +227,15 @@ def train_chunk(
     x_train = data.x_train.to(device)
     mse_target, has_target = psnr_targets(plans, device)
     stop_step = total_steps.clone()  # updates each network made (early stop: fewer)
-    # per-network state of the networks still training ("alive"); finished networks are
-    # dropped from the vmap batch, so a chunk costs the sum of its networks' steps
-    alive = torch.arange(n, device=device)
+    # per-network state of the networks still training ("alive": their indices in the chunk, one
+    # row each, SGD networks first as the optimizer wants); finished networks are dropped from
+    # the vmap batch, so a chunk costs the sum of its networks' steps
+    is_adam = uses_adam(plans)
+    alive = torch.tensor(optimizer_order(is_adam), dtype=torch.long, device=device)
+    lr, wd, mom = optimizer_hparams(plans, device)
+    params = {k: v[alive] for k, v in params.items()}
+    buffers = {k: v[alive] for k, v in buffers.items()}
+    opt = RowOptimizer(params, lr[alive], wd[alive], mom[alive], k_sgd=is_adam.count(False))
     st: dict[str, torch.Tensor] = {
         "y": data.y_train.to(device),
         "subset_size": subset_size,
@@ -484,14 +248,10 @@ def train_chunk(
         "reached": torch.zeros(n, dtype=torch.bool, device=device),
         "mse_target": mse_target,
     }
+    st = {k: v[alive] for k, v in st.items()}
     arange_b = torch.arange(b_max, device=device)
     template.train()
-
-    def loss_fn(p, b, x, y, w):
-        out = functional_call(template, (p, b), (x,))
-        return (_loss(out, y, regression) * w).sum()
-
-    step_fn = vmap(grad_and_value(loss_fn), randomness="different")
+    step_fn = vmap_step(template, regression)
     for t in range(t_max):
         m = alive.shape[0]
         pos = t % st["spe"]
@@ -524,7 +284,7 @@ def train_chunk(
             stop_step[alive[newly]] = t
             st["reached"] |= newly
             upd &= ~newly
-        params = opt.step(params, grads, upd)
+        opt.step(params, grads, frozen=~upd)  # in place
         if old_buffers is not None:
             for k in buffers:
                 if k.endswith((".p", ".mult")):
@@ -597,8 +357,6 @@ def _dropout_layout(arch: dict[str, Any], template: nn.Module, drop_keys: list[s
         for h in hooks:
             h.remove()
         template.train()
-    from metanet.zoo import batched
-
     ops = list(range(len(drop_keys)))
     if batched.supports(arch):
         ops = [j for j, op in enumerate(batched.BatchedNet(arch).ops) if op.kind == "dropout"]
@@ -665,14 +423,7 @@ def _evaluate(
             count = scored.sum(1).clamp_min(1) if scored is not None else x.shape[0]
             results[(k_slot, split)] = (loss_sum / count, acc_sum / count)
 
-    records: list[tuple[int, int, int]] = []
-    for i in range(n):
-        seen = set()
-        for k_slot in range(len(snaps)):
-            e = int(keep[i, k_slot])
-            if e not in seen:
-                seen.add(e)
-                records.append((i, k_slot, e))
+    records = kept_records(keep)
     params = {
         key: torch.stack([snaps[k_slot][key][i].cpu() for i, k_slot, _ in records])
         for key in snaps[0]
@@ -685,69 +436,6 @@ def _evaluate(
             )
     return assemble_records(
         plans, records, params, stats, epochs.cpu(), diverged.cpu(), regression, extra_metrics
-    )
-
-
-def assemble_records(
-    plans: Sequence[NetworkPlan],
-    records: Sequence[tuple[int, int, int]],
-    params: dict[str, torch.Tensor],
-    stats: dict[str, torch.Tensor],
-    epochs: torch.Tensor,
-    diverged: torch.Tensor,
-    regression: bool,
-    extra_metrics: dict[str, Sequence[Any]],
-) -> ChunkResult:
-    """Records of a chunk from ``records`` ``[(network, slot, epoch)]`` (R of them), their
-    ``params`` ``{key: [R, ...]}`` and ``stats`` ``{train_loss, train_acc, test_loss, test_acc}``
-    (plus ``val_loss``/``val_acc`` when the data has a validation split) ``[R]``;
-    ``epochs``/``diverged`` are per network ``[N]``."""
-    metrics: dict[str, list[Any]] = {
-        k: []
-        for k in (
-            "train_loss",
-            "train_acc",
-            "test_loss",
-            "test_acc",
-            "epoch",
-            "run_id",
-            "seed",
-            "diverged",
-            "final",
-        )  # fmt: skip
-    }
-    if regression:
-        metrics["psnr"] = []
-    for k, values in extra_metrics.items():
-        if len(values) != len(plans):
-            raise ValueError(f"extra metric '{k}' has {len(values)} values for {len(plans)} nets")
-        metrics[k] = []
-    split_keys = [k for k in stats if k.endswith(("_loss", "_acc"))]  # train, test (, val)
-    for k in split_keys:
-        metrics.setdefault(k, [])
-    hkeys = sorted(plans[0].hparams)
-    hparams: dict[str, list[Any]] = {k: [] for k in hkeys}
-    vals = {k: v.tolist() for k, v in stats.items()}
-    for r, (i, _, e) in enumerate(records):
-        plan = plans[i]
-        for k in split_keys:
-            metrics[k].append(float(vals[k][r]))
-        metrics["epoch"].append(e)
-        metrics["run_id"].append(plan.run_id)
-        metrics["seed"].append(plan.seed)
-        metrics["diverged"].append(int(diverged[i]))
-        metrics["final"].append(int(e == int(epochs[i])))
-        if regression:
-            mse = float(vals["test_loss"][r])
-            metrics["psnr"].append(10 * math.log10(1.0 / max(mse, 1e-12)))
-        for k, values in extra_metrics.items():
-            metrics[k].append(values[i])
-        for k in hkeys:
-            hparams[k].append(plan.hparams[k])
-    return ChunkResult(
-        params={k: v.contiguous() for k, v in params.items()},
-        metrics={k: np.asarray(v) for k, v in metrics.items()},
-        hparams={k: np.asarray(v) for k, v in hparams.items()},
     )
 
 
