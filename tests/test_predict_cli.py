@@ -13,7 +13,7 @@ from tiny_zoo import CNN_FLAT, MLP, build_tiny_zoo, one_thread  # noqa: I001
 from torch import nn
 
 from metanet.tasks import GeneralizationTask, INRClassificationTask
-from metanet.tasks.predict_cli import main
+from metanet.tasks.predict_cli import load_predictor, main
 
 ROW = re.compile(r"^\s*(\d+)\s+([-0-9.]+)\s+(\S+)\s*$")
 
@@ -271,3 +271,28 @@ def test_data_flag_measures_true_accuracy_beside_the_prediction(ws_predictor, ne
     code, _, err = _run(["--predictor", ws_predictor[0], "--data", '{"provider": "nope"}',
                          files["sd3"]], capsys)  # fmt: skip
     assert code == 2 and err.startswith("error: --data") and "nope" in err
+
+
+def test_metanet_load_reads_a_predictor_and_a_ghn(ws_predictor, zoo, tmp_path) -> None:
+    """``metanet.load`` gives the predictor ``load_predictor`` gives (same predictions) and a
+    GHN saved by ``GHN.save``; a pickled module is refused without ``trust_pickle``."""
+    import metanet
+    from metanet.checkpoints import CheckpointError
+    from metanet.hyper import GHN
+
+    path, task = ws_predictor
+    loaded = metanet.load(path)
+    assert isinstance(loaded, GeneralizationTask) and not loaded.training
+    ws = zoo[_name(MLP)].weight_space([0, 1, 2])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ws), load_predictor(path)(ws))
+    torch.manual_seed(0)
+    ghn = GHN(hidden=8, layers=1)
+    ghn.save(tmp_path / "ghn.safetensors")
+    back = metanet.load(tmp_path / "ghn.safetensors")
+    assert isinstance(back, GHN)
+    assert all(torch.equal(a, b) for a, b in zip(ghn.state_dict().values(),
+                                                 back.state_dict().values()))  # fmt: skip
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pt")
+    with pytest.raises(CheckpointError, match="trust"):
+        metanet.load(tmp_path / "module.pt")

@@ -232,6 +232,15 @@ def test_inr_classification_fit_and_test(inr_zoo_path, tmp_path):
     (result,) = trainer.test(task, dm)
     assert 0.0 <= result["test/acc"] <= 1.0 and math.isfinite(result["test/loss"])
     assert task.payload()["task"] == "inr_classification"
+    # metanet.load rebuilds the task and its metanetwork from the checkpoint alone
+    import metanet
+
+    trainer.save_checkpoint(tmp_path / "inr.ckpt")
+    loaded = metanet.load(tmp_path / "inr.ckpt")
+    assert type(loaded) is INRClassificationTask and not loaded.training
+    ws, _ = next(iter(dm.test_dataloader()))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.logits(ws), task.eval().logits(ws))
 
     wrong = INRClassificationTask(_small_nfn(out_dim=1))
     wrong.build(dm.spec)

@@ -18,6 +18,8 @@
   aligned checkpoints, a diagonal Gaussian of the aligned zoo;
 * :mod:`~metanet.generate.selection`: :class:`SelectOnValidation`, a callback that chooses a
   generator's checkpoint on the validation split;
+* :mod:`~metanet.generate.sampling`: :func:`sample`, networks from a trained generator (an
+  object or a checkpoint path);
 * :mod:`~metanet.generate.cli`: ``metanet generate``.
 
 The LightningModules live in :mod:`metanet.tasks.generation`.
@@ -29,6 +31,7 @@ from metanet.generate.canonicalize import canonicalize, nearest_distances, pick_
 from metanet.generate.data import GeneratorDataModule, ZooInputError
 from metanet.generate.diffusion import GaussianDiffusion, make_betas
 from metanet.generate.flow import FlowMatching
+from metanet.generate.sampling import sample
 
 __all__ = [
     "FlowMatching",
@@ -42,4 +45,5 @@ __all__ = [
     "make_betas",
     "nearest_distances",
     "pick_reference",
+    "sample",
 ]
