@@ -125,7 +125,7 @@ def main() -> int:
     def predicted(dec: str, arch: dict) -> nn.Module:
         m = build_module(arch)
         with torch.no_grad():
-            ghns[dec].ghn.apply(m)
+            ghns[dec].ghn.load_into(m)
         return m
 
     print(f"\nGHN benchmark: {args.steps} GHN training steps per decoder (4 archs x 64 images "

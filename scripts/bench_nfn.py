@@ -143,14 +143,14 @@ def equivariance_table() -> list[tuple[str, str, str, float]]:
     from metanet.weightspace import WeightSpace, WeightSpaceSpec, permute, random_permutation
 
     models = {
-        "NFN-HNP": lambda s: NFN(s, hidden=16, depth=2, mode="HNP"),
-        "NFN-NP": lambda s: NFN(s, hidden=16, depth=2, mode="NP"),
-        "DWSNet": lambda s: DWSNet(s, hidden=16, n_hidden=2),
-        "UNF": lambda s: UNF(s, hidden=16, depth=2),
+        "NFN-HNP": lambda s: NFN(s, hidden=16, num_layers=2, mode="HNP"),
+        "NFN-NP": lambda s: NFN(s, hidden=16, num_layers=2, mode="NP"),
+        "DWSNet": lambda s: DWSNet(s, hidden=16, num_layers=3),
+        "UNF": lambda s: UNF(s, hidden=16, num_layers=2),
         "StatNN": lambda s: StatNN(s),
-        "NFNEquivariant-HNP": lambda s: NFNEquivariant(s, hidden=16, depth=2, residual=False),
+        "NFNEquivariant-HNP": lambda s: NFNEquivariant(s, hidden=16, num_layers=2, residual=False),
         "NFNEquivariant-NP": lambda s: NFNEquivariant(s, 16, 2, mode="NP", residual=False),
-        "UNFEquivariant": lambda s: UNFEquivariant(s, hidden=16, depth=2, residual=False),
+        "UNFEquivariant": lambda s: UNFEquivariant(s, hidden=16, num_layers=2, residual=False),
     }
     rows = []
     for arch, shapes in SHAPES.items():

@@ -93,11 +93,11 @@ def test_unknown_op_error_and_logged_fallback(caplog):
     ghn = GHN(hidden=16, layers=1, decoder_hidden=16, max_dim=16)
     m = WithLSTM()
     with pytest.raises(GHNVocabularyError, match=r"op 'lstm' .*module path 'rnn'"):
-        ghn.apply(m)
+        ghn.load_into(m)
     before = m.rnn.weight_ih_l0.detach().clone()
     fc_before = m.fc.weight.detach().clone()
     with caplog.at_level(logging.WARNING, logger="metanet.hyper.ghn"):
-        ghn.apply(m, fallback_init=True)
+        ghn.load_into(m, fallback_init=True)
     assert "lstm" in caplog.text
     torch.testing.assert_close(m.rnn.weight_ih_l0, before)  # own init kept
     assert not torch.equal(m.fc.weight, fc_before)  # predicted
@@ -259,10 +259,133 @@ def test_family_recipe_samples_valid_archs_and_rejects_bad_keys(tmp_path):
         ArchFamily.from_yaml(bad)
 
 
-def test_apply_keeps_module_tree_walks_working():
+def test_load_into_needs_a_module_and_apply_stays_nn_module_apply():
     ghn = GHN(hidden=8, layers=1, decoder_hidden=8, max_dim=8)
     seen = []
     assert ghn.apply(lambda m: seen.append(type(m).__name__)) is ghn  # nn.Module.apply(fn)
     assert "GHN" in seen and "LowRankDecoder" in seen
     with pytest.raises(TypeError, match="nn.Module"):
-        ghn.apply(3)
+        ghn.load_into(3)
+
+
+def _attention_logit_std(model: nn.Module, x: torch.Tensor) -> float:
+    """Std of the pre-softmax attention logits of every ``nn.MultiheadAttention`` in ``model``."""
+    logits = []
+
+    def hook(mod, args, out):
+        h = args[0]
+        q, k, _ = nn.functional.linear(h, mod.in_proj_weight, mod.in_proj_bias).chunk(3, -1)
+        n, t, d = q.shape
+        dh = d // mod.num_heads
+        q = q.reshape(n, t, mod.num_heads, dh).transpose(1, 2)
+        k = k.reshape(n, t, mod.num_heads, dh).transpose(1, 2)
+        logits.append((q @ k.transpose(-1, -2) / math.sqrt(dh)).flatten())
+
+    hooks = [m.register_forward_hook(hook) for m in model.modules()
+             if isinstance(m, nn.MultiheadAttention)]  # fmt: skip
+    with torch.no_grad():
+        model.eval()(x)
+    for h in hooks:
+        h.remove()
+    return torch.cat(logits).std().item()
+
+
+@pytest.mark.parametrize("decoder", ["lowrank", "tiling"])
+def test_scaled_normalization_keeps_transformer_scales_whatever_the_decoder_scale(decoder):
+    """The failure of issue 11 on a small case: a GHN whose decoder outputs have grown (x30, as
+    after training on a family without transformers) gives one-hot attention and a blown-up
+    residual stream with GHN-2's fan-in normalisation; the scaled normalisation sets every weight
+    tensor's RMS to ``sqrt(beta / fan_in)`` exactly (gain 1 at init), so neither happens."""
+    from metanet.hyper.family import PatchTransformer
+
+    x = torch.rand(16, 1, 8, 8)
+    torch.manual_seed(0)
+    model = PatchTransformer(dim=32, depth=2, heads=4)
+    ref = _attention_logit_std(model, x)  # PyTorch's default init
+    out = {}
+    for norm in ("fan_in", "scaled"):
+        torch.manual_seed(0)
+        ghn = GHN(hidden=16, layers=1, decoder=decoder, decoder_hidden=16, rank=4, max_dim=64,
+                  chunk=16, normalize=norm).eval()  # fmt: skip
+        head = ghn.decoder.factors if decoder == "lowrank" else ghn.decoder.matrix
+        with torch.no_grad():
+            head[-1].weight.mul_(30.0)
+            ghn.decoder.vector.net[-1].weight.mul_(30.0)
+            params = ghn.predict(model)
+        m = PatchTransformer(dim=32, depth=2, heads=4)
+        m.load_state_dict(dict(params), strict=False)
+        with torch.no_grad():
+            logits = m.eval()(x)
+        out[norm] = (_attention_logit_std(m, x), logits.std().item(), params)
+    # attention logit std: default init ~0.5; fan-in: > 1000 (one-hot attention); scaled: a few
+    # (low-rank / tiled weights of a fixed RMS have a few large singular values)
+    assert out["fan_in"][0] > 100 * max(ref, 1.0) and out["fan_in"][0] > 100 * out["scaled"][0]
+    assert out["scaled"][0] < 4.0 and out["scaled"][1] < 5.0
+    assert out["fan_in"][1] > 20 * out["scaled"][1]
+    params = out["scaled"][2]
+    # exact RMS sqrt(beta / fan_in): beta 2 only where a rectifier follows (fc1 -> GELU)
+    for name, beta in (("blocks.0.fc1.weight", 2.0), ("blocks.0.fc2.weight", 1.0),
+                       ("blocks.0.attn.in_proj_weight", 1.0),
+                       ("blocks.0.attn.out_proj.weight", 1.0), ("head.weight", 1.0),
+                       ("embed.weight", 1.0)):  # fmt: skip
+        p = params[name]
+        rms = p.pow(2).mean().sqrt().item()
+        assert rms == pytest.approx(math.sqrt(beta / p[0].numel()), rel=1e-4), name
+    for name in ("blocks.0.ln1.weight", "norm.weight"):  # norm scales bounded in (0, 2)
+        assert (params[name] > 0).all() and (params[name] < 2).all()
+    for name in ("blocks.0.ln1.bias", "norm.bias"):  # norm shifts bounded in (-1, 1)
+        assert params[name].abs().max() < 1.0
+    for name in ("blocks.0.fc1.bias", "blocks.0.attn.in_proj_bias"):  # biases: 1 / sqrt(fan_in)
+        assert params[name].abs().max() <= 1.0 / math.sqrt(32) + 1e-6
+
+
+def test_predicted_gain_is_learnt_and_old_checkpoints_keep_fan_in(tmp_path):
+    from metanet.serialization import save_tree
+
+    assert GHN(hidden=16, layers=1).config["normalize"] == "fan_in"  # the default
+    ghn = GHN(hidden=16, layers=1, decoder_hidden=16, rank=4, max_dim=32, normalize="scaled")
+    mlp = build_module({"type": "mlp", "widths": [16]})
+    w = ghn.predict(mlp)["0.weight"]
+    w.pow(2).mean().backward()
+    assert ghn.gain.weight.grad is not None and ghn.gain.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="normalize must be one of"):
+        GHN(normalize="he")
+    # a checkpoint saved before the scaled normalisation (no 'normalize' in its config) loads
+    # with GHN-2's fan-in scaling and predicts what it predicted then
+    old = GHN(hidden=16, layers=1, decoder_hidden=16, rank=4, max_dim=32, normalize="fan_in")
+    config = {k: v for k, v in old.config.items() if k != "normalize"}
+    path = tmp_path / "old.safetensors"
+    save_tree(path, {"format": "metanet-ghn/1", "ghn_config": config,
+                     "state_dict": old.state_dict()})  # fmt: skip
+    loaded = GHN.load(path)
+    assert loaded.normalize == "fan_in" and not hasattr(loaded, "gain")
+    with torch.no_grad():
+        new, ref = loaded.predict(mlp), old.predict(mlp)
+    for k in ref:
+        torch.testing.assert_close(new[k], ref[k])
+
+
+def test_transformer_family_recipe_builds_and_the_ghn_predicts_it():
+    import random
+
+    from metanet.data.tasks import load_task_data
+    from metanet.hyper.family import ArchFamily, PatchTransformer
+
+    fam = ArchFamily.from_yaml("configs/ghn/digits-transformer-family.yaml",
+                               task=load_task_data("digits"))  # fmt: skip
+    rng = random.Random(0)
+    archs = [fam.sample(rng) for _ in range(40)]
+    modules = [a for a in archs if a["type"] == "module"]
+    assert {a["init_args"]["attention"] for a in modules} == {"mha", "qkv"}
+    assert all(a["input_shape"] == [1, 8, 8] for a in modules)
+    ghn = GHN(hidden=16, layers=1, decoder_hidden=16, rank=4, max_dim=64).eval()
+    for arch in modules[:2] + [a for a in fam.held_out if a["type"] == "module"]:
+        m = build_module(arch)
+        assert isinstance(m, PatchTransformer)
+        with torch.no_grad():
+            params = ghn.predict(m, example_input=torch.zeros(1, 1, 8, 8))
+        assert set(params) == {k for k, _ in m.named_parameters()} and not params.report.kept
+        out = torch.func.functional_call(m, dict(params), (torch.rand(3, 1, 8, 8),))
+        assert out.shape == (3, 10) and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="multiple of heads"):
+        PatchTransformer(dim=30, heads=4)

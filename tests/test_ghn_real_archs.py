@@ -74,7 +74,7 @@ def test_ghn_predicts_every_parameter_of_real_families(family: str, ghn: GHN) ->
     with torch.no_grad():
         out = _logits(torch.func.functional_call(model, dict(params), (x,)))
         assert torch.isfinite(out).all()
-        ghn.apply(model)
+        ghn.load_into(model)
         torch.testing.assert_close(_logits(model(x)), out)
     assert ghn.last_report.predicted == report.predicted
 
@@ -109,7 +109,7 @@ def test_tied_weights_are_predicted_once_and_stay_tied(ghn: GHN) -> None:
         "lm_head.weight": "transformer.wte.weight"
     }
     with torch.no_grad():
-        ghn.apply(model)
+        ghn.load_into(model)
     assert model.lm_head.weight is model.transformer.wte.weight
 
 

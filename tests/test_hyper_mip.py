@@ -58,8 +58,12 @@ def test_functional_call_matches_loaded_module_and_batches():
     for i in range(3):
         single = hnet.forward_target(xs[i], inputs[i])
         torch.testing.assert_close(batched[i], single, rtol=1e-5, atol=1e-6)
-        loaded = hnet.load_into(xs[i])
+        loaded = hnet.load_into(_mlp(), xs[i])
         torch.testing.assert_close(loaded(inputs[i]), single, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConditioningError, match="not a batch"):
+        hnet.load_into(_mlp(), xs)
+    with pytest.raises(ConditioningError, match="'0.weight'"):
+        hnet.load_into(nn.Sequential(nn.Linear(3, 3)), xs[0])
     # the residual is conditioned: different x give different parameters
     p = hnet(xs)
     assert not torch.allclose(p["0.weight"][0], p["0.weight"][1])

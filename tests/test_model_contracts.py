@@ -35,8 +35,8 @@ from metanet.weightspace import WeightSpace, WeightSpaceError, permute, random_p
 ORDER_FREE = {"StatNN", "StatFeaturizer"}
 VARIANTS = {"mode": ("HNP", "NP"), "output": ("graph", "edge")}
 SMALL = {  # keep the models small: the contract runs on CPU in the default test suite
-    "hidden": 8, "head_hidden": 16, "depth": 2, "num_layers": 2, "n_hidden": 1, "heads": 2,
-    "edge_dim": 8, "node_mlp": 16, "edge_mlp": 16, "fourier_features": 4, "mapping_size": 4,
+    "hidden": 8, "head_hidden": 16, "num_layers": 2, "heads": 2,
+    "edge_dim": 8, "node_mlp": 16, "edge_mlp": 16, "fourier_features": 4,
     "residual": False, "dropout": 0.0,
 }  # fmt: skip
 ARCHS = {"mlp": MLP, "cnn": CNN_FLAT}

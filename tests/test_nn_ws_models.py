@@ -123,35 +123,35 @@ def _perturbation(ws: WeightSpace) -> WeightSpace:
 
 
 INVARIANT = {
-    "nfn_hnp": lambda s: NFN(s, out_dim=3, hidden=4, depth=2, mode="HNP", head_hidden=16),
+    "nfn_hnp": lambda s: NFN(s, out_dim=3, hidden=4, num_layers=2, mode="HNP", head_hidden=16),
     "nfn_np": lambda s: NFN(
-        s, out_dim=3, hidden=8, depth=2, mode="NP", head_hidden=16, io_encoding="sinusoidal"
+        s, out_dim=3, hidden=8, num_layers=2, mode="NP", head_hidden=16, io_encoding="sinusoidal"
     ),
-    "dws": lambda s: DWSNet(s, out_dim=3, hidden=4, n_hidden=1),
-    "unf": lambda s: UNF(s, out_dim=3, hidden=4, depth=2, head_hidden=16),
+    "dws": lambda s: DWSNet(s, out_dim=3, hidden=4, num_layers=2),
+    "unf": lambda s: UNF(s, out_dim=3, hidden=4, num_layers=2, head_hidden=16),
     "statnn": lambda s: StatNN(s, out_dim=3, hidden=16),
 }
 EQUIVARIANT = {
-    "nfn_hnp_eq": lambda s: NFNEquivariant(s, hidden=4, depth=2, mode="HNP", residual=False),
-    "nfn_np_eq": lambda s: NFNEquivariant(s, hidden=8, depth=2, mode="NP", residual=False),
-    "unf_eq": lambda s: UNFEquivariant(s, hidden=4, depth=2, residual=False),
+    "nfn_hnp_eq": lambda s: NFNEquivariant(s, hidden=4, num_layers=2, mode="HNP", residual=False),
+    "nfn_np_eq": lambda s: NFNEquivariant(s, hidden=8, num_layers=2, mode="NP", residual=False),
+    "unf_eq": lambda s: UNFEquivariant(s, hidden=4, num_layers=2, residual=False),
 }
 ARCHS = ["mlp", "cnn_flatten", "cnn_pool", "siren"]
 VARIANTS = {  # checked on cnn_flatten, whose non-symmetry flips kernel taps
-    "nfn_np_no_io": lambda s: NFN(s, out_dim=3, hidden=8, depth=2, mode="NP", head_hidden=16),
+    "nfn_np_no_io": lambda s: NFN(s, out_dim=3, hidden=8, num_layers=2, mode="NP", head_hidden=16),
     "nfn_np_learned_ff": lambda s: NFN(
         s,
         out_dim=3,
         hidden=4,
-        depth=2,
+        num_layers=2,
         mode="NP",
         io_encoding="learned",
         fourier_features=4,
         head_hidden=16,
     ),
-    "nfn_hnp_sin": lambda s: NFN(s, out_dim=3, hidden=4, depth=2, io_encoding="sinusoidal"),
+    "nfn_hnp_sin": lambda s: NFN(s, out_dim=3, hidden=4, num_layers=2, io_encoding="sinusoidal"),
     "dws_mean_mlp_head": lambda s: DWSNet(
-        s, out_dim=3, hidden=4, n_hidden=1, reduction="mean", head_layers=2, batch_norm=False
+        s, out_dim=3, hidden=4, num_layers=2, reduction="mean", head_layers=2, batch_norm=False
     ),
 }
 
@@ -324,11 +324,11 @@ def test_unf_residual_mlp() -> None:
     # the spec is right: permuted weights compute the same function
     net = moved.load_into(ResMLP().double(), 1)
     assert torch.allclose(net(x), nets[1](x), atol=1e-12)
-    model = UNF(spec, out_dim=2, hidden=4, depth=2).double().eval()
+    model = UNF(spec, out_dim=2, hidden=4, num_layers=2).double().eval()
     out = model(ws)
     assert (model(moved) - out).abs().max() < TOL64
     assert (model(_non_symmetry(ws)) - out).abs().max() > 1e-6
-    eq = UNFEquivariant(spec, hidden=4, depth=2, residual=False).double()
+    eq = UNFEquivariant(spec, hidden=4, num_layers=2, residual=False).double()
     assert permute(eq(ws), perms).max_abs_diff(eq(moved)) < TOL64
 
 
@@ -353,13 +353,13 @@ def test_unf_two_layer_rnn() -> None:
     fc2.load_state_dict({k: moved[f"fc.{k}"][0] for k in fc.state_dict()})
     seq = torch.randn(2, 5, 3, dtype=torch.float64)
     assert torch.allclose(fc(rnn(seq)[0][:, -1]), fc2(rnn2(seq)[0][:, -1]), atol=1e-12)
-    model = UNF(pspec, out_dim=2, hidden=4, depth=2).double()
+    model = UNF(pspec, out_dim=2, hidden=4, num_layers=2).double()
     out = model(batch)
     assert (model(moved) - out).abs().max() < TOL64
     # transposing the recurrent matrix is not a symmetry
     swapped = dict(batch, weight_hh_l0=batch["weight_hh_l0"].transpose(1, 2))
     assert (model(swapped) - out).abs().max() > 1e-6
-    eq = UNFEquivariant(pspec, hidden=4, depth=2, residual=False).double()
+    eq = UNFEquivariant(pspec, hidden=4, num_layers=2, residual=False).double()
     got = pspec.permute(eq(batch), perm)
     assert max((a - b).abs().max() for a, b in zip(got, eq(moved))) < TOL64
 
@@ -380,14 +380,14 @@ def test_statnn_features(nets) -> None:
 
 def test_bad_input(nets) -> None:
     mlp, cnn = nets["mlp"], nets["cnn_pool"]
-    model = NFN(mlp.spec, hidden=4, depth=1).double()
+    model = NFN(mlp.spec, hidden=4, num_layers=1).double()
     with pytest.raises(WeightSpaceError, match="another architecture"):
         model(cnn)
     with pytest.raises(TypeError):
         model(mlp.weights)
     bad = mlp.clone()
     bad.weights[1][0, 0, 0] = float("nan")
-    for m in (model, DWSNet(mlp.spec, hidden=4, n_hidden=0).double(), StatNN(mlp.spec).double()):
+    for m in (model, DWSNet(mlp.spec, hidden=4, num_layers=1).double(), StatNN(mlp.spec).double()):
         with pytest.raises(WeightSpaceError, match="'3'.*NaN"):
             m(bad)
     with pytest.raises(ValueError, match="mode"):

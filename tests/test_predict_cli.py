@@ -56,7 +56,7 @@ def ws_predictor(zoo, tmp_path_factory) -> tuple[str, GeneralizationTask]:
     with one_thread():
         dm = WeightSpaceDataModule(zoo.path, group=_name(MLP), batch_size=8, splits=(0.7, 0.3),
                                    normalize_weights=True)  # fmt: skip
-        task = GeneralizationTask(functools.partial(NFN, hidden=8, depth=2, head_hidden=16))
+        task = GeneralizationTask(functools.partial(NFN, hidden=8, num_layers=2, head_hidden=16))
         path = _fit(task, dm, tmp_path_factory.mktemp("ws_predictor"))
     return path, task.eval()
 
@@ -191,7 +191,7 @@ def test_bad_predictors_give_clear_errors(ws_predictor, nets, zoo, tmp_path, cap
     dm = WeightSpaceDataModule(zoo.path, group=_name(MLP), target="epoch", task="classification",
                                batch_size=8, splits=(0.7, 0.3))  # fmt: skip
     dm.setup()
-    inr = INRClassificationTask(functools.partial(NFN, hidden=4, depth=1, head_hidden=8,
+    inr = INRClassificationTask(functools.partial(NFN, hidden=4, num_layers=1, head_hidden=8,
                                                   out_dim=25), num_classes=25)  # fmt: skip
     other = _fit(inr, dm, tmp_path)
     cases = [

@@ -3,6 +3,7 @@
     metanet init-weights --ghn RUN.ckpt --model package.module:ClassName \\
         [--kwargs '{"width": 64}' | --kwargs width=64 depth=3] -o init.safetensors [--fallback-init]
         [--input-shape 1,3,224,224 | --input-shape 1,16 --input-vocab 50257] [--quiet]
+        [--calibrate-bn 8 --data digits [--batch-size 64]]
 
 ``--ghn`` takes a Lightning checkpoint of :class:`metanet.tasks.hypernet.GHNTask` (read
 tensors-only; ``--trust-pickle`` allows a full unpickle) or a file from
@@ -15,6 +16,14 @@ is recorded on ``--input-shape`` (float inputs, or token ids below ``--input-voc
 input guessed from the model (Hugging Face config, first layer). The output is the model's
 state_dict, as a safetensors file (or with ``torch.save`` when OUT ends in ``.pt``/``.pth``;
 both load tensors-only), written atomically.
+
+With ``--calibrate-bn N`` the BatchNorm running statistics (buffers, which a GHN does not
+predict) are reset and recomputed on ``N`` training batches of ``--data`` (a provider name such
+as ``digits``, a JSON/YAML provider mapping, or a YAML file holding one, see
+:func:`metanet.data.tasks.load_task_data`), as GHN-2/3 do before evaluating predicted
+parameters (:func:`metanet.hyper.calibrate.calibrate_batchnorm`); each sample is reshaped to
+``--input-shape`` (without its batch axis) when one is given. A model without BatchNorm is left
+as it is, and the output says so.
 
 It prints how many tensors / parameters were predicted and how many keep the model's own
 initialisation (with ``--fallback-init``; each with its reason), then (unless ``--quiet``) the
@@ -132,6 +141,15 @@ def run(argv: Sequence[str] | None = None) -> tuple[int, Any]:
                     help="make the input token ids below this vocabulary size")
     ap.add_argument("--quiet", action="store_true",
                     help="print only the predicted / kept counts, not every tensor name")
+    ap.add_argument("--calibrate-bn", type=int, default=None, metavar="N",
+                    help="recompute BatchNorm running statistics on N training batches of "
+                         "--data after the prediction (GHN-2/3's calibration)")  # fmt: skip
+    ap.add_argument("--data", default=None,
+                    help="task data for --calibrate-bn: a provider name (digits), a JSON/YAML "
+                         "provider mapping, or a YAML file holding one")  # fmt: skip
+    ap.add_argument("--batch-size", type=int, default=64,
+                    help="samples per calibration batch (default 64)")
+    ap.add_argument("--seed", type=int, default=0, help="order of the calibration samples")
     args = ap.parse_args(list(argv) if argv is not None else None)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
 
@@ -139,7 +157,9 @@ def run(argv: Sequence[str] | None = None) -> tuple[int, Any]:
     from metanet.hyper.ghn import GHN, GHNVocabularyError
     from metanet.serialization import save_state_dict
 
+    calib = None
     try:
+        task = _calibration_data(args.calibrate_bn, args.data, args.batch_size)
         example = parse_input_shape(args.input_shape, args.input_vocab)
         ghn = GHN.load(args.ghn, trust_pickle=args.trust_pickle)
         cls = resolve_class(args.model)
@@ -156,6 +176,12 @@ def run(argv: Sequence[str] | None = None) -> tuple[int, Any]:
             named = dict(model.named_parameters())
             for name, value in params.items():
                 named[name].copy_(value.to(named[name].device, named[name].dtype))
+        if task is not None:
+            from metanet.hyper.calibrate import calibrate_batchnorm, task_batches
+
+            shape = tuple(example.shape[1:]) if example is not None else None
+            calib = calibrate_batchnorm(model, task_batches(
+                task, args.calibrate_bn, args.batch_size, seed=args.seed, input_shape=shape))
         out = save_state_dict(args.output, model.state_dict())
     except (ValueError, FileNotFoundError, GHNVocabularyError, ArchTraceError,
             RuntimeError) as exc:  # fmt: skip
@@ -168,8 +194,51 @@ def run(argv: Sequence[str] | None = None) -> tuple[int, Any]:
             print(f"  predicted {name} {list(named[name].shape)}")
         for line in report.lines()[1:]:
             print(line)
+    if calib is not None:
+        print(f"BatchNorm: {calib.summary()}")
+        if not args.quiet:
+            for layer in calib.layers:
+                print(f"  calibrated {layer}")
     print(f"wrote {out}")
     return 0, report
+
+
+def _calibration_data(num_batches: int | None, data: str | None, batch_size: int) -> Any:
+    """The task data of ``--calibrate-bn`` (``None`` without the flag); checks the flags."""
+    if num_batches is None:
+        if data is not None:
+            raise ValueError("--data is read only for --calibrate-bn N; pass both")
+        return None
+    if num_batches < 1:
+        raise ValueError(f"--calibrate-bn must be >= 1 batches, got {num_batches}")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    if data is None:
+        raise ValueError("--calibrate-bn needs --data (the task data to calibrate on, e.g. "
+                         "--data digits)")  # fmt: skip
+    import os
+    from collections.abc import Mapping
+
+    import yaml
+
+    from metanet.data.tasks import TaskDataError, load_task_data
+
+    try:
+        if os.path.isfile(data):
+            with open(data) as fh:
+                config = yaml.safe_load(fh)
+        else:
+            config = yaml.safe_load(data)
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"--data: cannot read {data!r} ({exc})") from None
+    if isinstance(config, Mapping) and isinstance(config.get("data"), (Mapping, str)):
+        config = config["data"]  # a recipe or training config: its data entry
+    if not isinstance(config, (Mapping, str)):
+        raise ValueError(f"--data must name a data provider or give its mapping, got {data!r}")
+    try:
+        return load_task_data(config)
+    except TaskDataError as exc:
+        raise ValueError(f"--data: {exc}") from None
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Parameter decoders of graph hypernetworks: node embedding -> parameter tensor of any shape.
 
 Both decoders map node embeddings ``h [P, d]`` (one row per parameter tensor to predict) to
-*raw* tensors of the requested shapes; :func:`normalize_param` then applies GHN-style fan-in
-scaling. Matrix/kernel parameters (``dim >= 2``: ``[out, in, *kernel]``) and vector parameters
+*raw* tensors of the requested shapes; :func:`normalize_scaled` (the default of new GHNs) or
+:func:`normalize_param` (GHN-2's fan-in scaling, checkpoints saved before it) then sets their
+scale. Matrix/kernel parameters (``dim >= 2``: ``[out, in, *kernel]``) and vector parameters
 (biases, norm affine, ``[out]``) have separate heads.
 
 * :class:`TilingDecoder` (GHN-2/3): an MLP predicts a fixed chunk ``[chunk_out, chunk_in, k, k]``
@@ -20,9 +21,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
 
-__all__ = ["LowRankDecoder", "TilingDecoder", "fit_to", "normalize_param"]
+__all__ = ["LowRankDecoder", "TilingDecoder", "fit_to", "normalize_param", "normalize_scaled"]
+
+#: Ops whose parameters are norm scales / shifts (or a layer scale).
+NORM_OPS = ("batchnorm", "layernorm", "groupnorm", "rmsnorm", "layer_scale")
 
 
 def fit_to(t: Tensor, shape: Sequence[int], dims: Sequence[int]) -> Tensor:
@@ -182,6 +187,41 @@ def normalize_param(raw: Tensor, role: str, op: str, last: bool = False,
         fan = int(math.prod(raw.shape[1:]))
         beta = 1.0 if last or op == "embedding" else 2.0
         return raw * math.sqrt(beta / fan)
-    if op in ("batchnorm", "layernorm", "groupnorm", "rmsnorm", "layer_scale"):
+    if op in NORM_OPS:
         return 1.0 + raw if role == "weight" else raw
     return raw / math.sqrt(max(1, fan_in or 1))
+
+
+def normalize_scaled(raw: Tensor, role: str, op: str, beta: float, gain: Tensor,
+                     fan_in: int | None = None) -> Tensor:  # fmt: skip
+    """Scale-aware normalisation of a raw predicted tensor (the default of new GHNs).
+
+    GHN-2's :func:`normalize_param` multiplies the raw tensor by ``sqrt(beta / fan_in)``, so the
+    predicted scale is the decoder's output scale times that, which nothing bounds: on a
+    transformer a GHN that has not learnt the right output scale gives attention logits with
+    std > 30 (one-hot attention) and a residual stream 20-50x the default init's. Here the scale
+    is set explicitly and the decoder predicts the direction:
+
+    * weights with ``dim >= 2`` (linear, conv, attention projections, embedding tables, position
+      embeddings): ``gain * sqrt(beta / fan_in) * raw / rms(raw)``, ``fan_in = prod(shape[1:])``;
+      the tensor has RMS ``gain * sqrt(beta / fan_in)`` exactly (He's when ``beta = 2``: the op
+      feeds a rectifier; else ``beta = 1``: variance kept, e.g. attention projections, so query
+      and key entries of unit variance give attention logits of unit variance, the last
+      residual-branch layers and the classifier);
+    * norm scales and layer scales: ``2 sigmoid(2 raw)``, in ``(0, 2)`` (1 at ``raw = 0``, slope
+      1 there, like ``1 + raw``);
+    * biases and norm shifts: ``tanh(raw) / sqrt(fan_in)`` (``fan_in`` of the op's weight; 1
+      for norms), in ``(-1, 1) / sqrt(fan_in)`` (GHN-3 bounds them with a tanh too): a bias
+      of attention's query / key projection cannot blow the logits up either.
+
+    ``gain`` (a positive scalar tensor, 1 at initialisation) is predicted per tensor by the GHN
+    (``softplus``, so it grows linearly in the GHN's output): the scale is something the GHN
+    learns explicitly, not a side effect of the decoder's output magnitude.
+    """
+    if raw.dim() >= 2:
+        fan = int(math.prod(raw.shape[1:]))
+        rms = raw.pow(2).mean().add(1e-12).sqrt()
+        return raw * (gain * math.sqrt(beta / fan) / rms)
+    if op in NORM_OPS:
+        return 2.0 * torch.sigmoid(2.0 * raw) if role == "weight" else torch.tanh(raw)
+    return torch.tanh(raw) / math.sqrt(max(1, fan_in or 1))

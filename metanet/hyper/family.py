@@ -24,6 +24,11 @@ Samples are arch dicts for :func:`metanet.zoo.architectures.build_module`. Given
 the networks will run on (``task``), the sizes that follow from it (inputs, classes) are filled
 in from the data (:func:`metanet.zoo.data.fill_arch_from_data`); without it, built-in archs get
 the digits sizes and user modules need ``input_shape``.
+
+:class:`PatchTransformer` is a small ViT-like classifier (patch embedding, position embedding,
+pre-LayerNorm attention + MLP blocks, mean pool, linear head) that family recipes name as
+``class_path: metanet.hyper.family:PatchTransformer`` to put transformers into a GHN's
+training family (``configs/ghn/digits-transformer-family.yaml``).
 """
 
 from __future__ import annotations
@@ -33,7 +38,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
+from torch import Tensor, nn
 
 from metanet.zoo.architectures import (
     ArchError,
@@ -43,7 +50,7 @@ from metanet.zoo.architectures import (
     trust_code,
 )
 
-__all__ = ["ArchFamily", "FamilyError"]
+__all__ = ["ArchFamily", "FamilyError", "PatchTransformer"]
 
 _SAMPLER_KEYS = {"type", "depth", "width"}
 _MODULE_KEYS = {"type", "class_path", "init_args", "input_shape"}
@@ -190,3 +197,82 @@ class ArchFamily:
         return cls(data.get("train") or [], data.get("held_out") or [],
                    name=str(data.get("name", path.stem)), seed=int(data.get("seed", 0)),
                    source=str(path), task=task)  # fmt: skip
+
+
+class PatchTransformer(nn.Module):
+    """A small ViT-like classifier of ``[N, C, H, W]`` images (attention + LayerNorm).
+
+    ``H x W`` images are cut into ``patch x patch`` patches (tokens), each embedded by a linear
+    layer, plus a learned position embedding; ``depth`` pre-LayerNorm blocks
+    ``x + attn(ln(x))``, ``x + mlp(ln(x))`` (``mlp``: Linear ``dim -> mlp_ratio * dim``, GELU,
+    Linear back); a final LayerNorm, the mean over tokens and a linear head.
+
+    Args:
+        dim: token width. depth: blocks. heads: attention heads (``dim % heads == 0``).
+        mlp_ratio: hidden width of the MLP over ``dim``. patch: patch side (divides H and W).
+        in_channels, image_size: input images ``[in_channels, image_size, image_size]``.
+        classes: outputs.
+        attention: ``"mha"`` (``nn.MultiheadAttention``, fused ``in_proj_weight``) or ``"qkv"``
+            (separate query/key/value linears and ``scaled_dot_product_attention``, the layout of
+            Hugging Face's ViT/BERT/Llama).
+    """
+
+    def __init__(self, dim: int = 32, depth: int = 2, heads: int = 4, mlp_ratio: int = 2,
+                 patch: int = 2, in_channels: int = 1, image_size: int = 8, classes: int = 10,
+                 attention: str = "mha") -> None:  # fmt: skip
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim ({dim}) must be a multiple of heads ({heads})")
+        if image_size % patch:
+            raise ValueError(f"patch ({patch}) must divide image_size ({image_size})")
+        if attention not in ("mha", "qkv"):
+            raise ValueError(f"attention must be 'mha' or 'qkv', got {attention!r}")
+        self.patch, self.heads, self.attention = int(patch), int(heads), attention
+        tokens = (image_size // patch) ** 2
+        self.embed = nn.Linear(in_channels * patch * patch, dim)
+        self.pos = nn.Parameter(torch.randn(1, tokens, dim) * 0.02)
+        self.blocks = nn.ModuleList(
+            [_Block(dim, heads, mlp_ratio, attention) for _ in range(depth)]
+        )
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        p = self.patch
+        n, c, h, w = x.shape
+        x = x.reshape(n, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+        x = self.embed(x.reshape(n, (h // p) * (w // p), c * p * p)) + self.pos
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x).mean(dim=1))
+
+
+class _Block(nn.Module):
+    """Pre-LayerNorm transformer block of :class:`PatchTransformer`."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int, attention: str) -> None:
+        super().__init__()
+        self.heads, self.kind = heads, attention
+        self.ln1 = nn.LayerNorm(dim)
+        if attention == "mha":
+            self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        else:
+            self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+            self.proj = nn.Linear(dim, dim)
+        self.ln2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, mlp_ratio * dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(mlp_ratio * dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.ln1(x)
+        if self.kind == "mha":
+            a = self.attn(h, h, h, need_weights=False)[0]
+        else:
+            n, t, d = h.shape
+            q, k, v = (f(h).reshape(n, t, self.heads, d // self.heads).transpose(1, 2)
+                       for f in (self.q, self.k, self.v))  # fmt: skip
+            a = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            a = self.proj(a.transpose(1, 2).reshape(n, t, d))
+        x = x + a
+        return x + self.fc2(self.act(self.fc1(self.ln2(x))))

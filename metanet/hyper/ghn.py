@@ -4,7 +4,7 @@ A :class:`GHN` reads the op-level graph of a module (:class:`metanet.graph.arch.
 predicts every parameter of it::
 
     ghn = GHN(hidden=64, layers=3, decoder="lowrank")
-    model = ghn.apply(MyNet())            # MyNet with predicted parameters
+    model = ghn.load_into(MyNet())        # MyNet with predicted parameters
     params = ghn.predict(MyNet())         # {param name: tensor}, differentiable w.r.t. the GHN
     params.report                         # InitReport: which tensors were predicted / kept
 
@@ -13,9 +13,20 @@ bidirectional message passing over GHN-2's *virtual edges* (every pair of ops at
 distance ``<= max_dist``, with a learned distance embedding; mean aggregation on the scatter
 core, :mod:`metanet.ops`) -> per parameter tensor, the node embedding plus a role embedding
 (``weight``/``bias``/...) -> decoder (:class:`~metanet.hyper.decoders.TilingDecoder` or
-:class:`~metanet.hyper.decoders.LowRankDecoder`) -> GHN-style fan-in normalisation
-(:func:`~metanet.hyper.decoders.normalize_param`). Buffers (BatchNorm running statistics) are not
-predicted.
+:class:`~metanet.hyper.decoders.LowRankDecoder`) -> normalisation of the predicted parameters:
+``normalize="fan_in"`` (default: GHN-2's fan-in scaling,
+:func:`~metanet.hyper.decoders.normalize_param`; checkpoints saved without the key load with it)
+or ``normalize="scaled"``
+(:func:`~metanet.hyper.decoders.normalize_scaled`, for families with attention: each weight
+tensor gets RMS ``gain * sqrt(beta / fan_in)`` exactly, with ``beta = 2`` only where the op
+feeds a rectifier and a positive per-tensor gain predicted by the GHN; bounded norm scales and
+shifts; tiling GHNs decode the Q, K and V blocks of a fused attention projection apart). Fan-in
+scaling lets attention logits grow with the square of an uncontrolled decoder scale, which broke
+training of GHN-initialised transformers; "scaled" fixes that when transformers are in the
+training family, but lowers the zero-shot accuracy of tiling GHNs on held-out CNNs, so it is not
+the default yet (BENCHMARKS.md, "GHN initialisation of transformers").
+Buffers (BatchNorm running statistics) are not predicted: recompute them on a few batches with
+:func:`metanet.hyper.calibrate.calibrate_batchnorm` (CLI: ``init-weights --calibrate-bn N``).
 
 Ops outside the vocabulary (:data:`metanet.graph.arch.OPS`) raise :class:`GHNVocabularyError`
 naming the op and module path; with ``fallback_init=True`` their parameters keep the module's
@@ -50,7 +61,12 @@ import torch
 from torch import Tensor, nn
 
 from metanet.graph.arch import OP_FALLBACK, OPS, ArchGraph
-from metanet.hyper.decoders import LowRankDecoder, TilingDecoder, normalize_param
+from metanet.hyper.decoders import (
+    LowRankDecoder,
+    TilingDecoder,
+    normalize_param,
+    normalize_scaled,
+)
 
 __all__ = ["GHN", "GHNVocabularyError", "InitReport", "PredictedParams", "ROLES"]
 
@@ -104,6 +120,7 @@ class _Slot:
     fan_in: int
     decode_shape: tuple[int, ...] = ()
     transpose: bool = False
+    beta: float = 2.0  # gain of the scaled normalisation: 2 where the op feeds a rectifier
 
     def finish(self, t: Tensor) -> Tensor:
         """The decoded tensor in the parameter's own layout."""
@@ -200,6 +217,50 @@ def _squeezed(op: str, role: str, shape: tuple[int, ...]) -> bool:
 
 
 _TENSOR_OPS = {"layer_scale", "add", "mul", "cat", "matmul", "mask"}
+#: Activations after which He's gain (``beta = 2``) keeps the variance.
+_RECTIFIERS = {"relu", "leaky_relu", "gelu", "silu", "elu", "hardswish"}
+#: Ops looked through when finding what a parametrised op feeds.
+_THROUGH = {"reshape", "permute", "flatten", "split", "pad"}
+#: Normalisations of predicted parameters (see the module docstring).
+NORMALIZATIONS = ("scaled", "fan_in")
+
+
+_SOFTPLUS_ONE = math.log(math.e - 1.0)  # softplus(_SOFTPLUS_ONE) == 1
+
+
+def _gain(z: Tensor) -> Tensor:
+    """The per-tensor gain of the scaled normalisation: ``softplus(z + log(e - 1))``, positive,
+    1 at ``z = 0``, growing linearly (not exponentially) in ``z``."""
+    return torch.nn.functional.softplus(z + _SOFTPLUS_ONE)
+
+
+def _fused_parts(slot: _Slot) -> int:
+    """3 for the fused query/key/value projection of ``nn.MultiheadAttention`` (weight
+    ``[3 D, D]``, bias ``[3 D]``), decoded as three tensors; else 1."""
+    if slot.role_name in ("in_proj_weight", "in_proj_bias") and slot.decode_shape[0] % 3 == 0:
+        return 3
+    return 1
+
+
+def _feeds_rectifier(graph: ArchGraph) -> list[bool]:
+    """Per node: whether its output reaches a rectifier through view ops only."""
+    succ: list[list[int]] = [[] for _ in graph.nodes]
+    for s, d in graph.edge_index.t().tolist():
+        succ[s].append(d)
+    out = []
+    for i in range(len(graph.nodes)):
+        stack, seen, hit = list(succ[i]), set(), False
+        while stack and not hit:
+            j = stack.pop()
+            if j in seen:
+                continue
+            seen.add(j)
+            op = graph.nodes[j].op
+            hit = op in _RECTIFIERS
+            if op in _THROUGH:
+                stack.extend(succ[j])
+        out.append(hit)
+    return out
 
 
 class GHN(nn.Module):
@@ -215,6 +276,8 @@ class GHN(nn.Module):
         chunk: tiling decoder chunk ``(chunk, chunk)`` along out/in.
         kernel: spatial size of predicted kernels (others cropped/tiled).
         max_dist: virtual-edge distance (1 = real edges only).
+        normalize: normalisation of predicted parameters, ``"fan_in"`` (GHN-2's, default) or
+            ``"scaled"`` (for attention families; see the module docstring).
     """
 
     def __init__(
@@ -228,14 +291,19 @@ class GHN(nn.Module):
         chunk: int = 32,
         kernel: int = 3,
         max_dist: int = 3,
+        normalize: str = "fan_in",
     ) -> None:
         super().__init__()
         if decoder not in ("lowrank", "tiling"):
             raise ValueError(f"decoder must be 'lowrank' or 'tiling', got {decoder!r}")
+        if normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize must be one of {list(NORMALIZATIONS)}, got {normalize!r}")
         self.config: dict[str, Any] = dict(
             hidden=hidden, layers=layers, decoder=decoder, decoder_hidden=decoder_hidden,
             rank=rank, max_dim=max_dim, chunk=chunk, kernel=kernel, max_dist=max_dist,
+            normalize=normalize,
         )  # fmt: skip
+        self.normalize = normalize
         self.vocab = OPS
         self.max_dist = int(max_dist)
         self.op_embed = nn.Embedding(len(OPS), hidden)
@@ -255,6 +323,12 @@ class GHN(nn.Module):
         else:
             self.decoder = TilingDecoder(hidden, decoder_hidden, chunk_out=chunk, chunk_in=chunk,
                                          kernel=kernel)  # fmt: skip
+        if normalize == "scaled":  # per-tensor gain softplus(. + log(e - 1)), 1 at init
+            self.gain = nn.Linear(hidden, 1)
+            nn.init.zeros_(self.gain.weight)
+            nn.init.zeros_(self.gain.bias)
+            if decoder == "tiling":
+                self.part_embed = nn.Embedding(3, hidden)  # Q / K / V of a fused in_proj
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
         """Pad an op embedding saved with an older, smaller vocabulary (any loading path:
@@ -302,6 +376,7 @@ class GHN(nn.Module):
                     kept.append(pname)
                     reasons[pname] = what
 
+        rectified = _feeds_rectifier(graph)
         for i, node in enumerate(graph.nodes):
             where = f"module path '{node.module_path}'" if node.module_path else "the root module"
             if not node.known:
@@ -323,9 +398,11 @@ class GHN(nn.Module):
                     continue
                 seen.add(pname)
                 r = ROLES.index(role) if role in ROLES else ROLES.index("other")
+                # attention's projections feed the softmax / the residual add, never a rectifier
+                beta = 2.0 if rectified[i] and node.op not in ("attention", "sdpa") else 1.0
                 slots.append(_Slot(pname, i, r, shape, node.op, role,
                                    bool(node.attrs.get("last", False)), fan_in, dshape,
-                                   transpose))  # fmt: skip
+                                   transpose, beta))  # fmt: skip
         numel: dict[str, int] = {}
         tied = dict(graph.tied)
         if module is not None:
@@ -366,32 +443,53 @@ class GHN(nn.Module):
     def predict_prepared(self, prepared: Sequence[_Prepared]) -> list[dict[str, Tensor]]:
         """Predicted parameters ``{name: tensor}`` for each prepared graph (differentiable)."""
         hs = self.embed(prepared)
-        rows, roles, slots, owner = [], [], [], []
+        scaled = self.normalize == "scaled"
+        # one decoder row per slot, or per part of a fused projection (scaled tiling GHNs: Q, K,
+        # V of nn.MultiheadAttention's in_proj are decoded apart, with a part embedding, so that
+        # tiling the chunk along the out axis cannot make W_q = W_k = W_v; the low-rank decoder
+        # has distinct rows of A for them up to max_dim)
+        split = scaled and isinstance(self.decoder, TilingDecoder)
+        rows, roles, parts, slots, owner, shapes = [], [], [], [], [], []
         for g, (p, h) in enumerate(zip(prepared, hs)):
             for s in p.slots:
-                rows.append(h[s.node])
-                roles.append(s.role)
-                slots.append(s)
-                owner.append(g)
+                k = _fused_parts(s) if split else 1
+                for part in range(k):
+                    rows.append(h[s.node])
+                    roles.append(s.role)
+                    parts.append(part if k > 1 else 0)
+                    slots.append(s)
+                    owner.append(g)
+                    shapes.append(s.decode_shape if k == 1
+                                  else (s.decode_shape[0] // k, *s.decode_shape[1:]))  # fmt: skip
         out: list[dict[str, Tensor]] = [{} for _ in prepared]
         if not slots:
             return out
         dev = self.op_embed.weight.device
         hp = torch.stack(rows) + self.role_embed(torch.tensor(roles, device=dev))
+        if split:
+            hp = hp + self.part_embed(torch.tensor(parts, device=dev))
         raw: dict[int, Tensor] = {}
-        mat = [j for j, s in enumerate(slots) if len(s.decode_shape) >= 2]
-        vec = [j for j, s in enumerate(slots) if len(s.decode_shape) == 1]
+        mat = [j for j, shape in enumerate(shapes) if len(shape) >= 2]
+        vec = [j for j, shape in enumerate(shapes) if len(shape) == 1]
         if mat:
-            shapes = [slots[j].decode_shape for j in mat]
-            for j, t in zip(mat, self.decoder.matrices(hp[mat], shapes)):
+            for j, t in zip(mat, self.decoder.matrices(hp[mat], [shapes[j] for j in mat])):
                 raw[j] = t
         if vec:
-            lengths = [slots[j].decode_shape[0] for j in vec]
-            for j, t in zip(vec, self.decoder.vectors(hp[vec], lengths)):
+            for j, t in zip(vec, self.decoder.vectors(hp[vec], [shapes[j][0] for j in vec])):
                 raw[j] = t
+        gains = _gain(self.gain(hp).squeeze(-1)) if scaled else None
+        pieces: dict[tuple[int, str], list[Tensor]] = {}
         for j, s in enumerate(slots):
-            value = normalize_param(raw[j], s.role_name, s.op, s.last, s.fan_in)
-            out[owner[j]][s.name] = s.finish(value)
+            if gains is not None:
+                value = normalize_scaled(raw[j], s.role_name, s.op, s.beta, gains[j], s.fan_in)
+            else:
+                value = normalize_param(raw[j], s.role_name, s.op, s.last, s.fan_in)
+            pieces.setdefault((owner[j], s.name), []).append(value)
+        for j, s in enumerate(slots):
+            key = (owner[j], s.name)
+            if s.name not in out[owner[j]]:
+                got = pieces[key]
+                out[owner[j]][s.name] = s.finish(got[0] if len(got) == 1 else torch.cat(got))
         return out
 
     def predict(
@@ -423,22 +521,18 @@ class GHN(nn.Module):
         return PredictedParams(self.predict_prepared([prepared])[0], prepared.report())
 
     @torch.no_grad()
-    def apply(self, model: Any, fallback_init: bool = False,  # type: ignore[override]
-              example_input: Tensor | None = None) -> Any:  # fmt: skip
-        """Load predicted parameters into ``model`` (in place) and return it; the
+    def load_into(self, model: nn.Module, fallback_init: bool = False,
+                  example_input: Tensor | None = None) -> nn.Module:  # fmt: skip
+        """Write the parameters predicted for ``model`` into it (in place) and return it; the
         :class:`InitReport` is logged (INFO) and kept as ``self.last_report``.
 
-        (Given a plain function instead of a module, this is ``nn.Module.apply(fn)``, so code
-        that walks module trees with ``.apply(fn)`` keeps working.)
-
         Raises:
+            TypeError: ``model`` is not an ``nn.Module``.
             GHNVocabularyError: see :meth:`prepare` (unless ``fallback_init``).
             metanet.graph.arch.ArchTraceError: ``model``'s forward cannot be recorded.
         """
         if not isinstance(model, nn.Module):
-            if callable(model):
-                return super().apply(model)
-            raise TypeError(f"GHN.apply needs an nn.Module, got {type(model).__name__}")
+            raise TypeError(f"GHN.load_into needs an nn.Module, got {type(model).__name__}")
         params = self.predict(model, fallback_init=fallback_init, example_input=example_input)
         named = dict(model.named_parameters())
         for name, value in params.items():
@@ -497,6 +591,8 @@ class GHN(nn.Module):
             state = {k[4:]: v for k, v in ckpt["state_dict"].items() if k.startswith("ghn.")}
         else:
             raise ValueError(f"{path} is not a GHN checkpoint (keys: {sorted(ckpt)[:8]})")
+        config = dict(config)
+        config.setdefault("normalize", "fan_in")  # saved before the scaled normalisation
         ghn = cls(**config)
         ghn.load_state_dict(state)
         return ghn.to(map_location)

@@ -224,17 +224,28 @@ class MIPHyperNetwork(nn.Module):
         """``functional_call(self(x), *args)``: the target's output under the predicted params."""
         return self.functional_call(self(x), *args, **kwargs)
 
-    def load_into(self, x: Tensor) -> nn.Module:
-        """Copy the parameters predicted for one condition ``x [d]`` into ``self.target`` and
-        return it (an ordinary module again)."""
+    def load_into(self, module: nn.Module, condition: Tensor) -> nn.Module:
+        """Write the parameters predicted for one condition ``[d]`` into ``module`` (the
+        target, ``self.target``, or any module with the target's parameter names and shapes)
+        and return it.
+
+        Raises:
+            ConditioningError: a batch of conditions, or a module whose parameters differ from
+                the target's (naming the parameter).
+        """
         with torch.no_grad():
-            params = self(x)
-            named = dict(self.target.named_parameters())
+            params = self(condition)
+            named = dict(module.named_parameters())
             for n, p in params.items():
                 if p.dim() != len(self.param_shapes[n]):
-                    raise ConditioningError("load_into takes one condition x [d], not a batch")
+                    raise ConditioningError("load_into takes one condition [d], not a batch")
+                if n not in named or tuple(named[n].shape) != tuple(p.shape):
+                    got = tuple(named[n].shape) if n in named else "missing"
+                    raise ConditioningError(
+                        f"module parameter '{n}' is {got}, the target's is {tuple(p.shape)}"
+                    )
                 named[n].copy_(p)
-        return self.target
+        return module
 
     def num_hyper_parameters(self) -> int:
         """Trainable parameters of the hypernetwork itself (body, head and ``W0``)."""

@@ -10,7 +10,7 @@ non-adjacent layers only full pooling survives. Unpermuted axes (input neurons o
 output neurons of the last) are dense feature axes. This is the same space as NFN's HNP layer; the
 enumeration is shared with :mod:`metanet.nn.unf_terms`. DWS's defaults differ: pooling is ``max``
 and the model interleaves batch norm (:class:`~metanet.nn.layers.ChannelBatchNorm`), as in the
-paper's experiments (``hidden_dim=32``, ``n_hidden=4``, ``reduction="max"``, batch norm on).
+paper's experiments (``hidden_dim=32``, 5 DWS layers, ``reduction="max"``, batch norm on).
 
 DWS is defined for MLP weight spaces; conv layers are accepted (kernels become feature channels,
 as in NFN), which keeps the layer exactly equivariant.
@@ -67,7 +67,7 @@ class DWSNet(nn.Module):
     """DWSNet: DWS layers with batch norm, ReLU and dropout, then an invariant head.
 
     ``forward(ws) -> [B, out_dim]``. Layout as in the paper's classifier:
-    ``DWSLayer(1 -> hidden)`` then ``n_hidden`` times ``[BN] -> ReLU -> Dropout -> DWSLayer``,
+    ``DWSLayer(1 -> hidden)`` then ``num_layers - 1`` times ``[BN] -> ReLU -> Dropout -> DWSLayer``,
     then ReLU, dropout, invariant pooling (hidden axes pooled, the first layer's input neurons and
     the last layer's output neurons kept) and a head of ``head_layers`` linear layers.
 
@@ -75,7 +75,7 @@ class DWSNet(nn.Module):
         spec: weight space of the input networks (chain).
         out_dim: outputs.
         hidden: channels (paper: ``dim_hidden=32``).
-        n_hidden: DWS layers after the first (paper: 4).
+        num_layers: DWS layers (paper: 5, i.e. 4 after the first).
         reduction: ``"max"`` (paper), ``"mean"`` or ``"sum"``.
         batch_norm: interleave channel batch norm (paper: on).
         dropout: dropout rate (paper: 0).
@@ -90,7 +90,7 @@ class DWSNet(nn.Module):
         spec: WeightSpaceSpec,
         out_dim: int = 1,
         hidden: int = 32,
-        n_hidden: int = 4,
+        num_layers: int = 5,
         reduction: str = "max",
         batch_norm: bool = True,
         dropout: float = 0.0,
@@ -100,8 +100,10 @@ class DWSNet(nn.Module):
         super().__init__()
         self.spec, self.out_dim = spec, out_dim
         n_tensors = 2 * spec.num_layers
+        if num_layers < 1:
+            raise ValueError(f"DWSNet needs num_layers >= 1, got {num_layers}")
         mods: list[nn.Module] = [DWSLayer(spec, 1, hidden, reduction)]
-        for _ in range(n_hidden):
+        for _ in range(num_layers - 1):
             if batch_norm:
                 mods.append(ChannelBatchNorm(n_tensors, hidden))
             mods.append(Pointwise(nn.ReLU()))
@@ -116,7 +118,9 @@ class DWSNet(nn.Module):
         if head_layers <= 1:
             self.head: nn.Module = nn.Linear(self.pool.out_dim, out_dim)
         else:
-            self.head = mlp_head(self.pool.out_dim, head_hidden, out_dim, layers=head_layers - 1)
+            self.head = mlp_head(
+                self.pool.out_dim, head_hidden, out_dim, num_layers=head_layers - 1
+            )
 
     def forward(self, ws: WeightSpace) -> torch.Tensor:
         check_weightspace(ws, self.spec, "DWSNet")

@@ -163,7 +163,7 @@ class GMN(GraphMetanetwork):
         standardize: standardize node/edge values per type with the statistics of the training
             graphs (see :class:`metanet.nn.graph_features.Standardizer` and
             :class:`metanet.nn.readout.GraphMetanetwork`).
-        node_pool, edge_pool, output_slots, readout_layers: the :class:`GraphReadout`.
+        node_pool, edge_pool, output_slots, head_layers: the :class:`GraphReadout`.
         output: ``"graph"``, ``"edge"`` or ``"node"``.
         edge_out_dim, node_out_dim: output widths of the edge / node heads.
         dropout: dropout in the node updates and readout.
@@ -194,7 +194,7 @@ class GMN(GraphMetanetwork):
         node_pool: Sequence[str] = ("mean", "max"),
         edge_pool: Sequence[str] = ("mean",),
         output_slots: int = 0,
-        readout_layers: int = 2,
+        head_layers: int = 2,
         output: Output = "graph",
         edge_out_dim: int = 1,
         node_out_dim: int = 1,
@@ -224,7 +224,7 @@ class GMN(GraphMetanetwork):
         init = math.nan if avg_log_degree is None else float(avg_log_degree)
         self.register_buffer("avg_log_degree", torch.tensor(init))
         self._build_head(
-            hidden, edge_dim, node_pool, edge_pool, output_slots, readout_layers, out_dim,
+            hidden, edge_dim, node_pool, edge_pool, output_slots, head_layers, out_dim,
             edge_out_dim, node_out_dim, dropout, nn.SiLU,
         )  # fmt: skip
 

@@ -182,12 +182,12 @@ class GaussianFourierFeatures(nn.Module):
 
 
 def mlp_head(
-    in_dim: int, hidden: int, out_dim: int, layers: int = 2, dropout: float = 0.0
+    in_dim: int, hidden: int, out_dim: int, num_layers: int = 2, dropout: float = 0.0
 ) -> nn.Sequential:
-    """A ReLU MLP ``in_dim -> hidden (x layers) -> out_dim`` used as an invariant readout head."""
+    """A ReLU MLP ``in_dim -> hidden (x num_layers) -> out_dim``, an invariant readout head."""
     mods: list[nn.Module] = []
     d = in_dim
-    for _ in range(layers):
+    for _ in range(num_layers):
         mods += [nn.Linear(d, hidden), nn.ReLU()]
         if dropout > 0:
             mods.append(nn.Dropout(dropout))

@@ -189,11 +189,12 @@ def _make_layer(mode: str, spec: WeightSpaceSpec, c_in: int, c_out: int) -> UNFL
 
 
 class _NFNBody(nn.Module):
-    """Encodings, then ``depth`` NP/HNP layers with ReLU (and optional channel dropout)."""
+    """Encodings, then ``num_layers`` NP/HNP layers with ReLU (and optional channel dropout)."""
 
     def __init__(
-        self, spec: WeightSpaceSpec, hidden: int, depth: int, mode: str, io_encoding: str | None,
-        fourier_features: int, fourier_scale: float, dropout: float, out_channels: int | None,
+        self, spec: WeightSpaceSpec, hidden: int, num_layers: int, mode: str,
+        io_encoding: str | None, fourier_features: int, fourier_sigma: float, dropout: float,
+        out_channels: int | None,
     ) -> None:  # fmt: skip
         super().__init__()
         _require_chain(spec, "NFN")
@@ -202,7 +203,7 @@ class _NFNBody(nn.Module):
         mods: list[nn.Module] = []
         c = 1
         if fourier_features:
-            enc = GaussianFourierFeatures(1, fourier_features, fourier_scale)
+            enc = GaussianFourierFeatures(1, fourier_features, fourier_sigma)
             mods.append(enc)
             c = enc.out_channels
         if io_encoding == "sinusoidal":
@@ -215,8 +216,8 @@ class _NFNBody(nn.Module):
             raise ValueError(
                 f"io_encoding must be 'auto', 'sinusoidal', 'learned' or None, got {io_encoding!r}"
             )
-        for d in range(depth):
-            last = d == depth - 1 and out_channels is not None
+        for d in range(num_layers):
+            last = d == num_layers - 1 and out_channels is not None
             c_out = out_channels if last else hidden
             mods.append(_make_layer(mode, spec, c, c_out))
             if not last:
@@ -240,7 +241,7 @@ class NFN(nn.Module):
         spec: weight space of the input networks (MLP, CNN, SIREN chain).
         out_dim: outputs (1 for accuracy regression, classes for INR classification).
         hidden: channels of the equivariant layers.
-        depth: number of NP/HNP layers.
+        num_layers: number of NP/HNP layers.
         mode: ``"HNP"`` (exact hidden-neuron symmetry) or ``"NP"`` (cheaper, with IO encodings).
         head_hidden: width of the 2-layer MLP head after pooling.
         io_encoding: ``"auto"`` (none), ``"sinusoidal"``, ``"learned"`` or ``None``. Without
@@ -250,7 +251,7 @@ class NFN(nn.Module):
             the invariant model uses none unless asked; see BENCHMARKS.md.
         fourier_features: if > 0, random Fourier features of weight values with this many
             frequencies (NFN's INR classification input encoding).
-        fourier_scale: std of those frequencies.
+        fourier_sigma: std of those frequencies.
         dropout: channel dropout between layers and dropout in the head.
     """
 
@@ -261,12 +262,12 @@ class NFN(nn.Module):
         spec: WeightSpaceSpec,
         out_dim: int = 1,
         hidden: int = 32,
-        depth: int = 3,
+        num_layers: int = 3,
         mode: str = "HNP",
         head_hidden: int = 256,
         io_encoding: str | None = "auto",
         fourier_features: int = 0,
-        fourier_scale: float = 10.0,
+        fourier_sigma: float = 10.0,
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
@@ -274,7 +275,15 @@ class NFN(nn.Module):
         if io_encoding == "auto":
             io_encoding = None
         self.body = _NFNBody(
-            spec, hidden, depth, mode, io_encoding, fourier_features, fourier_scale, dropout, None
+            spec,
+            hidden,
+            num_layers,
+            mode,
+            io_encoding,
+            fourier_features,
+            fourier_sigma,
+            dropout,
+            None,
         )
         pool_cls = HNPPool if mode == "HNP" else NPPool
         self.pool = pool_cls(spec, self.body.out_channels)
@@ -298,14 +307,14 @@ class NFNEquivariant(nn.Module):
         self,
         spec: WeightSpaceSpec,
         hidden: int = 32,
-        depth: int = 3,
+        num_layers: int = 3,
         mode: str = "HNP",
         io_encoding: str | None = "auto",
         residual: bool = True,
     ) -> None:
         super().__init__()
         self.spec, self.mode, self.residual = spec, mode, residual
-        self.body = _NFNBody(spec, hidden, depth, mode, io_encoding, 0, 10.0, 0.0, 1)
+        self.body = _NFNBody(spec, hidden, num_layers, mode, io_encoding, 0, 10.0, 0.0, 1)
         self.scale = nn.Parameter(torch.tensor(1e-3 if residual else 1.0))
 
     def forward(self, ws: WeightSpace) -> WeightSpace:

@@ -151,7 +151,7 @@ class NGT(GraphMetanetwork):
             the encoders (see :class:`metanet.nn.graph_features.NodeEncoder`); the value
             statistics come from :meth:`set_data_statistics` / :meth:`calibrate` (see
             :class:`metanet.nn.readout.GraphMetanetwork`).
-        node_pool, edge_pool, output_slots, readout_layers: the :class:`GraphReadout`.
+        node_pool, edge_pool, output_slots, head_layers: the :class:`GraphReadout`.
         output, edge_out_dim, node_out_dim: which head (see :class:`metanet.nn.gmn.GMN`).
         dropout: residual-branch dropout.
     """
@@ -181,7 +181,7 @@ class NGT(GraphMetanetwork):
         node_pool: Sequence[str] = ("mean", "max"),
         edge_pool: Sequence[str] = ("mean",),
         output_slots: int = 0,
-        readout_layers: int = 2,
+        head_layers: int = 2,
         output: Output = "graph",
         edge_out_dim: int = 1,
         node_out_dim: int = 1,
@@ -208,7 +208,7 @@ class NGT(GraphMetanetwork):
             for i in range(num_layers)
         )
         self._build_head(
-            hidden, edge_dim, node_pool, edge_pool, output_slots, readout_layers, out_dim,
+            hidden, edge_dim, node_pool, edge_pool, output_slots, head_layers, out_dim,
             edge_out_dim, node_out_dim, dropout, nn.GELU,
         )  # fmt: skip
 

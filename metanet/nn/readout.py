@@ -53,7 +53,7 @@ class GraphReadout(nn.Module):
 
     Each node / edge feature first goes through ``Linear + SiLU`` (DeepSets' ``phi``), is pooled
     per graph with every reduction in ``node_pool`` / ``edge_pool``, optionally concatenated with
-    the ordered output-neuron features, and mapped by an MLP (``layers`` hidden layers).
+    the ordered output-neuron features, and mapped by an MLP (``num_layers`` hidden layers).
 
     Args:
         node_dim, edge_dim: input widths (``edge_dim`` unused when ``edge_pool`` is empty).
@@ -61,7 +61,7 @@ class GraphReadout(nn.Module):
         out_dim: output width.
         node_pool, edge_pool: reductions among ``sum, mean, max, min``.
         output_slots: read the first ``output_slots`` output neurons in order (0: off).
-        layers: hidden layers of the final MLP.
+        num_layers: hidden layers of the final MLP.
         dropout: dropout in the final MLP.
     """
 
@@ -74,7 +74,7 @@ class GraphReadout(nn.Module):
         node_pool: Sequence[str] = ("mean", "max"),
         edge_pool: Sequence[str] = ("mean",),
         output_slots: int = 0,
-        layers: int = 2,
+        num_layers: int = 2,
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
@@ -89,7 +89,7 @@ class GraphReadout(nn.Module):
         )
         width = hidden * (len(self.node_pool) + len(self.edge_pool)) + node_dim * output_slots
         mods: list[nn.Module] = []
-        for _ in range(layers):
+        for _ in range(num_layers):
             mods += [nn.Linear(width, hidden), nn.SiLU()]
             if dropout > 0:
                 mods.append(nn.Dropout(dropout))
@@ -152,14 +152,14 @@ class GraphMetanetwork(nn.Module):
 
     def _build_head(
         self, hidden: int, edge_dim: int, node_pool: Sequence[str], edge_pool: Sequence[str],
-        output_slots: int, readout_layers: int, out_dim: int, edge_out_dim: int,
+        output_slots: int, head_layers: int, out_dim: int, edge_out_dim: int,
         node_out_dim: int, dropout: float, activation: type[nn.Module],
     ) -> None:  # fmt: skip
         """Build the head of ``self.output`` (after the layers, to keep seeded inits stable)."""
         self.readout = self.edge_head = self.node_head = None
         if self.output == "graph":
             self.readout = GraphReadout(hidden, edge_dim, hidden, out_dim, node_pool, edge_pool,
-                                        output_slots, readout_layers, dropout)  # fmt: skip
+                                        output_slots, head_layers, dropout)  # fmt: skip
         elif self.output == "edge":
             self.edge_head = nn.Sequential(
                 nn.Linear(edge_dim, edge_dim), activation(), nn.Linear(edge_dim, edge_out_dim)

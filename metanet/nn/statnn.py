@@ -71,7 +71,7 @@ class StatNN(nn.Module):
         spec: weight space of the input networks (any spec, chains or not).
         out_dim: outputs.
         hidden: MLP width.
-        layers: hidden layers of the MLP.
+        num_layers: hidden layers of the MLP.
         dropout: dropout in the MLP.
     """
 
@@ -82,14 +82,15 @@ class StatNN(nn.Module):
         spec: WeightSpaceSpec,
         out_dim: int = 1,
         hidden: int = 256,
-        layers: int = 2,
+        num_layers: int = 2,
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.spec, self.out_dim = spec, out_dim
         self.features = StatFeaturizer(spec)
         self.norm = nn.BatchNorm1d(self.features.out_dim)
-        self.head = mlp_head(self.features.out_dim, hidden, out_dim, layers=layers, dropout=dropout)
+        self.head = mlp_head(self.features.out_dim, hidden, out_dim, num_layers=num_layers,
+                             dropout=dropout)
 
     def forward(self, ws: WeightSpace) -> torch.Tensor:
         return self.head(self.norm(self.features(ws)))

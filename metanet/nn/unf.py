@@ -239,12 +239,12 @@ class _Stack(nn.Module):
 
 
 def _equivariant_stack(
-    make, in_channels: int, hidden: int, depth: int, out_channels: int | None, dropout: float,
+    make, in_channels: int, hidden: int, num_layers: int, out_channels: int | None, dropout: float,
 ) -> tuple[_Stack, int]:  # fmt: skip
     mods: list[nn.Module] = []
     c = in_channels
-    for d in range(depth):
-        last = d == depth - 1 and out_channels is not None
+    for d in range(num_layers):
+        last = d == num_layers - 1 and out_channels is not None
         c_out = out_channels if last else hidden
         mods.append(make(c, c_out))
         if not last:
@@ -256,7 +256,8 @@ def _equivariant_stack(
 
 
 class UNF(nn.Module):
-    """Invariant UNF: ``depth`` UNF layers (ReLU), invariant pooling, MLP head -> ``[B, out_dim]``.
+    """Invariant UNF: ``num_layers`` UNF layers (ReLU), invariant pooling, MLP head ->
+    ``[B, out_dim]``.
 
     Args:
         spec: a WeightSpaceSpec (input/output neurons unpermuted, exact hidden-permutation
@@ -264,14 +265,14 @@ class UNF(nn.Module):
             MLP) or a general :class:`PermSpec` (e.g. an RNN cell).
         out_dim: output size.
         hidden: channels of the equivariant layers.
-        depth: number of equivariant layers.
+        num_layers: number of equivariant layers.
         head_hidden: width of the 2-layer MLP head.
         reduction: pooling inside layers and readout (``"mean"``, ``"sum"``, ``"max"``).
         dropout: channel dropout between layers and in the head.
         fourier_features: if > 0, random Fourier features of the weight values with this many
             frequencies before the first layer (elementwise, so equivariance is kept; what INR
             classification needs, see :class:`~metanet.nn.layers.GaussianFourierFeatures`).
-        fourier_scale: std of those frequencies.
+        fourier_sigma: std of those frequencies.
 
     ``forward`` takes a :class:`WeightSpace` (for a WeightSpaceSpec), or a mapping
     ``{name: [B, *shape]}`` / list in spec order (for a PermSpec).
@@ -284,12 +285,12 @@ class UNF(nn.Module):
         spec: WeightSpaceSpec | PermSpec,
         out_dim: int = 1,
         hidden: int = 32,
-        depth: int = 3,
+        num_layers: int = 3,
         head_hidden: int = 256,
         reduction: str = "mean",
         dropout: float = 0.0,
         fourier_features: int = 0,
-        fourier_scale: float = 10.0,
+        fourier_sigma: float = 10.0,
     ) -> None:
         super().__init__()
         self.spec = spec
@@ -298,10 +299,10 @@ class UNF(nn.Module):
         self.encode = None
         c_in = 1
         if fourier_features:
-            self.encode = GaussianFourierFeatures(1, fourier_features, fourier_scale)
+            self.encode = GaussianFourierFeatures(1, fourier_features, fourier_sigma)
             c_in = self.encode.out_channels
         self.body, c = _equivariant_stack(
-            lambda i, o: UNFLayer(self.pspec, i, o, reduction=reduction), c_in, hidden, depth,
+            lambda i, o: UNFLayer(self.pspec, i, o, reduction=reduction), c_in, hidden, num_layers,
             None, dropout,
         )  # fmt: skip
         self.pool = InvariantPool(self.pspec, c, reduction=reduction)
@@ -332,7 +333,7 @@ class UNFEquivariant(nn.Module):
         self,
         spec: WeightSpaceSpec | PermSpec,
         hidden: int = 32,
-        depth: int = 3,
+        num_layers: int = 3,
         reduction: str = "mean",
         residual: bool = True,
     ) -> None:
@@ -341,7 +342,12 @@ class UNFEquivariant(nn.Module):
         self.pspec = perm_spec_of(spec)
         self.residual = residual
         self.body, _ = _equivariant_stack(
-            lambda i, o: UNFLayer(self.pspec, i, o, reduction=reduction), 1, hidden, depth, 1, 0.0
+            lambda i, o: UNFLayer(self.pspec, i, o, reduction=reduction),
+            1,
+            hidden,
+            num_layers,
+            1,
+            0.0,
         )
         self.scale = nn.Parameter(torch.tensor(1e-3 if residual else 1.0))
 
