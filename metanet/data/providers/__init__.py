@@ -6,6 +6,8 @@
 * :mod:`~metanet.data.providers.tensors` - ``tensors``: ``.pt`` / ``.npz`` / ``.npy`` /
   ``.safetensors`` files (tensors only, never pickle).
 * :mod:`~metanet.data.providers.image_folder` - ``image_folder``: one subfolder per class.
+* :mod:`~metanet.data.providers.glyphs` - ``glyphs``: characters rendered offline from the fonts
+  matplotlib ships, under random affine transforms and stroke widths (seeded).
 * :mod:`~metanet.data.providers.signals` - ``signals``: any of the above as coordinate -> value
   signals for INRs (:class:`~metanet.data.providers.signals.SignalData`).
 
@@ -17,4 +19,4 @@ provider: :class:`~metanet.data.providers.config.ProviderConfig` and
 :func:`~metanet.data.providers.assemble.assemble_task`.
 """
 
-from metanet.data.providers import dataset, digits, image_folder, signals, tensors  # noqa: F401
+from metanet.data.providers import dataset, digits, glyphs, image_folder, signals, tensors  # noqa: F401,E501
