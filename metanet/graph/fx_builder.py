@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -211,12 +212,12 @@ def _trace(module: nn.Module) -> fx.GraphModule:
         ) from exc
 
 
-def _first_consumer(gm: fx.GraphModule) -> nn.Module | tuple[str, tuple[int, ...]] | None:
-    """The first layer reached from the input through parameter-free ops: a module, or
-    ``("linear" | "conv", weight_shape)`` for ``F.linear`` / ``F.conv*d`` on a parameter."""
+def input_consumers(gm: fx.GraphModule) -> Iterator[fx.Node]:
+    """The nodes reached from the (first) input, breadth first, each once: the walk that finds
+    the first layer and the input's neuron axis."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if not placeholders:
-        return None
+        return
     frontier, seen = [placeholders[0]], set()
     while frontier:
         node = frontier.pop(0)
@@ -224,18 +225,25 @@ def _first_consumer(gm: fx.GraphModule) -> nn.Module | tuple[str, tuple[int, ...
             if user in seen:
                 continue
             seen.add(user)
-            if user.op == "call_module":
-                m = gm.get_submodule(str(user.target))
-                if isinstance(m, _LAST_AXIS_MODULES + _CHANNEL_AXIS_MODULES) and not isinstance(
-                    m, nn.Flatten
-                ):
-                    return m
-            if user.op == "call_function" and user.target in (F.linear, F.conv1d, F.conv2d):
-                w = user.args[1] if len(user.args) > 1 else user.kwargs.get("weight")
-                if isinstance(w, fx.Node) and w.op == "get_attr":
-                    kind = "linear" if user.target is F.linear else "conv"
-                    return kind, tuple(gm.get_parameter(str(w.target)).shape)
+            yield user
             frontier.append(user)
+
+
+def _first_consumer(gm: fx.GraphModule) -> nn.Module | tuple[str, tuple[int, ...]] | None:
+    """The first layer reached from the input through parameter-free ops: a module, or
+    ``("linear" | "conv", weight_shape)`` for ``F.linear`` / ``F.conv*d`` on a parameter."""
+    for user in input_consumers(gm):
+        if user.op == "call_module":
+            m = gm.get_submodule(str(user.target))
+            if isinstance(m, _LAST_AXIS_MODULES + _CHANNEL_AXIS_MODULES) and not isinstance(
+                m, nn.Flatten
+            ):
+                return m
+        if user.op == "call_function" and user.target in (F.linear, F.conv1d, F.conv2d):
+            w = user.args[1] if len(user.args) > 1 else user.kwargs.get("weight")
+            if isinstance(w, fx.Node) and w.op == "get_attr":
+                kind = "linear" if user.target is F.linear else "conv"
+                return kind, tuple(gm.get_parameter(str(w.target)).shape)
     return None
 
 

@@ -108,6 +108,7 @@ from metanet.graph.fx_builder import (
     _first_consumer,
     _trace,
     _Tracer,
+    input_consumers,
     is_leaf,
 )
 from metanet.graph.memory import GraphMemoryEstimate, estimate_graph_memory
@@ -138,26 +139,17 @@ _CONV_FUNCTIONS = (F.conv1d, F.conv2d, torch.conv1d, torch.conv2d)
 def _input_axis(gm: fx.GraphModule, example: Tensor) -> int:
     if example.dim() <= 2:
         return example.dim() - 1
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    frontier = [placeholders[0]]
-    seen: set = set()
-    while frontier:
-        node = frontier.pop(0)
-        for user in node.users:
-            if user in seen:
-                continue
-            seen.add(user)
-            if user.op == "call_module":
-                m = gm.get_submodule(str(user.target))
-                if isinstance(m, _LAST_AXIS_MODULES):
-                    return example.dim() - 1
-                if isinstance(m, _CHANNEL_AXIS_MODULES):
-                    return 1
-            if user.op == "call_function" and user.target in (F.linear, F.layer_norm):
+    for user in input_consumers(gm):
+        if user.op == "call_module":
+            m = gm.get_submodule(str(user.target))
+            if isinstance(m, _LAST_AXIS_MODULES):
                 return example.dim() - 1
-            if user.op == "call_function" and user.target in _CONV_FUNCTIONS:
+            if isinstance(m, _CHANNEL_AXIS_MODULES):
                 return 1
-            frontier.append(user)
+        if user.op == "call_function" and user.target in (F.linear, F.layer_norm):
+            return example.dim() - 1
+        if user.op == "call_function" and user.target in _CONV_FUNCTIONS:
+            return 1
     return 1
 
 
