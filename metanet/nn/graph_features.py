@@ -25,7 +25,6 @@ that batch, once.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from torch import Tensor, nn
 
 from metanet import ops
 from metanet.graph.paramgraph import NODE_FEATURES, EdgeType, NodeType, ParamGraph, ParamLayout
+from metanet.nn.layers import FourierFeatures
 
 DEFAULT_NODE_DIM = len(NODE_FEATURES)
 DEFAULT_EDGE_DIM = 9  # ``max_kernel_size`` of ``metanet.graph.from_module``
@@ -177,20 +177,6 @@ def _ptr(index_sorted: Tensor, size: int) -> Tensor:
     ptr = torch.zeros(size + 1, dtype=torch.long, device=index_sorted.device)
     torch.cumsum(counts, 0, out=ptr[1:])
     return ptr
-
-
-class FourierFeatures(nn.Module):
-    """Random Fourier features ``[cos(2 pi v B), sin(2 pi v B)]`` of value vectors (NG's
-    ``sin_emb``), ``B ~ N(0, sigma^2)`` fixed at construction: ``[M, in_dim] -> [M, 2 * num]``.
-    """
-
-    def __init__(self, in_dim: int, num: int, sigma: float = 1.0) -> None:
-        super().__init__()
-        self.register_buffer("freqs", torch.randn(in_dim, num) * sigma)
-
-    def forward(self, v: Tensor) -> Tensor:
-        p = (2 * math.pi) * (v @ self.freqs)
-        return torch.cat([p.cos(), p.sin()], dim=-1)
 
 
 class UncalibratedWarning(UserWarning):

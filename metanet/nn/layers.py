@@ -161,24 +161,30 @@ class ChannelBatchNorm(nn.Module):
         return [norm(x.flatten(2)).view_as(x) for norm, x in zip(self.norms, xs)]
 
 
-class GaussianFourierFeatures(nn.Module):
-    """Random Fourier features of weight *values*: ``C -> 2 * mapping_size`` channels per weight.
+class FourierFeatures(nn.Module):
+    """Random Fourier features ``[sin(2 pi v B), cos(2 pi v B)]`` of value vectors (NG's
+    ``sin_emb``, NFN's Gaussian Fourier features), ``B ~ N(0, sigma^2)`` of shape
+    ``[in_dim, num]`` fixed at construction, applied along ``axis``: ``in_dim -> 2 * num``
+    values there. Every weight is encoded independently, so the map is equivariant.
 
-    ``x -> [sin(2 pi x B), cos(2 pi x B)]`` with fixed ``B ~ N(0, scale^2)`` of shape
-    ``[in_channels, mapping_size]``; applied to every weight independently (equivariant).
+    ``forward`` takes a tensor, or a weight-space feature container / tensor list (each tensor
+    encoded along ``axis``, e.g. ``axis=1`` for ``[B, C, out, in, ...]`` weight features).
     """
 
-    def __init__(self, in_channels: int = 1, mapping_size: int = 64, scale: float = 10.0) -> None:
+    def __init__(self, in_dim: int = 1, num: int = 64, sigma: float = 1.0, axis: int = -1) -> None:
         super().__init__()
-        self.register_buffer("proj", torch.randn(in_channels, mapping_size) * scale)
-        self.out_channels = 2 * mapping_size
+        self.register_buffer("freqs", torch.randn(in_dim, num) * sigma)
+        self.axis = axis
+        self.out_dim = 2 * num
 
-    def forward(self, x: WSFeatures | TensorList) -> TensorList:
-        out = []
-        for v in as_tensor_list(x):
-            z = 2 * math.pi * torch.einsum("bc...,cm->bm...", v, self.proj.to(v.dtype))
-            out.append(torch.cat([z.sin(), z.cos()], 1))
-        return out
+    def _encode(self, v: torch.Tensor) -> torch.Tensor:
+        z = (2 * math.pi) * (v.movedim(self.axis, -1) @ self.freqs.to(v.dtype))
+        return torch.cat([z.sin(), z.cos()], -1).movedim(-1, self.axis)
+
+    def forward(self, x: torch.Tensor | WSFeatures | TensorList) -> torch.Tensor | TensorList:
+        if isinstance(x, torch.Tensor):
+            return self._encode(x)
+        return [self._encode(v) for v in as_tensor_list(x)]
 
 
 def mlp_head(

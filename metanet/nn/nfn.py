@@ -26,7 +26,7 @@ from torch import nn
 
 from metanet.nn.layers import (
     ChannelDropout,
-    GaussianFourierFeatures,
+    FourierFeatures,
     Pointwise,
     TensorList,
     WSFeatures,
@@ -203,9 +203,9 @@ class _NFNBody(nn.Module):
         mods: list[nn.Module] = []
         c = 1
         if fourier_features:
-            enc = GaussianFourierFeatures(1, fourier_features, fourier_sigma)
+            enc = FourierFeatures(1, fourier_features, fourier_sigma, axis=1)
             mods.append(enc)
-            c = enc.out_channels
+            c = enc.out_dim
         if io_encoding == "sinusoidal":
             sin = IOSinusoidalEncoding(spec)
             mods.append(sin)
@@ -328,7 +328,7 @@ class NFNEquivariant(nn.Module):
 
 
 __all__ = [
-    "GaussianFourierFeatures",
+    "FourierFeatures",
     "HNPLinear",
     "HNPPool",
     "IOSinusoidalEncoding",

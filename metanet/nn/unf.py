@@ -33,7 +33,7 @@ from torch import nn
 
 from metanet.nn.layers import (
     ChannelDropout,
-    GaussianFourierFeatures,
+    FourierFeatures,
     Pointwise,
     TensorList,
     WSFeatures,
@@ -271,7 +271,7 @@ class UNF(nn.Module):
         dropout: channel dropout between layers and in the head.
         fourier_features: if > 0, random Fourier features of the weight values with this many
             frequencies before the first layer (elementwise, so equivariance is kept; what INR
-            classification needs, see :class:`~metanet.nn.layers.GaussianFourierFeatures`).
+            classification needs, see :class:`~metanet.nn.layers.FourierFeatures`).
         fourier_sigma: std of those frequencies.
 
     ``forward`` takes a :class:`WeightSpace` (for a WeightSpaceSpec), or a mapping
@@ -299,8 +299,8 @@ class UNF(nn.Module):
         self.encode = None
         c_in = 1
         if fourier_features:
-            self.encode = GaussianFourierFeatures(1, fourier_features, fourier_sigma)
-            c_in = self.encode.out_channels
+            self.encode = FourierFeatures(1, fourier_features, fourier_sigma, axis=1)
+            c_in = self.encode.out_dim
         self.body, c = _equivariant_stack(
             lambda i, o: UNFLayer(self.pspec, i, o, reduction=reduction), c_in, hidden, num_layers,
             None, dropout,

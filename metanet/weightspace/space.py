@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -56,13 +55,14 @@ class WeightSpace:
         state_dicts: Sequence[Mapping[str, torch.Tensor]],
         spec: WeightSpaceSpec,
         strict: bool = True,
-        check_finite: str = "error",
+        allow_nonfinite: bool = False,
     ) -> WeightSpace:
         """Stack state_dicts of networks that fit ``spec``.
 
         Args:
             strict: raise on keys the spec does not know (besides the spec's own keys).
-            check_finite: ``"error"`` (default) raises on NaN/inf, ``"warn"`` warns, ``"ignore"``.
+            allow_nonfinite: keep NaN/inf values (default: raise, naming the key), as
+                :func:`metanet.graph.from_module` does.
 
         Raises:
             WeightSpaceError: a missing or extra key, a shape that does not fit, a NaN/inf value;
@@ -93,8 +93,9 @@ class WeightSpace:
                         )
                 else:
                     b = torch.zeros(layer.out_features, dtype=w.dtype, device=w.device)
-                _check_finite(w, layer.weight_key, n, check_finite)
-                _check_finite(b, layer.bias_key, n, check_finite)
+                if not allow_nonfinite:
+                    _check_finite(w, layer.weight_key, n)
+                    _check_finite(b, layer.bias_key, n)
                 weights[i].append(w.detach())
                 biases[i].append(b.detach())
         return cls(spec, [torch.stack(w) for w in weights], [torch.stack(b) for b in biases])
@@ -287,13 +288,6 @@ def _get(sd: Mapping[str, torch.Tensor], key: str, n: int) -> torch.Tensor:
     return value
 
 
-def _check_finite(t: torch.Tensor, key: str, n: int, mode: str) -> None:
-    if mode == "ignore" or bool(torch.isfinite(t).all()):
-        return
-    message = f"network {n}: '{key}' contains NaN or inf values"
-    if mode == "warn":
-        warnings.warn(message, stacklevel=3)
-    elif mode == "error":
-        raise WeightSpaceError(message)
-    else:
-        raise ValueError(f"check_finite must be 'error', 'warn' or 'ignore', got {mode!r}")
+def _check_finite(t: torch.Tensor, key: str, n: int) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise WeightSpaceError(f"network {n}: '{key}' contains NaN or inf values")
