@@ -62,8 +62,9 @@ def build_zoos(task_steps: int, per_task: int) -> None:
         print(f"built {TASK_ZOO} in {time.perf_counter() - t:.0f}s", flush=True)
 
 
-def train(task, dm, steps: int) -> float:
-    """Fit ``task`` on ``dm`` for ``steps`` optimizer steps; returns seconds."""
+def train(task, dm, steps: int, callbacks: list | None = None) -> float:
+    """Fit ``task`` on ``dm`` for ``steps`` optimizer steps (with ``callbacks``); returns
+    seconds."""
     import lightning as L
 
     trainer = L.Trainer(
@@ -73,6 +74,7 @@ def train(task, dm, steps: int) -> float:
         enable_progress_bar=False,
         enable_checkpointing=False,
         enable_model_summary=False,
+        callbacks=callbacks or [],
     )
     t = time.perf_counter()
     trainer.fit(task, datamodule=dm)

@@ -70,23 +70,12 @@ def build_zoos(zoo_dir: str) -> dict[str, str]:
 def train(task, dm, steps: int, every: int, n_select: int):
     """Fit ``task`` for ``steps`` steps, keeping the state chosen on validation; returns
     ``(seconds, selection callback)``."""
-    import lightning as L
+    from bench_generate import train as fit
 
     from metanet.generate.selection import SelectOnValidation
 
     sel = SelectOnValidation(every_n_steps=every, n_samples=n_select, seed=1)
-    trainer = L.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        callbacks=[sel],
-    )
-    t = time.perf_counter()
-    trainer.fit(task, datamodule=dm)
-    return time.perf_counter() - t, sel
+    return fit(task, dm, steps, callbacks=[sel]), sel
 
 
 def flow(hidden: int):
