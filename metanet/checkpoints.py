@@ -27,9 +27,6 @@ from metanet.serialization import FileError, load_file
 
 __all__ = ["CheckpointError", "load"]
 
-_PAYLOAD_KEY = "metanet"  # the entry metanet tasks add to their Lightning checkpoints
-_GHN_FORMAT = "metanet-ghn/1"
-
 
 class CheckpointError(ValueError):
     """A file that is not a metanet checkpoint, or one that cannot be rebuilt (one line)."""
@@ -46,6 +43,9 @@ def load(path: str | os.PathLike, trust_pickle: bool = False) -> nn.Module:
     Raises:
         CheckpointError: unreadable, not a metanet checkpoint, or not rebuildable (names why).
     """
+    from metanet.hyper.ghn import FORMAT as GHN_FORMAT
+    from metanet.tasks._common import PAYLOAD_KEY
+
     where = os.fspath(path)
     try:
         ckpt = load_file(where, trust_pickle=trust_pickle)
@@ -54,14 +54,14 @@ def load(path: str | os.PathLike, trust_pickle: bool = False) -> nn.Module:
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{where} holds a {type(ckpt).__name__}, not a metanet checkpoint")
     hparams = ckpt.get("hyper_parameters")
-    if ckpt.get("format") == _GHN_FORMAT or (isinstance(hparams, dict) and "ghn" in hparams):
+    if ckpt.get("format") == GHN_FORMAT or (isinstance(hparams, dict) and "ghn" in hparams):
         from metanet.hyper.ghn import GHN
 
         try:
             return GHN.load(where, trust_pickle=trust_pickle).eval()
         except (ValueError, KeyError, TypeError, RuntimeError) as exc:
             raise CheckpointError(f"{where}: GHN checkpoint does not load ({exc})") from None
-    payload = ckpt.get(_PAYLOAD_KEY)
+    payload = ckpt.get(PAYLOAD_KEY)
     if not isinstance(payload, dict):
         what = "a Lightning checkpoint" if "state_dict" in ckpt else "a state_dict or other file"
         raise CheckpointError(f"{where} is {what} without metanet's task metadata")
