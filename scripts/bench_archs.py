@@ -89,6 +89,14 @@ from metanet.zoo.architectures import build_module  # noqa: E402
 T = TypeVar("T")
 
 
+def mlp_100m() -> nn.Module:
+    """A 100.7 M-parameter MLP (six 4096-wide Linear layers; input ``[..., 4096]``)."""
+    layers: list[nn.Module] = []
+    for i in range(6):
+        layers += [nn.Linear(4096, 4096)] + ([nn.ReLU()] if i < 5 else [])
+    return nn.Sequential(*layers)
+
+
 def digits_cnn() -> nn.Module:
     """The digits CNN of the zoo recipes (input ``[N, 1, 8, 8]``, 10 classes)."""
     return build_module({"type": "cnn", "channels": [8, 16], "kernel": 3})
@@ -100,6 +108,10 @@ ARCHS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], int]] = {
     "digits_cnn": (digits_cnn, (2, 1, 8, 8), 9),
     "resnet18": (ResNet18, (1, 3, 224, 224), 9),
     "resnet18_k49": (ResNet18, (1, 3, 224, 224), 49),
+    # every weight one scalar edge (kernels over kernel-offset nodes): ~3.25x the parameters
+    **{f"{k}_k1": (*FAMILIES[k][:2], 1) for k in ("gpt2", "bert", "vit", "llama")},
+    "resnet18_k1": (ResNet18, (1, 3, 224, 224), 1),
+    "mlp_100m_k1": (mlp_100m, (2, 1, 4096), 1),  # 3-D: 2-D examples are token ids
 }
 GMN_NAME = "gmn"
 
@@ -198,7 +210,7 @@ def graph_bytes(g: ParamGraph) -> int:
     total = sum(v.nbytes for _, v in g if isinstance(v, Tensor))
     layout = getattr(g, "layout", None)
     if layout is not None:
-        total += sum(s.rows.nbytes for s in layout.slots.values())
+        total += sum(s.storage_bytes for s in layout.slots.values())
     return total
 
 

@@ -595,3 +595,55 @@ def test_forward_code_variants() -> None:
     assert int((g.node_type == NodeType.SUM).sum()) == 3
     res = g.edge_attr[g.edge_type == EdgeType.RESIDUAL, 0]
     assert sorted(res.tolist()) == [0.5] * 3 + [1.0] * 6
+
+
+# ----------------------------------------------------------------------------- storage
+
+
+def _global_sort(b, n):
+    """Reference for tracing._sorted_edges: one stable sort of every edge's (dst, src) key."""
+    from metanet.graph import tracing
+
+    key = torch.cat([d.long() * max(n, 1) + s.long() for s, d in zip(b.src, b.dst)])
+    sizes = [int(d.numel()) for d in b.dst]
+    b.src.clear()
+    b.dst.clear()
+    sorted_key, perm = torch.sort(key, stable=True)
+    edge_index = torch.stack([sorted_key % max(n, 1), sorted_key // max(n, 1)]).int()
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel())
+    order = tracing._EdgeOrder(tracing._offsets_of(sizes), sizes)
+    order.tables = dict(enumerate(torch.split(inv, sizes)))
+    return edge_index, order
+
+
+@pytest.mark.parametrize("name", [c[0] for c in CASES])
+def test_chunk_merge_equals_one_global_sort(name: str, monkeypatch) -> None:
+    # the builder orders already-sorted chunks without sorting and sorts only overlapping
+    # groups (attention's pair edges); the graph must be the one a global stable sort gives
+    from metanet.graph import tracing
+
+    model, x, g = build(name)
+    monkeypatch.setattr(tracing, "_sorted_edges", _global_sort)
+    ref = from_module(model, example_input=x)
+    for key in ("edge_index", "edge_attr", "edge_type", "x", "node_type", "dst_ptr"):
+        assert torch.equal(g[key], ref[key]), key
+    for key, slot in g.layout.slots.items():
+        assert torch.equal(slot.rows, ref.layout.slots[key].rows), key
+
+
+def test_storage_is_compact_and_rows_are_runs() -> None:
+    # int32 endpoints, uint8 types, Linear/conv weights stored as row runs (no bytes per
+    # element); at max_kernel_size=1 an MLP's graph is ~3.25x its float32 parameters
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
+                          nn.Linear(128, 10))  # fmt: skip
+    g = from_module(model, max_kernel_size=1)
+    assert g.edge_index.dtype == torch.int32 and g.edge_type.dtype == torch.uint8
+    assert all(s.is_run and s.storage_bytes == 0 for s in g.layout.slots.values())
+    nbytes = sum(v.numel() * v.element_size() for _, v in g if isinstance(v, torch.Tensor))
+    params = sum(p.numel() * 4 for p in model.parameters())
+    assert nbytes < 3.5 * params
+    _, _, t = build("transformer")  # attention pair edges: some rows are tables, int32
+    tables = [s for s in t.layout.slots.values() if not s.is_run]
+    assert all(s.storage_bytes == s.rows.numel() * 4 for s in tables)

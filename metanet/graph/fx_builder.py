@@ -29,6 +29,7 @@ from metanet.graph.axes import (
     unique_rows,
 )
 from metanet.graph.paramgraph import (
+    EDGE_TYPE_DTYPE,
     NODE_BIAS,
     NODE_FEATURES,
     NODE_RUNNING_MEAN,
@@ -269,7 +270,8 @@ class _Builder:
         self.budget = budget
         self.bytes = 0
         self._node_bytes = len(NODE_FEATURES) * _itemsize(dtype) + 3 * 8
-        self._edge_bytes = max_kernel_size * _itemsize(dtype) + 3 * 8
+        # a value row, int32 endpoints and a uint8 type (the finished graph's layout)
+        self._edge_bytes = max_kernel_size * _itemsize(dtype) + 2 * 4 + 1
         self.n = 0
         self.node_type: list[Tensor] = []
         self.node_layer: list[Tensor] = []
@@ -330,11 +332,16 @@ class _Builder:
     ) -> Tensor:
         count = src.numel()
         self._reserve(count * self._edge_bytes, f"{count:,} edges")
-        ids = torch.arange(self.e, self.e + count)
+        ids = torch.arange(self.e, self.e + count, dtype=torch.int32)
         self.e += count
-        self.src.append(src.long().cpu())
-        self.dst.append(dst.long().cpu())
-        self.etype.append(torch.full((count,), int(etype), dtype=torch.long))
+        if self.e + count >= (1 << 31) or self.n >= (1 << 31):
+            raise _tagged(MemoryLimitError(
+                f"{self.budget[1] if self.budget else 'the parameter graph'}: more than 2**31 "
+                "edges or nodes; split the network"
+            ))  # fmt: skip
+        self.src.append(src.to(device="cpu", dtype=torch.int32))
+        self.dst.append(dst.to(device="cpu", dtype=torch.int32))
+        self.etype.append(torch.full((count,), int(etype), dtype=EDGE_TYPE_DTYPE))
         attr = torch.zeros(count, self.k, dtype=self.dtype)
         if values is None:
             attr[:, 0] = 1.0
@@ -353,7 +360,7 @@ class _Builder:
             )
         self.slots[key] = ParamSlot(
             key=key, shape=tuple(param.shape), dtype=param.dtype, source=source,
-            rows=rows.long().cpu().clone(), col=col, width=width,
+            rows=rows.long().cpu(), col=col, width=width,
         )  # fmt: skip
         self.slot_owner[key] = where
 
@@ -617,8 +624,9 @@ class _Tracer(fx.Interpreter):
         if weight.shape[1] != per_in:
             raise self._err(n, f"weight {tuple(weight.shape)} does not read {per_in} inputs")
         out = self.b.add_nodes(out_count, NodeType.HIDDEN, nv.depth + 1)
-        dst = out.repeat_interleave(per_in)
-        src = nv.flat.view(groups, per_in).repeat_interleave(per_out, dim=0).reshape(-1)
+        dst = out.to(torch.int32).repeat_interleave(per_in)  # int32 like the graph's endpoints
+        src = nv.flat.to(torch.int32).view(groups, per_in).repeat_interleave(per_out, dim=0)
+        src = src.reshape(-1)
         eids = self.b.add_edges(src, dst, etype, weight.reshape(out_count * per_in, width))
         rows = eids.view(out_count, per_in).t().reshape(-1) if transposed else eids
         stored = weight if slot_param is None else slot_param

@@ -24,8 +24,10 @@ Counts (``K`` = ``max_kernel_size``, ``f`` = bytes per value of the graph's dtyp
   at most the widest layer in nodes, twice that in edges.
 
 Bytes of the finished graph: per node ``3f`` (``x``) + 32 (``node_type``, ``node_layer``,
-``node_pos``, ``dst_ptr``); per edge ``K f`` (``edge_attr``) + 24 (``edge_index``, ``edge_type``);
-plus 8 per parameter element row of the layout (``ParamSlot.rows``) and the module's buffers.
+``node_pos``, ``dst_ptr``); per edge ``K f`` (``edge_attr``) + 9 (int32 ``edge_index``, uint8
+``edge_type``); plus 4 per parameter element row of the layout where the rows are not one run
+(``ParamSlot``: a Linear's or conv's weight rows are a run and cost nothing) and the module's
+buffers.
 Building holds more than the result for a while (the builder's edge chunks, the sort
 permutation); :attr:`GraphMemoryEstimate.peak_bytes` adds that (see :func:`_peak_bytes`).
 """
@@ -47,7 +49,8 @@ __all__ = ["GraphMemoryEstimate", "estimate_graph_memory"]
 
 # per-element costs (bytes) of the tensors of a ParamGraph, besides the value columns
 _NODE_LONGS = 4  # node_type, node_layer, node_pos, dst_ptr
-_EDGE_LONGS = 3  # edge_index (2), edge_type
+_EDGE_INDEX_BYTES = 2 * 4 + 1  # int32 edge_index (2), uint8 edge_type
+_ROW_BYTES = 4  # an int32 layout row (parameters whose rows are not one run)
 _LONG = 8
 
 _FLATTEN_METHODS = {"flatten", "view", "reshape"}
@@ -103,7 +106,7 @@ class _Counts:
         e = out * inp
         self.nodes += out
         self.edges += e
-        self.rows += e + (out if bias else 0)
+        # weight rows are one run after the sort by destination; bias rows one run of nodes
         self.widest = max(self.widest, out)
         self.max_kernel = max(self.max_kernel, kernel)
         self.layer_edges.append(e)
@@ -222,8 +225,8 @@ def _graph_bytes(nodes: int, edges: int, rows: int, k: int, f: int, extra: int) 
     return (
         nodes * (3 * f + _NODE_LONGS * _LONG)
         + _LONG  # dst_ptr has N + 1 entries
-        + edges * (k * f + _EDGE_LONGS * _LONG)
-        + rows * _LONG
+        + edges * (k * f + _EDGE_INDEX_BYTES)
+        + rows * _ROW_BYTES
         + extra
     )
 
@@ -232,20 +235,20 @@ def _peak_bytes(graph: int, edges: int, layers: list[int], k: int, f: int) -> in
     """Most bytes held at once while building (compared with measured peaks in the module
     docstring of ``tests/test_limits.py``).
 
-    The builder collects every layer's edges as separate chunks (``src``, ``dst``,
-    ``edge_type``, layout rows: 8 bytes per edge each; values: ``K f``), about as many bytes as
-    the finished graph. :func:`metanet.graph.tracing._finalize` then sorts the edges (sort key,
-    sorted copy, permutation and its inverse: 32 bytes per edge next to the chunks) and moves
-    the chunks into the result one at a time (the largest chunk of values held twice). Chunks
-    under 32 MiB come from the C heap, whose freed memory is usually not returned to the system
-    while building, so they count twice.
+    The builder collects every layer's edges as separate chunks (int32 ``src`` and ``dst``,
+    uint8 ``edge_type``; values: ``K f``), about as many bytes as the finished graph.
+    :func:`metanet.graph.tracing._finalize` then sorts the edges (int64 sort key, sorted copy
+    and permutation: 24 bytes per edge next to the chunks) and moves the chunks into the result
+    one at a time (the largest chunk of values held twice). Chunks under 32 MiB come from the C
+    heap, whose freed memory is usually not returned to the system while building, so they
+    count twice.
     """
     heap_limit = 32 * 1024**2
     retained = 0
     for e in layers:
-        retained += sum(b for b in (e * k * f,) + (e * _LONG,) * 4 if b < heap_limit)
+        retained += sum(b for b in (e * k * f, e * 4, e * 4, e) if b < heap_limit)
     largest = max(layers, default=0)
-    return graph + edges * 4 * _LONG + largest * k * f + retained
+    return graph + edges * 3 * _LONG + largest * k * f + retained
 
 
 def estimate_graph_memory(

@@ -17,16 +17,27 @@ attribute       shape / dtype     meaning
 ``node_layer``  long ``[N]``      depth: 0 for inputs, +1 for every parametric op on the path
 ``node_pos``    long ``[N]``      fixed position: index of an input/output neuron or channel,
                                   spatial index of a ``FLATTEN`` node; -1 for permutable nodes
-``edge_index``  long ``[2, E]``   ``(src, dst)``, sorted by ``dst`` then ``src``
+``edge_index``  int32 ``[2, E]``  ``(src, dst)``, sorted by ``dst`` then ``src`` (int64 only for
+                                  graphs past 2**31 nodes; metanetworks index with int64)
 ``edge_attr``   float ``[E, K]``  weight value in column 0 (Linear, attention projections, norm
                                   scale ``gamma``, residual ``alpha``; 1.0 for structural
                                   edges), or the row-major flattened conv kernel zero-padded to
                                   ``K`` columns
-``edge_type``   long ``[E]``      :class:`EdgeType`
+``edge_type``   uint8 ``[E]``     :class:`EdgeType` (call ``.long()`` before using it as an index
+                                  or an ``nn.Embedding`` input: uint8 indexes as a mask)
 ``dst_ptr``     long ``[N + 1]``  CSR pointer: edges into node ``v`` are
                                   ``dst_ptr[v]:dst_ptr[v + 1]``
 ``layout``      ``ParamLayout``   which node/edge rows hold which parameter elements
 ==============  ================  ============================================================
+
+Storage: every weight is one edge, so a graph's bytes are dominated by its edges: ``K`` values
+(4 bytes each in float32), 8 bytes of int32 endpoints and 1 byte of type. With
+``max_kernel_size=1`` (every weight a scalar edge; wider kernels are read over kernel-offset
+nodes) a large network's graph is about 3.3x the bytes of its float32 parameters (a 100.7 M
+parameter MLP, ResNet-18); with the default ``K = 9`` a network of 3x3 convs is less (ResNet-18:
+1.9x) and a Linear-heavy one about 11x (its scalar edges are padded to ``K`` columns).
+Parameter-to-row maps are stored as runs (no bytes per element) wherever the rows are
+consecutive. Figures: ``scripts/bench_archs.py`` in BENCHMARKS.md.
 
 Batches: ``torch_geometric.data.Batch.from_data_list`` works; ``edge_index`` stays dst-sorted
 (node offsets grow with the graph index). The collated ``batch.dst_ptr`` holds each graph's
@@ -47,6 +58,15 @@ from torch import Tensor, nn
 from torch_geometric.data import Data
 
 NODE_FEATURES: tuple[str, ...] = ("bias", "running_mean", "running_var")
+EDGE_TYPE_DTYPE = torch.uint8  # every EdgeType fits a byte
+
+
+def index_dtype(count: int) -> torch.dtype:
+    """The integer dtype a graph stores node or edge indices below ``count`` in: int32, or int64
+    past 2**31."""
+    return torch.int32 if count < (1 << 31) else torch.long
+
+
 NODE_BIAS, NODE_RUNNING_MEAN, NODE_RUNNING_VAR = 0, 1, 2
 
 
@@ -93,21 +113,108 @@ class EdgeType(IntEnum):
     PATCH = 15  # channel -> one of its kernel offsets (value 1.0)
 
 
-@dataclass(frozen=True)
 class ParamSlot:
     """Where one state_dict tensor lives in the graph.
 
     ``value.reshape(len(rows), width)`` equals ``source_tensor[rows, col:col + width]``, where
     ``source_tensor`` is ``edge_attr`` (``source == "edge"``) or ``x`` (``source == "node"``).
+
+    The rows are stored compactly: a run of consecutive rows (what every Linear / conv weight
+    and most other parameters get, since edges are sorted by destination) as its start and
+    length, any other order as an int32 table (int64 past 2**31 rows). :attr:`rows` gives
+    them as an int64 tensor; :meth:`take` / :meth:`put` read and write the values without
+    materializing a run.
     """
 
-    key: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    source: str  # "edge" | "node"
-    rows: Tensor  # long [numel // width]
-    col: int
-    width: int
+    __slots__ = ("key", "shape", "dtype", "source", "col", "width", "_start", "_count", "_table")
+
+    def __init__(self, key: str, shape: tuple[int, ...], dtype: torch.dtype, source: str,
+                 rows: Tensor, col: int, width: int) -> None:  # fmt: skip
+        self.key, self.shape, self.dtype, self.source = key, tuple(shape), dtype, source
+        self.col, self.width = int(col), int(width)
+        rows = rows.reshape(-1)
+        self._count = int(rows.numel())
+        self._start = int(rows[0]) if self._count else 0
+        if self._count <= 1 or bool((rows[1:] - rows[:-1] == 1).all()):
+            self._table: Tensor | None = None
+        else:
+            small = int(rows.max()) < (1 << 31) and int(rows.min()) >= 0
+            table = rows.to(device="cpu", dtype=torch.int32 if small else torch.long)
+            self._table = table.clone() if table.data_ptr() == rows.data_ptr() else table
+
+    @classmethod
+    def run(cls, key: str, shape: tuple[int, ...], dtype: torch.dtype, source: str, start: int,
+            count: int, col: int, width: int) -> ParamSlot:  # fmt: skip
+        """A slot whose rows are ``start, start + 1, ..., start + count - 1``."""
+        slot = cls(key, shape, dtype, source, torch.zeros(0, dtype=torch.long), col, width)
+        slot._start, slot._count = int(start), int(count)
+        return slot
+
+    @property
+    def num_rows(self) -> int:
+        """Number of graph rows (``numel // width``)."""
+        return self._count
+
+    @property
+    def run_start(self) -> int:
+        """The first row of a run (see :attr:`is_run`)."""
+        return self._start
+
+    @property
+    def rows(self) -> Tensor:
+        """The graph rows of the tensor's elements (int64 ``[numel // width]``)."""
+        if self._table is not None:
+            return self._table.long()
+        return torch.arange(self._start, self._start + self._count)
+
+    @property
+    def is_run(self) -> bool:
+        """Whether the rows are one run of consecutive rows (stored as start and length)."""
+        return self._table is None
+
+    @property
+    def storage_bytes(self) -> int:
+        """Bytes this slot's row map holds (0 for a run)."""
+        return 0 if self._table is None else self._table.numel() * self._table.element_size()
+
+    def take(self, values: Tensor) -> Tensor:
+        """``values[rows, col:col + width]`` (a view for a run of rows)."""
+        cols = slice(self.col, self.col + self.width)
+        if self._table is None:
+            return values[self._start : self._start + self._count, cols]
+        return values[self._table.to(values.device).long(), cols]
+
+    def put(self, values: Tensor, part: Tensor) -> None:
+        """Write ``part`` (``[len(rows), width]``) into ``values[rows, col:col + width]``."""
+        cols = slice(self.col, self.col + self.width)
+        if self._table is None:
+            values[self._start : self._start + self._count, cols] = part
+        else:
+            values[self._table.to(values.device).long(), cols] = part
+
+    def __repr__(self) -> str:
+        where = (f"rows {self._start}..{self._start + self._count - 1}" if self._table is None
+                 else f"{self._count} rows")  # fmt: skip
+        return (f"ParamSlot({self.key!r}, shape={self.shape}, {self.source} {where}, "
+                f"cols {self.col}..{self.col + self.width - 1})")  # fmt: skip
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ParamSlot):
+            return NotImplemented
+        return (
+            (self.key, self.shape, self.dtype, self.source, self.col, self.width)
+            == (other.key, other.shape, other.dtype, other.source, other.col, other.width)
+            and torch.equal(self.rows, other.rows)
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__slots__}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            object.__setattr__(self, k, v)
 
 
 @dataclass
@@ -187,9 +294,7 @@ class ParamLayout:
                     f"'{key}' needs {s.source} value columns {s.col}..{s.col + s.width - 1}, "
                     f"but the {s.source} values have {src.size(1)} columns"
                 )
-            rows = s.rows.to(src.device)
-            val = src[rows, s.col : s.col + s.width]
-            out[key] = val.reshape(s.shape).to(s.dtype).clone()
+            out[key] = s.take(src).reshape(s.shape).to(s.dtype).clone()
         if tied:
             for alias, primary in tied.items():
                 out[alias] = out[primary]
@@ -211,10 +316,7 @@ class ParamLayout:
                     f"'{key}' has shape {tuple(value.shape)}, the layout expects {s.shape}"
                 )
             dst = edge_attr if s.source == "edge" else x
-            rows = s.rows.to(dst.device)
-            dst[rows, s.col : s.col + s.width] = (
-                value.detach().reshape(-1, s.width).to(device=dst.device, dtype=dst.dtype)
-            )
+            s.put(dst, value.detach().reshape(-1, s.width).to(device=dst.device, dtype=dst.dtype))
 
 
 def _ptr(index_sorted: Tensor, size: int) -> Tensor:

@@ -92,6 +92,7 @@ functions or methods raise :class:`UnsupportedOpError` naming the op and the mod
 
 from __future__ import annotations
 
+import bisect
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -113,6 +114,7 @@ from metanet.graph.fx_builder import (
 )
 from metanet.graph.memory import GraphMemoryEstimate, estimate_graph_memory
 from metanet.graph.paramgraph import (
+    EDGE_TYPE_DTYPE,
     NODE_FEATURES,
     NodeType,
     ParamGraph,
@@ -120,6 +122,7 @@ from metanet.graph.paramgraph import (
     ParamSlot,
     _ptr,
     check_finite,
+    index_dtype,
 )
 from metanet.graph.recorder import record
 from metanet.limits import MemoryLimitError, check_memory, format_bytes, memory_limit_bytes
@@ -364,16 +367,23 @@ def _finalize(module: nn.Module, state: dict, b: _Builder, tracer: _Tracer) -> P
     n = b.n
     # Chunks are consumed (and freed) as they are merged, so that building holds little more
     # than the finished graph (see metanet.graph.memory._peak_bytes).
-    edge_index, inv = _sorted_edges(b, n)
+    edge_index, order = _sorted_edges(b, n)
     slots = {}
     for key in list(b.slots):
         s = b.slots.pop(key)
-        rows = inv[s.rows] if s.source == "edge" else s.rows
-        slots[key] = ParamSlot(s.key, s.shape, s.dtype, s.source, rows, s.col, s.width)
-    num_edges = int(inv.numel())
-    edge_attr = _scatter_chunks(b.eattr, inv, (num_edges, b.k), b.dtype)
-    edge_type = _scatter_chunks(b.etype, inv, (num_edges,), torch.long)
-    del inv
+        run = order.new_run(s.run_start, s.num_rows) if s.source == "edge" and s.is_run else None
+        if s.source == "node":
+            slots[key] = s
+        elif run is not None:
+            slots[key] = ParamSlot.run(s.key, s.shape, s.dtype, s.source, run, s.num_rows,
+                                       s.col, s.width)  # fmt: skip
+        else:
+            slots[key] = ParamSlot(s.key, s.shape, s.dtype, s.source, order.new_rows(s.rows),
+                                   s.col, s.width)  # fmt: skip
+    num_edges = order.num_edges
+    edge_attr = _scatter_chunks(b.eattr, order, (num_edges, b.k), b.dtype)
+    edge_type = _scatter_chunks(b.etype, order, (num_edges,), EDGE_TYPE_DTYPE)
+    del order
     layout = ParamLayout(
         slots=slots, extras=extras, keys=list(state.keys()), num_nodes=n,
         num_edges=num_edges, node_dim=len(NODE_FEATURES), edge_dim=b.k,
@@ -392,44 +402,152 @@ def _finalize(module: nn.Module, state: dict, b: _Builder, tracer: _Tracer) -> P
     )
 
 
-def _sorted_edges(b: _Builder, n: int) -> tuple[Tensor, Tensor]:
-    """``edge_index`` sorted by ``(dst, src)`` and the inverse permutation (new row of every
-    edge in creation order); empties the builder's ``src`` / ``dst`` chunks."""
-    key = torch.cat(b.dst) if b.dst else torch.zeros(0, dtype=torch.long)
-    b.dst.clear()
-    key.mul_(max(n, 1))
-    for chunk, start in zip(b.src, _offsets(b.src)):
-        key[start : start + chunk.numel()] += chunk
+class _EdgeOrder:
+    """Where every edge of the builder's chunks goes in the destination-sorted graph.
+
+    Chunk ``i`` holds creation rows ``offsets[i]:offsets[i] + sizes[i]``; it lands either as one
+    run of consecutive new rows starting at ``runs[i]`` (copied with a slice), or, when it was
+    sorted together with chunks it overlaps, at the new rows ``tables[i]`` (int32/int64).
+    """
+
+    def __init__(self, offsets: list[int], sizes: list[int]) -> None:
+        self.offsets, self.sizes = offsets, sizes
+        self.runs: list[int | None] = [None] * len(sizes)
+        self.tables: dict[int, Tensor] = {}
+        self.num_edges = sum(sizes)
+
+    def new_run(self, start: int, count: int) -> int | None:
+        """The first sorted row of creation rows ``start:start + count`` when they land as one
+        run (all in one chunk placed as a run), else ``None``."""
+        i = bisect.bisect_right(self.offsets, start) - 1
+        if count == 0 or i < 0 or self.runs[i] is None:
+            return None
+        if start + count > self.offsets[i] + self.sizes[i]:
+            return None
+        return self.runs[i] + start - self.offsets[i]
+
+    def new_rows(self, rows: Tensor) -> Tensor:
+        """The sorted graph's rows (int64) of the edges made at creation rows ``rows``."""
+        rows = rows.reshape(-1).long()
+        if rows.numel() == 0:
+            return rows
+        starts = torch.tensor(self.offsets, dtype=torch.long)
+        chunk = torch.searchsorted(starts, rows, right=True) - 1
+        out = torch.empty_like(rows)
+        for i in torch.unique(chunk).tolist():
+            sel = chunk == i
+            local = rows[sel] - self.offsets[i]
+            run = self.runs[i]
+            out[sel] = local + run if run is not None else self.tables[i][local].long()
+        return out
+
+
+def _sorted_edges(b: _Builder, n: int) -> tuple[Tensor, _EdgeOrder]:
+    """``edge_index`` sorted by ``(dst, src)`` (stable: ties keep creation order) and where each
+    edge went; empties the builder's ``src`` / ``dst`` chunks.
+
+    Most chunks (one Linear's or conv's edges) are already sorted and cover destinations no other
+    chunk reaches, so chunks are ordered by their first key and only groups of chunks whose key
+    ranges overlap (e.g. attention's pair edges into query neurons) are sorted: when nothing
+    overlaps, building holds no graph-sized sort key, permutation or inverse, and every chunk
+    is freed as soon as it is placed.
+    """
+    width = max(n, 1)
+    chunks: list[tuple[Tensor, Tensor] | None] = list(zip(b.src, b.dst))
     b.src.clear()
-    sorted_key, perm = torch.sort(key, stable=True)
-    del key
-    edge_index = torch.empty(2, sorted_key.numel(), dtype=torch.long)
-    torch.remainder(sorted_key, max(n, 1), out=edge_index[0])
-    torch.div(sorted_key, max(n, 1), rounding_mode="floor", out=edge_index[1])
-    del sorted_key
-    inv = torch.empty_like(perm)
-    inv[perm] = torch.arange(perm.numel())
-    return edge_index, inv
+    b.dst.clear()
+    sizes = [int(c[1].numel()) for c in chunks]
+    order = _EdgeOrder(_offsets_of(sizes), sizes)
+    spans = []  # (first key, last key, chunk is sorted, chunk index)
+    for i, (src, dst) in enumerate(chunks):
+        if sizes[i]:
+            spans.append((*_key_span(src, dst, width), i))
+    spans.sort(key=lambda t: (t[0], t[3]))
+    groups: list[list[tuple[int, int, bool, int]]] = []
+    top = 0
+    for span in spans:
+        if groups and span[0] <= top:  # overlaps (or ties with) the group before: sort together
+            groups[-1].append(span)
+            top = max(top, span[1])
+        else:
+            groups.append([span])
+            top = span[1]
+    edge_index = torch.empty(2, order.num_edges, dtype=index_dtype(n))
+    row = 0
+    for group in groups:
+        if len(group) == 1 and group[0][2]:
+            i = group[0][3]
+            src, dst = chunks[i]
+            chunks[i] = None  # freed once placed
+            edge_index[0, row : row + sizes[i]] = src
+            edge_index[1, row : row + sizes[i]] = dst
+            del src, dst
+            order.runs[i] = row
+            row += sizes[i]
+            continue
+        members = sorted(t[3] for t in group)  # creation order, so the stable sort keeps ties
+        key = torch.cat([chunks[i][1].long() * width + chunks[i][0].long() for i in members])
+        for i in members:
+            chunks[i] = None
+        sorted_key, perm = torch.sort(key, stable=True)
+        del key
+        count = int(sorted_key.numel())
+        edge_index[0, row : row + count] = torch.remainder(sorted_key, width)
+        edge_index[1, row : row + count] = torch.div(sorted_key, width, rounding_mode="floor")
+        del sorted_key
+        dtype = index_dtype(order.num_edges)
+        placed = torch.empty(count, dtype=dtype)
+        placed[perm] = torch.arange(row, row + count, dtype=dtype)
+        del perm
+        at = 0
+        for i in members:
+            order.tables[i] = placed[at : at + sizes[i]].clone()
+            at += sizes[i]
+        row += count
+    for i, size in enumerate(sizes):
+        if size == 0:
+            order.runs[i] = row  # an empty chunk lands nowhere
+    return edge_index, order
 
 
-def _offsets(chunks: list[Tensor]) -> list[int]:
+def _key_span(src: Tensor, dst: Tensor, width: int, piece: int = 1 << 20) -> tuple[int, int, bool]:
+    """``(smallest key, largest key, sorted)`` of a chunk's ``dst * width + src`` keys, read in
+    pieces so that no int64 copy of a large chunk is made."""
+    lo, hi, ordered, last = None, None, True, None
+    for s in range(0, dst.numel(), piece):
+        key = dst[s : s + piece].long() * width + src[s : s + piece].long()
+        first = int(key[0])
+        ordered = ordered and (last is None or first >= last)
+        ordered = ordered and (key.numel() < 2 or bool((key[1:] >= key[:-1]).all()))
+        last = int(key[-1])
+        k_lo, k_hi = int(key.min()), int(key.max())
+        lo = k_lo if lo is None else min(lo, k_lo)
+        hi = k_hi if hi is None else max(hi, k_hi)
+    return int(lo), int(hi), ordered
+
+
+def _offsets_of(sizes: list[int]) -> list[int]:
     out, total = [], 0
-    for c in chunks:
+    for size in sizes:
         out.append(total)
-        total += c.size(0)
+        total += size
     return out
 
 
-def _scatter_chunks(chunks: list[Tensor], inv: Tensor, shape: tuple[int, ...],
+def _scatter_chunks(chunks: list[Tensor], order: _EdgeOrder, shape: tuple[int, ...],
                     dtype: torch.dtype) -> Tensor:  # fmt: skip
-    """``torch.cat(chunks)[perm]`` for ``inv`` the inverse of ``perm``, freeing each chunk as it
-    is placed (empties ``chunks``)."""
+    """The chunks' rows moved to their sorted places (``order``), freeing each chunk as it is
+    placed (empties ``chunks``)."""
     out = torch.empty(shape, dtype=dtype)
-    start = 0
+    i = 0
     while chunks:
         chunk = chunks.pop(0)
-        out[inv[start : start + chunk.size(0)]] = chunk
-        start += chunk.size(0)
+        run = order.runs[i]
+        if run is not None:
+            out[run : run + chunk.size(0)] = chunk
+        else:
+            out[order.tables[i].long()] = chunk
+        i += 1
         del chunk
     return out
 

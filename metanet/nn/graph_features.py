@@ -128,7 +128,8 @@ def read_batch(batch: object, reverse: bool = False) -> GraphBatch:
         raise ValueError("graph node values (x: biases / norm statistics) contain NaN or inf")
     if not bool(torch.isfinite(edge_attr).all()):
         raise ValueError("graph edge values (edge_attr: weights) contain NaN or inf")
-    src, dst = edge_index[0], edge_index[1]
+    # graphs store int32 endpoints and uint8 types; the scatter kernels index with int64
+    src, dst = edge_index[0].long(), edge_index[1].long()
     if e > 1 and bool((dst[1:] < dst[:-1]).any()):
         raise ValueError("edge_index must be sorted by destination (as ParamGraph stores it)")
     if getattr(batch, "dst_ptr", None) is not None:
@@ -157,7 +158,7 @@ def read_batch(batch: object, reverse: bool = False) -> GraphBatch:
         node_type=batch.node_type,
         node_layer=batch.node_layer,
         node_pos=batch.node_pos,
-        edge_type=batch.edge_type,
+        edge_type=batch.edge_type.long(),
         src=src,
         dst=dst,
         dst_ptr=dst_ptr,
