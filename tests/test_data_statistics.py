@@ -16,7 +16,7 @@ import warnings
 import lightning as L
 import pytest
 import torch
-from tiny_zoo import MLP, build_tiny_zoo, one_thread  # noqa: I001
+from tiny_zoo import MLP  # noqa: I001
 from torch_geometric.data import Batch
 
 from metanet.data.datamodules import ParamGraphDataModule
@@ -28,17 +28,6 @@ from metanet.tasks import GeneralizationTask
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPLITS = (0.5, 0.25, 0.25)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def zoo_path(tmp_path_factory) -> str:
-    return build_tiny_zoo(str(tmp_path_factory.getbasetemp() / "tiny_zoo.h5"))
 
 
 def _dm(zoo_path: str, **kw) -> ParamGraphDataModule:

@@ -24,7 +24,7 @@ import pkgutil
 
 import pytest
 import torch
-from tiny_zoo import CNN_FLAT, MLP, build_tiny_zoo, one_thread  # noqa: I001
+from tiny_zoo import CNN_FLAT, MLP, build_tiny_zoo  # noqa: I001
 from torch import nn
 
 import metanet.nn
@@ -88,12 +88,6 @@ def zoo(tmp_path_factory):
         idx = [i for i in range(len(group)) if epochs[i] == epochs.max()][:NETS_PER_ARCH]
         out[key] = (group, idx, group.weight_space(idx))
     return out
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
 
 
 def _kwargs(cls: type, variant: dict, **extra) -> dict:

@@ -98,15 +98,6 @@ def _transformer():
     return m, torch.randn(2, 5, 6), [(d, stream), (12, ff), (heads, head)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These graphs are tiny: one thread avoids OpenMP spin-waits on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 NETS = {"mlp": _mlp, "cnn_bn": _cnn_bn, "res_cnn": _res_cnn, "transformer": _transformer}
 
 

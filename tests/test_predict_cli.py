@@ -18,12 +18,6 @@ from metanet.tasks.predict_cli import load_predictor, main
 ROW = re.compile(r"^\s*(\d+)\s+([-0-9.]+)\s+(\S+)\s*$")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
-
-
 def _name(arch: dict) -> str:
     from metanet.zoo.architectures import arch_name
 

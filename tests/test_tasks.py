@@ -14,7 +14,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from tiny_zoo import CNN_FLAT, MLP, build_tiny_inr_zoo, build_tiny_zoo, one_thread  # noqa: I001
+from tiny_zoo import CNN_FLAT, MLP, build_tiny_inr_zoo  # noqa: I001
 from torch import nn
 
 from metanet.metrics import kendall_tau, r2_score
@@ -27,17 +27,6 @@ CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "predict_gen", "*.yaml"
     glob.glob(os.path.join(ROOT, "configs", "inr", "*.yaml"))
 )
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def zoo_path(tmp_path_factory) -> str:
-    return build_tiny_zoo(str(tmp_path_factory.getbasetemp() / "tiny_zoo.h5"))
 
 
 @pytest.fixture(scope="module")

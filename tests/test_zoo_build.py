@@ -38,15 +38,6 @@ TINY = REPO / "tests" / "data" / "zoo-tiny-mlp.yaml"
 _TRAIN_CHUNK_TO_FILE = build_mod.train_chunk_to_file
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny vmap batches run fastest (and steadiest on a shared machine) on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _recipe(**over) -> dict:
     raw = yaml.safe_load(TINY.read_text())
     raw.update(over)

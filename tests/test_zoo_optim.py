@@ -17,14 +17,6 @@ SHAPES = {"w": (4, 3), "b": (4,), "conv": (2, 3, 3, 3), "scale": ()}  # a scalar
 DIM = sum(torch.Size(s).numel() for s in SHAPES.values())
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _pack(d: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat([d[k].reshape(d[k].shape[0], -1) for k in SHAPES], dim=1)
 
