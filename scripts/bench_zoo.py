@@ -21,12 +21,20 @@ table gives rates by wall-clock time and by this process's CPU time (``time.proc
 which other processes' load does not inflate; with ``--workers``, the workers' CPU time is
 included); with one thread they agree on an idle machine.
 
+SIREN early stop (``--siren-psnr DB``): an INR zoo of ``--nets`` images (``--siren-recipe``,
+default ``datasets/digits-siren.yaml``) fitted for at most ``--siren-steps`` steps, each INR
+stopping once its training PSNR reaches DB: ``build_zoo`` end to end, INRs per minute (wall and
+CPU), the steps the INRs really took and their PSNR. ``--siren-no-compact`` keeps stopped INRs in
+the batched engine's batch until the step cap (the behaviour before compaction; same zoo).
+
 INR probe (``--inr-probe ZOO.h5``): logistic regression on the flattened weights of the INRs of
 the digits train split, scored on the INRs of the test split (chance = 10%), next to the same
 classifier on the raw pixels; prints the PSNR spread of the zoo.
 
     python scripts/bench_zoo.py [--recipe datasets/digits-mlp.yaml --recipe ...] [--nets 200]
                                 [--plain-nets K] [--threads 1] [--engine auto] [--workers 1]
+    python scripts/bench_zoo.py --siren-psnr 30 --siren-steps 1000 [--nets 600]
+                                [--siren-recipe datasets/digits-siren.yaml] [--siren-no-compact]
     python scripts/bench_zoo.py --inr-probe .cache/zoos/digits-siren.h5
 """
 
@@ -168,6 +176,48 @@ def bench_recipe(path: str, nets: int, plain_nets: int, engine: str, workers: in
     }
 
 
+def bench_siren(path: str, nets: int, psnr: float, steps: int, engine: str,
+                compact: bool = True) -> dict:  # fmt: skip
+    """Time an INR zoo build of ``nets`` images of the SIREN recipe ``path`` with ``steps``
+    steps at most and an early stop at ``psnr`` dB; returns one table row."""
+    import functools
+
+    import yaml
+
+    from metanet.zoo import batched
+
+    with open(path) as fh:
+        raw = yaml.safe_load(fh)
+    if raw.get("kind") != "siren":
+        raise SystemExit(f"{path}: --siren-psnr needs a siren recipe")
+    raw["hparams"] = {**raw.get("hparams", {}), "epochs": steps, "psnr_target": psnr}
+    recipe = Recipe.from_dict(raw, source=path)
+    recipe_task(recipe.data)  # read once, before any timing
+    original = batched.train_chunk_batched
+    if not compact:  # the engine as before compaction: stopped INRs stay in the batch
+        batched.train_chunk_batched = functools.partial(original, compact=False)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            build_zoo(recipe, Path(tmp) / "warm.h5", limit=2, progress=False, engine=engine)
+            w0, c0 = _clock()
+            out = build_zoo(recipe, Path(tmp) / "zoo.h5", limit=nets, progress=False,
+                            engine=engine)  # fmt: skip
+            w1, c1 = _clock()
+            from metanet.data.zoo_store import Zoo
+
+            with Zoo.open(out) as zoo:
+                g = zoo[zoo.architectures[0]]
+                final = g.metrics["final"] == 1
+                taken = np.asarray(g.metrics["steps"])[final]
+                got = np.asarray(g.metrics["psnr"])[final]
+                n = int(final.sum())
+    finally:
+        batched.train_chunk_batched = original
+    return {"recipe": recipe.name, "nets": n, "wall": 60 * n / (w1 - w0),
+            "cpu": 60 * n / (c1 - c0), "seconds": w1 - w0, "steps": taken, "psnr": got,
+            "compact": compact}  # fmt: skip
+
+
 def inr_probe(path: str) -> str:
     """Logistic-regression accuracy of the digit class from an INR zoo's flattened weights
     (train: INRs of the digits train split; test: INRs of the test split); a markdown table."""
@@ -226,12 +276,38 @@ def main(argv: list[str] | None = None) -> int:
                         help="metanet worker processes (the plain loop stays one process)")
     parser.add_argument("--inr-probe", default=None, metavar="ZOO.h5",
                         help="only run the INR learnability probe on this zoo")  # fmt: skip
+    parser.add_argument("--siren-psnr", type=float, default=None, metavar="DB",
+                        help="only time an INR zoo build with an early stop at DB (see above)"
+                        )  # fmt: skip
+    parser.add_argument("--siren-steps", type=int, default=1000, help="step cap of --siren-psnr")
+    parser.add_argument("--siren-recipe", default="datasets/digits-siren.yaml",
+                        help="SIREN recipe of --siren-psnr")  # fmt: skip
+    parser.add_argument("--siren-no-compact", action="store_true",
+                        help="keep stopped INRs in the batch (the engine before compaction)"
+                        )  # fmt: skip
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     cli = " ".join(sys.argv[1:] if argv is None else argv)
     print(f"command: python scripts/bench_zoo.py {cli}")
     if args.inr_probe:
         print(inr_probe(args.inr_probe))
+        return 0
+    if args.siren_psnr is not None:
+        r = bench_siren(args.siren_recipe, args.nets, args.siren_psnr, args.siren_steps,
+                        args.engine, compact=not args.siren_no_compact)  # fmt: skip
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        print(f"machine: {platform.machine()} cpus={os.cpu_count()} torch={torch.__version__} "
+              f"threads={args.threads} engine={args.engine} load1={load:.1f}")  # fmt: skip
+        print()
+        print("| recipe | INRs | step cap | stopped INRs leave the batch | INRs/min | "
+              "INRs/CPU-min | seconds | steps taken mean (min-max) | PSNR dB median |"
+              )  # fmt: skip
+        print("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
+        st = r["steps"]
+        print(f"| {r['recipe']} | {r['nets']} | {args.siren_steps} | "
+              f"{'yes' if r['compact'] else 'no'} | {r['wall']:.0f} | {r['cpu']:.0f} | "
+              f"{r['seconds']:.1f} | {st.mean():.0f} ({st.min()}-{st.max()}) | "
+              f"{np.median(r['psnr']):.1f} |")  # fmt: skip
         return 0
     recipes = args.recipe or ["datasets/digits-mlp.yaml", "datasets/digits-cnn.yaml"]
     plain = args.nets if args.plain_nets is None else args.plain_nets

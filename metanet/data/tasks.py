@@ -128,6 +128,42 @@ class LazyArray:
             )
         return out[0] if single else out
 
+    def take(self, index: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """The samples at an integer ``index`` of any shape, ``[*index.shape, *shape[1:]]``:
+        each distinct sample is read once (in increasing order, friendly to memory maps) and
+        repeated where the index repeats it, so a batch of ``M`` networks x ``B`` samples reads
+        at most ``M * B`` rows, and far fewer where the networks' batches overlap."""
+        index = torch.as_tensor(index)
+        if index.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            raise TypeError(f"LazyArray indices must be integers, got {index.dtype}")
+        unique, inverse = torch.unique(index.reshape(-1).cpu(), return_inverse=True)
+        rows = self[unique.numpy()]
+        return rows[inverse].reshape(*index.shape, *self.shape[1:])
+
+    def flatten(self, start_dim: int = 1) -> LazyArray:
+        """A lazy view of the samples flattened to ``[N, prod(shape[1:])]`` (as
+        ``tensor.flatten(1)``, e.g. for MLP inputs); nothing is read."""
+        if start_dim != 1:
+            raise ValueError(f"LazyArray.flatten flattens the sample dimensions only "
+                             f"(start_dim=1), got start_dim={start_dim}")  # fmt: skip
+        width = int(np.prod(self.shape[1:], dtype=np.int64))
+        read = self._read
+
+        def read_flat(rows: np.ndarray) -> torch.Tensor:
+            return read(rows).reshape(len(rows), width)
+
+        return LazyArray((len(self), width), read_flat, self.where, rows=self._rows)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all samples as float32 (what :meth:`materialize` allocates)."""
+        return 4 * int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one sample as float32."""
+        return 4 * int(np.prod(self.shape[1:], dtype=np.int64))
+
     def subset(self, positions: np.ndarray) -> LazyArray:
         """The samples at ``positions`` (int array) as a new lazy view; nothing is read."""
         rows = self._source_rows(np.asarray(positions, dtype=np.int64))

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader, Dataset
 
+from metanet.data.tasks import LazyArray
 from metanet.graph.arch import ArchGraph
 from metanet.hyper.family import ArchFamily
 from metanet.hyper.ghn import GHN
@@ -54,10 +55,35 @@ def _identity(batch: Any) -> Any:
     return batch
 
 
-class _TrainBatches(Dataset):
-    """``length`` random batches: digits mini-batch + sampled archs (seeded per index/epoch)."""
+def _rows(x: Tensor | LazyArray, idx: Tensor) -> Tensor:
+    """``x[idx]`` of in-memory or streamed inputs (a streamed batch reads its rows from disk)."""
+    return x[idx] if isinstance(x, Tensor) else x.take(idx)
 
-    def __init__(self, x: Tensor, y: Tensor, family: ArchFamily, batch_size: int,
+
+def _chunks(x: Tensor | LazyArray) -> list[slice]:
+    """The whole of in-memory inputs as one slice; streamed inputs in chunks that fit memory."""
+    n = int(x.shape[0])
+    if isinstance(x, Tensor):
+        return [slice(0, n)]
+    from metanet.zoo.data import stream_rows
+
+    step = stream_rows(x)
+    return [slice(s, min(s + step, n)) for s in range(0, n, step)]
+
+
+def _check_batch(x: Tensor | LazyArray, rows: int, what: str) -> None:
+    """One line when a batch of streamed inputs cannot fit in memory (nothing for tensors)."""
+    if not isinstance(x, Tensor):
+        from metanet.zoo.data import check_stream_batch
+
+        check_stream_batch(rows, x, what)
+
+
+class _TrainBatches(Dataset):
+    """``length`` random batches: digits mini-batch + sampled archs (seeded per index/epoch);
+    streamed inputs (:class:`~metanet.data.tasks.LazyArray`) read each batch's rows from disk."""
+
+    def __init__(self, x: Tensor | LazyArray, y: Tensor, family: ArchFamily, batch_size: int,
                  archs_per_batch: int, length: int, seed: int) -> None:  # fmt: skip
         self.x, self.y, self.family = x, y, family
         self.batch_size, self.archs = batch_size, archs_per_batch
@@ -73,11 +99,15 @@ class _TrainBatches(Dataset):
         idx = torch.randint(0, self.x.shape[0], (self.batch_size,), generator=g)
         rng = random.Random(key)
         archs = [self.family.sample(rng) for _ in range(self.archs)]
-        return {"x": self.x[idx], "y": self.y[idx], "archs": archs}
+        return {"x": _rows(self.x, idx), "y": self.y[idx], "archs": archs}
 
 
 class _EvalBatches(Dataset):
-    def __init__(self, x: Tensor, y: Tensor, archs: list[dict], held: int) -> None:
+    """One item per validated arch with the whole validation split (streamed inputs stay a
+    :class:`~metanet.data.tasks.LazyArray`, which :meth:`GHNTask.validation_step` reads in
+    chunks)."""
+
+    def __init__(self, x: Tensor | LazyArray, y: Tensor, archs: list[dict], held: int) -> None:
         self.x, self.y, self.archs, self.held = x, y, archs, held
 
     def __len__(self) -> int:
@@ -100,6 +130,10 @@ class GHNData(L.LightningDataModule):
         steps_per_epoch: batches per epoch.
         val_family_archs: fixed family samples validated next to the held-out archs.
         seed: sampling seed.
+
+    Splits larger than the memory limit stay on disk (:func:`metanet.zoo.data.streamed`): each
+    training batch reads its rows, validation reads the split in chunks (norm layers then use
+    each chunk's batch statistics instead of the whole split's).
     """
 
     def __init__(self, recipe: str = "datasets/ghn-digits-family.yaml",
@@ -118,11 +152,13 @@ class GHNData(L.LightningDataModule):
         self._train: _TrainBatches | None = None
 
     def setup(self, stage: str | None = None) -> None:
-        from metanet.zoo.data import in_memory
+        from metanet.zoo.data import streamed
 
         hp, task = self.hparams, self.task
-        x_tr, y_tr = in_memory(task.train, "train")
-        x_val, y_val = in_memory(task.val if task.val is not None else task.test, "validation")
+        x_tr, y_tr = streamed(task.train, "train")
+        x_val, y_val = streamed(task.val if task.val is not None else task.test, "validation")
+        _check_batch(x_tr, hp.batch_size, "one GHN training batch of the streamed data")
+        _check_batch(x_val, 1, "one GHN validation chunk of the streamed data")
         self._train = _TrainBatches(x_tr, y_tr, self.family, hp.batch_size,
                                     hp.archs_per_batch, hp.steps_per_epoch, hp.seed)  # fmt: skip
         rng = random.Random(10_000 + hp.seed)
@@ -196,8 +232,20 @@ class GHNTask(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        out = self.forward_archs(batch["archs"], batch["x"])[0]
-        acc = (out.argmax(-1) == batch["y"]).float().mean()
+        x, y = batch["x"], batch["y"]
+        if isinstance(x, Tensor):
+            out = self.forward_archs(batch["archs"], x)[0]
+            acc = (out.argmax(-1) == y).float().mean()
+        else:  # streamed: the arch's parameters predicted once, the split read in chunks
+            arch = batch["archs"][0]
+            (module, prepared), correct = self._get(arch), torch.zeros((), device=self.device)
+            params = self.ghn.predict_prepared([prepared])[0]
+            module.train()  # batch statistics in norm layers (per chunk)
+            for part in _chunks(x):
+                xb = arch_inputs(arch, x[part].to(self.device))
+                out = functional_call(module, params, (xb,))
+                correct += (out.argmax(-1) == y[part]).sum()
+            acc = correct / x.shape[0]
         self.log("val/acc", acc, prog_bar=True, batch_size=1)
         if batch.get("held_out"):
             self.log("val/acc_held_out", acc, batch_size=1)
@@ -214,7 +262,11 @@ class GHNTask(L.LightningModule):
 
 
 class _BatchSteps(Dataset):
-    def __init__(self, x: Tensor, y: Tensor, batch_size: int, length: int, seed: int) -> None:
+    """``length`` random batches of ``(x, y)`` (seeded per index); streamed inputs read each
+    batch's rows from disk."""
+
+    def __init__(self, x: Tensor | LazyArray, y: Tensor, batch_size: int, length: int,
+                 seed: int) -> None:  # fmt: skip
         self.x, self.y, self.batch_size, self.length, self.seed = x, y, batch_size, length, seed
 
     def __len__(self) -> int:
@@ -223,7 +275,22 @@ class _BatchSteps(Dataset):
     def __getitem__(self, i: int) -> dict[str, Tensor]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
         idx = torch.randint(0, self.x.shape[0], (self.batch_size,), generator=g)
-        return {"x": self.x[idx], "y": self.y[idx]}
+        return {"x": _rows(self.x, idx), "y": self.y[idx]}
+
+
+class _Chunks(Dataset):
+    """``(x, y)`` of a split as consecutive chunks (:func:`_chunks`): one batch in memory, or
+    chunks of streamed inputs read from disk one at a time."""
+
+    def __init__(self, x: Tensor | LazyArray, y: Tensor) -> None:
+        self.x, self.y, self.parts = x, y, _chunks(x)
+
+    def __len__(self) -> int:
+        return len(self.parts)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        part = self.parts[i]
+        return {"x": self.x[part], "y": self.y[part]}
 
 
 class TaskBatches(L.LightningDataModule):
@@ -236,6 +303,8 @@ class TaskBatches(L.LightningDataModule):
 
     ``input_features`` and ``output_classes`` (from the data) are linked to the task's
     ``in_features`` and ``num_classes`` by ``metanet fit`` (:data:`metanet.cli.DATA_LINKS`).
+    Splits larger than the memory limit stay on disk (:func:`metanet.zoo.data.streamed`): each
+    training batch reads its rows, validation reads the split in chunks.
     """
 
     def __init__(self, data: dict[str, Any] | str = "digits", batch_size: int = 128,
@@ -254,11 +323,14 @@ class TaskBatches(L.LightningDataModule):
         self.output_classes = int(self.task.num_classes)
 
     def setup(self, stage: str | None = None) -> None:
-        from metanet.zoo.data import in_memory
+        from metanet.zoo.data import streamed
 
         task = self.task
-        self.train_xy = in_memory(task.train, "train")
-        self.val_xy = in_memory(task.val if task.val is not None else task.test, "validation")
+        self.train_xy = streamed(task.train, "train")
+        self.val_xy = streamed(task.val if task.val is not None else task.test, "validation")
+        _check_batch(self.train_xy[0], self.hparams.batch_size,
+                     "one MIP training batch of the streamed data")  # fmt: skip
+        _check_batch(self.val_xy[0], 1, "one MIP validation chunk of the streamed data")
 
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
@@ -268,7 +340,7 @@ class TaskBatches(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         x, y = self.val_xy
-        return DataLoader([{"x": x.flatten(1), "y": y}], batch_size=None, collate_fn=_identity)
+        return DataLoader(_Chunks(x.flatten(1), y), batch_size=None, collate_fn=_identity)
 
 
 class MIPRegularizationTask(L.LightningModule):
@@ -316,8 +388,9 @@ class MIPRegularizationTask(L.LightningModule):
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         for lam in (0.0, 0.5, 1.0):
             ce, _, acc = self._loss(lam, batch["x"], batch["y"])
-            self.log(f"val/acc_lam{lam:g}", acc, batch_size=1)
-            self.log(f"val/ce_lam{lam:g}", ce, batch_size=1)
+            # weighted by the chunk's size: the epoch's value is the whole split's mean
+            self.log(f"val/acc_lam{lam:g}", acc, batch_size=batch["x"].shape[0])
+            self.log(f"val/ce_lam{lam:g}", ce, batch_size=batch["x"].shape[0])
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam([p for p in self.parameters() if p.requires_grad],

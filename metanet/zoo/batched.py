@@ -539,11 +539,26 @@ def train_chunk_batched(
     on_step: Callable[[int, int], None] | None = None,
     eval_batch: int = 512,
     extra_metrics: dict[str, Sequence[Any]] | None = None,
+    compact: bool = True,
 ) -> ChunkResult:
     """:func:`metanet.zoo.train.train_chunk` with the hand-batched engine (same arguments,
     same records). The schedule, the random draws and the optimizer are those of every engine
     (:mod:`metanet.zoo.schedule`, :mod:`metanet.zoo.optim`); only the arithmetic is this
-    module's (or the C kernels')."""
+    module's (or the C kernels').
+
+    ``compact`` (chunks with a ``psnr_target``): networks that stopped for good (at the target,
+    or diverged) leave the batch with their parameters, optimizer state and targets once at
+    least 1/16 of the rows have stopped, their later checkpoints written at once (they equal
+    the frozen weights), and the chunk ends when every network has stopped, so it costs the
+    steps its networks really take. A row whose lane has a network still to train keeps its
+    place (frozen) until that network starts, and one stopped row stays as a frozen filler where
+    the batch would otherwise shrink to one row before it does without compaction (a one-row
+    batch runs other kernels, with other rounding). ``False`` keeps every stopped row until its
+    lane ends. Both give bit-identical records.
+    """
+    if any(not isinstance(x, torch.Tensor) for x in (data.x_train, *data.x_eval.values())):
+        raise ValueError("the batched engine needs the data in memory, and it is over the memory "
+                         "limit (use engine='vmap', which streams it)")  # fmt: skip
     device = torch.device(device)
     net = BatchedNet(arch)
     n = len(plans)
@@ -589,6 +604,10 @@ def train_chunk_batched(
     events_end: dict[int, list[int]] = {}
     for j, end in enumerate(lane_end):
         events_end.setdefault(end, []).append(j)
+    # the step after which each network's checkpoint slots are taken (compaction writes those
+    # still to come when a stopped network leaves), and each lane's last network
+    snap_step = [[start_at[i] + at for at in snap_at[i].tolist()] for i in range(n)]
+    lane_last = torch.tensor([lane[-1] for lane in lanes], dtype=torch.long, device=device)
     first = torch.tensor([lane[0] for lane in lanes], dtype=torch.long, device=device)
     lane_row = list(range(len(lanes)))  # lane -> row of the batch (-1 once the lane is done)
     flat = flat0[first].clone()
@@ -596,6 +615,7 @@ def train_chunk_batched(
     st: dict[str, torch.Tensor] = {"net": first, "drop": dropout[first],
                                    "y": y_all[first] if full else y_all[:0]}  # fmt: skip
     frozen = torch.zeros(len(lanes), dtype=torch.bool, device=device)  # diverged: no updates
+    filler = torch.zeros_like(frozen)  # rows kept, frozen, after their lane is done (compact)
     n_slots = len(keep_fractions)
     snaps = flat0.new_zeros(n_slots, n, net.dim)
     mse_target, has_target = psnr_targets(plans, device)
@@ -644,8 +664,9 @@ def train_chunk_batched(
     full_w = torch.full((1, n_train), 1.0 / n_train, device=device)
 
     def drop_rows(keep_rows: torch.Tensor) -> None:
-        nonlocal flat, st, sched, frozen, row_lane
+        nonlocal flat, st, sched, frozen, filler, row_lane
         flat, frozen, row_lane = flat[keep_rows], frozen[keep_rows], row_lane[keep_rows]
+        filler = filler[keep_rows]
         st = {k: v[keep_rows] if v.shape[0] else v for k, v in st.items()}
         sched = tuple(v[keep_rows] for v in sched)
         opt.select(keep_rows)
@@ -694,7 +715,7 @@ def train_chunk_batched(
             grad = torch.cat([g.reshape(m, -1) for g in grads], dim=1)
         # one reduction instead of an elementwise test: a non-finite entry makes the row sum
         # non-finite (finite rows overflow only past ~1e38, i.e. diverged anyway)
-        bad = ~torch.isfinite(losses + grad.sum(1))
+        bad = ~torch.isfinite(losses + grad.sum(1)) & ~filler
         if bool(bad.any()):  # diverged: frozen at the last finite parameters until its end
             diverged[st["net"][bad]] = True
             frozen |= bad
@@ -707,22 +728,48 @@ def train_chunk_batched(
         snapping = events_snap.get(t + 1)
         if snapping:
             for k_slot in range(n_slots):
-                hits = [(lane_row[j], i) for j, i, k in snapping if k == k_slot]
+                hits = [(lane_row[j], i) for j, i, k in snapping if k == k_slot
+                        and lane_row[j] >= 0]  # fmt: skip
                 if hits:
                     rows = torch.tensor([r for r, _ in hits], device=device)
                     snaps[k_slot, torch.tensor([i for _, i in hits], device=device)] = flat[rows]
         if on_step is not None:
             on_step(t + 1, t_max)
-        ending = events_end.get(t + 1)
-        if ending and t + 1 < t_max:  # lanes with no network left leave the batch
-            keep_rows = torch.ones(m, dtype=torch.bool, device=device)
-            for j in ending:
-                keep_rows[lane_row[j]] = False
-                lane_row[j] = -1
-            live = [j for j in range(len(lanes)) if lane_row[j] >= 0]
-            for r, j in enumerate(live):
-                lane_row[j] = r
-            drop_rows(keep_rows)
+        ending = [j for j in events_end.get(t + 1, ()) if lane_row[j] >= 0]
+        if t + 1 >= t_max:
+            continue
+        stopped: list[int] = []  # rows of stopped networks with nothing after them in the lane
+        if compact and has_target and bool(frozen.any()):
+            last = frozen & (st["net"] == lane_last[row_lane])
+            count = int(last.sum())
+            if count and count >= max(1, m // 16):
+                stopped = last.nonzero().flatten().tolist()
+                for r in stopped:  # its later checkpoints: the frozen weights it leaves with
+                    i = int(st["net"][r])
+                    for k_slot, at in enumerate(snap_step[i]):
+                        if at > t + 1:
+                            snaps[k_slot, i] = flat[r]
+        if ending or stopped:  # lanes with no network left leave the batch
+            leaving = [int(lane_row[j]) for j in ending]
+            leaving += [r for r in stopped if int(row_lane[r]) not in ending]
+            if m - len(leaving) == 0:  # every network left has stopped (or ended)
+                break
+            # a batch of one row runs other kernels than a batch of several (other rounding):
+            # while the batch without compaction would hold several rows, a stopped (or ended)
+            # row stays as a frozen filler, so every network's arithmetic is the same as there
+            live_ref = sum(1 for end in lane_end if end > t + 1)
+            if m - len(leaving) == 1 and live_ref >= 2:
+                fill = leaving.pop(len(ending) if len(leaving) > len(ending) else 0)
+                frozen[fill], filler[fill] = True, True
+            if leaving:
+                keep_rows = torch.ones(m, dtype=torch.bool, device=device)
+                for r in leaving:
+                    keep_rows[r] = False
+                    lane_row[int(row_lane[r])] = -1
+                live = [j for j in range(len(lanes)) if lane_row[j] >= 0]
+                for r, j in enumerate(live):
+                    lane_row[j] = r
+                drop_rows(keep_rows)
 
     # -- evaluation of each distinct (network, kept epoch) ---------------------------------------
     records = kept_records(keep)  # (network, slot, epoch)

@@ -316,9 +316,11 @@ def _run(
         device = str(fabric.device)
         if fabric.device.type == "cpu" and threads:  # cores shared between the node's ranks
             torch.set_num_threads(threads)
+    from metanet.zoo.data import recipe_task
     from metanet.zoo.train import engine_fingerprint, resolve_engine
 
-    engines = [resolve_engine(a, engine, recipe.kind == "siren", device)
+    task = recipe_task(recipe.data) if recipe.kind == "classifier" else None  # streams?
+    engines = [resolve_engine(a, engine, recipe.kind == "siren", device, task=task)
                for a in recipe.architectures]  # fmt: skip
     fingerprint = recipe.fingerprint(limit, [engine_fingerprint(e) for e in engines])
     done = _existing_ok(output, fingerprint, overwrite) if rank == 0 else False

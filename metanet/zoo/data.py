@@ -149,6 +149,50 @@ def in_memory(split: Any, where: str) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
+def fits_in_memory(x: Any) -> bool:
+    """Whether the inputs ``x`` of a split (a tensor, or a lazy array read from disk) fit in
+    memory within metanet's limit (a tensor is in memory already)."""
+    if isinstance(x, torch.Tensor):
+        return True
+    from metanet.limits import memory_limit_bytes
+
+    return math.prod(x.shape) * 4 <= memory_limit_bytes()
+
+
+def streamed(split: Any, where: str) -> tuple[Any, torch.Tensor]:
+    """``(x, y)`` of a split for a job that can stream its inputs: ``x`` read into memory when
+    it fits (faster), else left on disk as the split's :class:`~metanet.data.tasks.LazyArray`
+    (the job reads the rows it needs); ``y`` is always a tensor."""
+    x, y = split
+    if fits_in_memory(x):
+        return in_memory(split, where)
+    return x, (y if isinstance(y, torch.Tensor) else torch.as_tensor(y))
+
+
+def streams(task: TaskData) -> bool:
+    """Whether a job that streams would stream ``task`` (some split's inputs do not fit in
+    memory, see :func:`streamed`): such jobs then train with engines that read rows on demand."""
+    return any(not fits_in_memory(split.x) for split in task.splits.values())
+
+
+def check_stream_batch(rows: int, x: Any, what: str) -> None:
+    """Raise :class:`~metanet.limits.MemoryLimitError` (one line) when ``rows`` samples of the
+    streamed inputs ``x`` (``what``: the job's batch, for the message) do not fit in memory:
+    streaming cannot go below one batch."""
+    from metanet.limits import check_memory
+
+    check_memory(rows * math.prod(x.shape[1:]) * 4, f"{what} ({rows} samples of {x.where})")
+
+
+def stream_rows(x: Any, max_bytes: int = 1 << 26) -> int:
+    """Samples per chunk when a job reads the streamed inputs ``x`` in order (evaluation): at
+    most ``max_bytes`` and an eighth of the memory limit per chunk, at least one sample."""
+    from metanet.limits import memory_limit_bytes
+
+    budget = min(max_bytes, memory_limit_bytes() // 8)
+    return max(1, budget // max(1, math.prod(x.shape[1:]) * 4))
+
+
 # ------------------------------------------------------------------------------------------------
 # architectures sized from the data
 # ------------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ import heapq
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -34,6 +34,9 @@ from torch import nn
 
 from metanet.zoo.architectures import ACTIVATIONS, SampledDropout, build_module, normalize_arch
 from metanet.zoo.recipe import NetworkPlan
+
+if TYPE_CHECKING:
+    from metanet.data.tasks import LazyArray
 
 
 # ------------------------------------------------------------------------------------------------
@@ -43,12 +46,14 @@ from metanet.zoo.recipe import NetworkPlan
 class ChunkData:
     """What a chunk trains on. Classification: ``x_train [n, ...]``, per-network labels
     ``y_train [N, n]`` (long), subset ``mask [N, n]``, and clean eval sets. Regression (SIREN):
-    ``x_train`` shared coordinates, ``y_train [N, n, out]`` float per-network targets."""
+    ``x_train`` shared coordinates, ``y_train [N, n, out]`` float per-network targets. Inputs
+    larger than memory may be :class:`~metanet.data.tasks.LazyArray` s (streamed; the vmap
+    engine of :mod:`metanet.zoo.train` trains on them)."""
 
-    x_train: torch.Tensor
+    x_train: torch.Tensor | LazyArray
     y_train: torch.Tensor
     subset: torch.Tensor
-    x_eval: dict[str, torch.Tensor]
+    x_eval: dict[str, torch.Tensor | LazyArray]
     y_eval: dict[str, torch.Tensor]
     regression: bool = False
     # per split, ``[N, n_eval]`` bool: the samples each network is scored on (class-subset

@@ -94,6 +94,25 @@ ENGINES = ("auto", "batched", "vmap")
 ENGINE_REVISIONS: dict[str, int] = {"vmap": 2}
 
 
+_BATCHED_NEEDS_MEMORY = (
+    "the batched engine needs the data in memory, and it is over the memory limit (use "
+    "engine='vmap', which streams it, or raise METANET_MEMORY_LIMIT_GB)"
+)
+
+
+def _streamed(data: ChunkData) -> bool:
+    """Whether a chunk's inputs (train or eval) are read from disk on demand."""
+    return any(not isinstance(x, torch.Tensor) for x in (data.x_train, *data.x_eval.values()))
+
+
+def _gather(x: Any, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``x[idx]`` on ``device`` for in-memory or streamed inputs (these read each distinct row of
+    the step once)."""
+    if isinstance(x, torch.Tensor):
+        return x[idx]
+    return x.take(idx).to(device)
+
+
 def engine_fingerprint(engine: str) -> str:
     """The name of a resolved engine as the zoo fingerprint records it (with its revision)."""
     rev = ENGINE_REVISIONS.get(engine)
@@ -101,19 +120,31 @@ def engine_fingerprint(engine: str) -> str:
 
 
 def resolve_engine(arch: dict[str, Any], engine: str = "auto", regression: bool = False,
-                   device: torch.device | str = "cpu") -> str:  # fmt: skip
+                   device: torch.device | str = "cpu", task: TaskData | None = None
+                   ) -> str:  # fmt: skip
     """The engine that really trains ``arch`` when ``engine`` is asked for: ``"native"`` (the
     batched engine running the fused C kernels), ``"batched"`` or ``"vmap"``. It is part of a
     zoo's fingerprint, so a resumed or sharded build never mixes engines (their results agree
     only up to float rounding).
 
+    ``task``: the classifier data the arch trains on. When it streams (a split larger than the
+    memory limit stays on disk, :func:`metanet.zoo.data.streams`) the engine is ``"vmap"``, the
+    one that reads each step's rows on demand (the others need the data in memory).
+
     Raises:
-        ValueError: an unknown engine, or ``"batched"`` for an arch it does not train.
+        ValueError: an unknown engine, or ``"batched"`` for an arch or data it does not train.
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {list(ENGINES)}, got {engine!r}")
     if engine == "vmap":
         return "vmap"
+    if task is not None and not regression:
+        from metanet.zoo.data import streams
+
+        if streams(task):
+            if engine == "batched":
+                raise ValueError(_BATCHED_NEEDS_MEMORY)
+            return "vmap"
     if not batched.supports(arch):
         if engine == "batched":
             raise ValueError(f"the batched engine does not train {arch} (use engine='vmap')")
@@ -168,7 +199,9 @@ def train_chunk(
     blocks), ``"batched"`` (:mod:`metanet.zoo.batched`: hand-batched matmuls over a flat
     parameter buffer, several times faster; MLPs, SIRENs and CNNs without norm/residual) or
     ``"auto"`` (batched where supported, else vmap). Both give the same records up to float
-    rounding.
+    rounding. Streamed inputs (a :class:`~metanet.data.tasks.LazyArray` in ``data``, see
+    :func:`classifier_data`) train on the vmap engine, which reads each step's rows from disk:
+    ``"auto"`` picks it (as :func:`resolve_engine` does for such data), ``"batched"`` is refused.
 
     Each network yields one record per distinct kept epoch ``max(1, round(f * epochs))``.
     Metrics per record: ``train_loss/train_acc`` and ``test_loss/test_acc`` (classification: on
@@ -179,7 +212,10 @@ def train_chunk(
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {list(ENGINES)}, got {engine!r}")
-    if engine != "vmap":
+    streamed = _streamed(data)
+    if streamed and engine == "batched":
+        raise ValueError(_BATCHED_NEEDS_MEMORY)
+    if engine != "vmap" and not streamed:
         if batched.supports(arch):
             return batched.train_chunk_batched(
                 arch, plans, data, keep_fractions, device=device, generator_seed=generator_seed,
@@ -224,7 +260,12 @@ def train_chunk(
     ]
     diverged_all = torch.zeros(n, dtype=torch.bool, device=device)
     regression = data.regression
-    x_train = data.x_train.to(device)
+    x_train = data.x_train.to(device) if isinstance(data.x_train, torch.Tensor) else data.x_train
+    if not isinstance(x_train, torch.Tensor):  # streamed: each step reads its rows
+        from metanet.zoo.data import check_stream_batch
+
+        check_stream_batch(2 * n * b_max, x_train, f"one training step of {n} networks x "
+                           f"{b_max} samples of the zoo's streamed data")  # fmt: skip
     mse_target, has_target = psnr_targets(plans, device)
     stop_step = total_steps.clone()  # updates each network made (early stop: fewer)
     # per-network state of the networks still training ("alive": their indices in the chunk, one
@@ -259,7 +300,7 @@ def train_chunk(
         offs = (pos * st["batch"])[:, None] + arange_b[None, :]  # [M, B]
         valid = (arange_b[None, :] < st["batch"][:, None]) & (offs < st["subset_size"][:, None])
         idx = order.gather(1, offs.clamp(max=n_train - 1))
-        xb = x_train[idx]
+        xb = _gather(x_train, idx, device)
         y_all = st["y"]
         yb = (
             y_all.gather(1, idx)
@@ -394,33 +435,44 @@ def _evaluate(
 
     n = len(plans)
     results: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
-    for k_slot, snap in enumerate(snaps):
+    states = []
+    for snap in snaps:
         state = dict(snap)
         for k in drop_keys:
             state[f"{k}.p"] = torch.zeros(n, device=device)
-        for split, x in data.x_eval.items():
+        states.append(state)
+    for split, x in data.x_eval.items():
+        lazy = not isinstance(x, torch.Tensor)  # streamed: each batch is read once, for all slots
+        if lazy:
+            from metanet.zoo.data import check_stream_batch
+
+            check_stream_batch(min(eval_batch, len(x)), x, "one evaluation batch of the zoo's "
+                               "streamed data")  # fmt: skip
+        else:
             x = x.to(device)
-            y = data.y_eval[split].to(device)
-            loss_sum = torch.zeros(n, device=device)
-            acc_sum = torch.zeros(n, device=device)
-            shared = y.dim() == (1 if not regression else 2)  # same targets for every network
-            scored = data.eval_masks.get(split)
-            scored = scored.to(device).float() if scored is not None else None
-            for s in range(0, x.shape[0], eval_batch):
-                xb = x[s : s + eval_batch]
+        y = data.y_eval[split].to(device)
+        sums = [(torch.zeros(n, device=device), torch.zeros(n, device=device)) for _ in snaps]
+        shared = y.dim() == (1 if not regression else 2)  # same targets for every network
+        scored = data.eval_masks.get(split)
+        scored = scored.to(device).float() if scored is not None else None
+        for s in range(0, x.shape[0], eval_batch):
+            xb = x[s : s + eval_batch]
+            xb = xb.to(device) if lazy else xb
+            yb = y[s : s + eval_batch] if shared else y[:, s : s + eval_batch]
+            yb = yb.expand(n, *yb.shape) if shared else yb
+            w = scored[:, s : s + eval_batch] if scored is not None else 1.0
+            for state, (loss_sum, acc_sum) in zip(states, sums):
                 out = vmap(forward, in_dims=(0, None))(state, xb)  # [N, b, C]
-                yb = y[s : s + eval_batch] if shared else y[:, s : s + eval_batch]
-                yb = yb.expand(n, *yb.shape) if shared else yb
                 if regression:
                     err = out - yb
                     loss_sum += (err**2).mean(-1).sum(1)
                     acc_sum += (err.abs() < 1.0 / 32.0).float().mean(-1).sum(1)
                 else:
-                    w = scored[:, s : s + eval_batch] if scored is not None else 1.0
                     ce = F.cross_entropy(out.flatten(0, 1), yb.flatten(), reduction="none")
                     loss_sum += (ce.view(n, -1) * w).sum(1)
                     acc_sum += ((out.argmax(-1) == yb).float() * w).sum(1)
-            count = scored.sum(1).clamp_min(1) if scored is not None else x.shape[0]
+        count = scored.sum(1).clamp_min(1) if scored is not None else x.shape[0]
+        for k_slot, (loss_sum, acc_sum) in enumerate(sums):
             results[(k_slot, split)] = (loss_sum / count, acc_sum / count)
 
     records = kept_records(keep)
@@ -449,12 +501,14 @@ def classifier_data(plans: Sequence[NetworkPlan], flat: bool, task: TaskData,
     replaced by uniform random classes), drawn from each network's seed; evaluation on the clean
     splits (train, test, and val when the data has one). ``flat``: inputs flattened (MLPs).
     ``tasks`` (name -> classes): a network with hparam ``task`` trains on a subset of that task's
-    samples only and is scored on them (``eval_masks``)."""
-    from metanet.zoo.data import in_memory
+    samples only and is scored on them (``eval_masks``). A split larger than the memory limit
+    stays on disk (its :class:`~metanet.data.tasks.LazyArray`, flattened lazily for MLPs): the
+    ``vmap`` engine then reads each step's rows, and evaluation batches, on demand."""
+    from metanet.zoo.data import streamed
 
-    splits = {"train": in_memory(task.train, "train"), "test": in_memory(task.test, "test")}
+    splits = {"train": streamed(task.train, "train"), "test": streamed(task.test, "test")}
     if task.val is not None:
-        splits["val"] = in_memory(task.val, "val")
+        splits["val"] = streamed(task.val, "val")
     if flat:
         splits = {k: (x.flatten(1), y) for k, (x, y) in splits.items()}
     x_tr, y_tr = splits["train"]
