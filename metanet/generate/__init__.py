@@ -1,7 +1,9 @@
 """Weight generators: new networks sampled from a learned distribution over a zoo's weights.
 
 * :mod:`~metanet.generate.data`: :class:`GeneratorDataModule` (flat, standardized, optionally
-  canonicalized weight vectors of one zoo architecture, with condition labels);
+  canonicalized weight vectors of one zoo architecture, with condition labels); a
+  :class:`FlatLayout` reads an architecture without a weight space (BatchNorm CNNs, user modules)
+  as one parameter vector;
 * :mod:`~metanet.generate.canonicalize`: Git Re-Basin alignment of a zoo to a reference network,
   nearest-neighbour distances for novelty;
 * :mod:`~metanet.generate.autoencoder`: the parameter autoencoder of latent diffusion (p-diff);
@@ -28,12 +30,13 @@ The LightningModules live in :mod:`metanet.tasks.generation`.
 from metanet.generate.autoencoder import ParamAutoencoder
 from metanet.generate.backbones import ResidualMLP, TokenTransformer
 from metanet.generate.canonicalize import canonicalize, nearest_distances, pick_reference
-from metanet.generate.data import GeneratorDataModule, ZooInputError
+from metanet.generate.data import FlatLayout, GeneratorDataModule, ZooInputError, network_layout
 from metanet.generate.diffusion import GaussianDiffusion, make_betas
 from metanet.generate.flow import FlowMatching
 from metanet.generate.sampling import sample
 
 __all__ = [
+    "FlatLayout",
     "FlowMatching",
     "GaussianDiffusion",
     "GeneratorDataModule",
@@ -44,6 +47,7 @@ __all__ = [
     "canonicalize",
     "make_betas",
     "nearest_distances",
+    "network_layout",
     "pick_reference",
     "sample",
 ]

@@ -11,6 +11,14 @@ every task's classes as ``acc_<task>`` columns). When the zoo's data has a valid
 ``val_acc`` column is added and the summary names the best network *by validation accuracy*
 (its test accuracy beside the median and mean of all networks; nothing is chosen on test).
 
+Networks of any module family: a generator trained through a flat parameter layout
+(:class:`metanet.generate.data.FlatLayout`: a CNN with BatchNorm, a user module) writes each
+network with the layout's buffers (the zoo's average BatchNorm running statistics);
+``--calibrate-bn K`` recomputes every BatchNorm layer's running statistics on ``K`` batches
+(``--calibrate-batch-size``, default 64) of the train split of the zoo's data after generation
+(:func:`metanet.hyper.calibrate.calibrate_batchnorm`), before the networks are written and
+evaluated (a no-op for networks without BatchNorm).
+
 ``--against ZOO`` measures novelty against the training networks in ``ZOO`` (the group of the
 generator's architecture, aligned to the generator's reference network):
 ``max_error_iou`` (the maximum IoU of the network's misclassified test samples with those of any
@@ -45,9 +53,10 @@ killed at any point leaves no partial file, and running the same command again c
 
 Bad input (a condition the generator was not trained with, a checkpoint of another task or of
 another architecture than ``--arch``, an ``--against`` zoo without networks of the generator's
-architecture, a checkpoint that needs pickle without ``--trust-pickle``,
-an unreadable file, test data that cannot be read for the evaluation, ``n <= 0``, a job over
-the memory limit) prints ``error: ...`` and exits with 2.
+architecture, ``--against`` for a flat-layout generator, a checkpoint that needs pickle without
+``--trust-pickle``, an unreadable file, test data that cannot be read for the evaluation or the
+recalibration, ``n <= 0``, ``--calibrate-bn < 0``, a job over the memory limit) prints
+``error: ...`` and exits with 2.
 """
 
 from __future__ import annotations
@@ -138,6 +147,21 @@ def _parser() -> argparse.ArgumentParser:
         metavar="ZOO",
         help="zoo of the generator's training networks: add novelty columns (max error IoU, "
         "aligned L2 nearest-neighbour distance, memorized) to generated.csv",
+    )
+    p.add_argument(
+        "--calibrate-bn",
+        type=int,
+        default=0,
+        metavar="K",
+        help="recompute BatchNorm running statistics on K batches of the zoo data's train split "
+        "after generation, before writing and evaluating (default 0: keep the generator's "
+        "buffers)",
+    )
+    p.add_argument(
+        "--calibrate-batch-size",
+        type=int,
+        default=64,
+        help="samples per --calibrate-bn batch (default 64)",
     )
     p.add_argument(
         "--trust-pickle",
@@ -297,10 +321,13 @@ def _write_csv(path: Path, rows: list[list[str]]) -> None:
 def run(args: argparse.Namespace) -> str:
     """Sample, write and evaluate; returns a one-line summary."""
     from metanet.data.tasks import TaskDataError
+    from metanet.generate.data import network_layout
     from metanet.generate.evaluate import (
+        calibration_batches,
         can_evaluate,
         classifier_accuracy,
         load_eval_splits,
+        load_network,
         load_test_split,
     )
     from metanet.limits import check_memory, memory_limit_bytes
@@ -312,6 +339,11 @@ def run(args: argparse.Namespace) -> str:
         raise _UsageError(f"--n must be a positive integer, got {args.n}")
     if args.steps is not None and args.steps <= 0:
         raise _UsageError(f"--steps must be a positive integer, got {args.steps}")
+    if args.calibrate_bn < 0 or args.calibrate_batch_size <= 0:
+        raise _UsageError(
+            f"--calibrate-bn must be >= 0 and --calibrate-batch-size > 0, got "
+            f"{args.calibrate_bn} and {args.calibrate_batch_size}"
+        )
     try:
         memory_limit_bytes()  # a malformed METANET_MEMORY_LIMIT_GB is a usage error
     except ValueError as err:
@@ -324,8 +356,20 @@ def run(args: argparse.Namespace) -> str:
     if args.arch is not None:
         _check_arch(args.arch, info["arch"])
     evaluate = not args.no_eval and can_evaluate(info)
+    layout = network_layout(info)
     if args.against is not None and not evaluate:
         raise _UsageError("--against needs the evaluation (a classifier zoo, without --no-eval)")
+    if args.against is not None and layout is not None:
+        raise _UsageError(
+            "--against measures novelty in a weight space; this generator's networks "
+            "(a flat parameter layout: norm layers or residual blocks) have none"
+        )
+    calibration = None
+    if args.calibrate_bn:
+        try:
+            calibration = calibration_batches(info, args.calibrate_bn, args.calibrate_batch_size)
+        except TaskDataError as err:
+            raise _UsageError(f"cannot recalibrate BatchNorm (--calibrate-bn): {err}") from None
     x = y = None
     val = None
     if evaluate:
@@ -346,9 +390,8 @@ def run(args: argparse.Namespace) -> str:
             train_group = zoo_group_for(args.against, info["arch"])
         except (ZooInputError, OSError) as err:
             raise _UsageError(f"--against: {err}") from None
-    estimate = estimate_memory(
-        gen, args.n, args.sampler, args.guidance, eval_examples=len(x) if x is not None else 0
-    )
+    examples = max(len(x) if x is not None else 0, args.calibrate_bn * args.calibrate_batch_size)
+    estimate = estimate_memory(gen, args.n, args.sampler, args.guidance, eval_examples=examples)
     check_memory(estimate, f"generating {args.n} networks of {info['dim']:,} parameters")
     start = time.perf_counter()
     ws, names = gen.sample(
@@ -368,7 +411,7 @@ def run(args: argparse.Namespace) -> str:
     module = build_module(info["arch"])
     files = []
     for i in range(len(ws)):
-        ws.load_into(module, i)
+        load_network(module, ws, i, layout, calibration)
         name = f"net_{i:04d}{NET_SUFFIX}"
         save_state_dict(out / name, module.state_dict())
         files.append(name)
@@ -379,18 +422,29 @@ def run(args: argparse.Namespace) -> str:
     arch_json = json.dumps(info["arch"])
     atomic_write(out / "arch.json", lambda tmp: tmp.write_text(arch_json))
     summary = f"wrote {len(ws)} networks to {out} ({len(ws) / elapsed:.1f} networks/s)"
+    if calibration is not None:
+        summary += (
+            f", BatchNorm running statistics recalibrated on {len(calibration)} train batches"
+            if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in module.modules())
+            else " (no BatchNorm layer to recalibrate)"
+        )
     if not evaluate:
         return summary
     tasks = info.get("task_classes") or {}
-    acc_all = classifier_accuracy(ws, info["arch"], x, y)
-    per_task = {t: classifier_accuracy(ws, info["arch"], x, y, cls) for t, cls in tasks.items()}
+    load = {"layout": layout, "calibration": calibration}
+    acc_all = classifier_accuracy(ws, info["arch"], x, y, **load)
+    per_task = {
+        t: classifier_accuracy(ws, info["arch"], x, y, cls, **load) for t, cls in tasks.items()
+    }
     own = [
         float(per_task[c][i]) if c in per_task else float(acc_all[i]) for i, c in enumerate(names)
     ]
     val_own: list[float] | None = None
     if val is not None:
-        val_all = classifier_accuracy(ws, info["arch"], *val)
-        val_task = {t: classifier_accuracy(ws, info["arch"], *val, cls) for t, cls in tasks.items()}
+        val_all = classifier_accuracy(ws, info["arch"], *val, **load)
+        val_task = {
+            t: classifier_accuracy(ws, info["arch"], *val, cls, **load) for t, cls in tasks.items()
+        }
         val_own = [
             float(val_task[c][i]) if c in val_task else float(val_all[i])
             for i, c in enumerate(names)

@@ -1,6 +1,18 @@
 """``GeneratorDataModule``: one architecture of a zoo as flat, normalized (and canonicalized)
 weight vectors with condition labels, for the weight generators of :mod:`metanet.tasks.generation`.
 
+Two layouts of a network as a vector:
+
+* a *weight space* (:meth:`WeightSpace.flatten` order), for plain chains of Linear/Conv layers
+  (MLPs, CNNs without norm layers, SIRENs): canonicalization by Git Re-Basin is available;
+* a *flat parameter layout* (:class:`FlatLayout`), for any module family (CNNs with BatchNorm,
+  residual blocks, a user ``class_path`` module): every parameter of ``build_module(arch)`` in
+  ``named_parameters()`` order. Buffers (BatchNorm running statistics) are not generated: the
+  layout holds the zoo's average as defaults, and the evaluation can recompute them on a few
+  training batches after generation (:func:`metanet.generate.evaluate.classifier_accuracy`,
+  ``metanet generate --calibrate-bn K``). The layout travels in the generator's checkpoint as
+  ``info["zoo_info"]["layout"]`` (:func:`network_layout` reads it back).
+
 Set-up (``setup()``, once):
 
 1. read every record of the chosen architecture (optionally only ``min_test_acc`` and above),
@@ -22,27 +34,190 @@ Batches are ``(x [B, D], c [B])`` with ``c`` the condition index (0 when uncondi
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from metanet.generate.canonicalize import canonicalize as canonicalize_ws
 from metanet.generate.canonicalize import pick_reference
 from metanet.weightspace import WeightSpace, WeightSpaceSpec
+from metanet.weightspace.spec import LayerSpec
 
-__all__ = ["GeneratorDataModule", "ZooInputError", "layer_stats_vectors", "zoo_group_for"]
+__all__ = ["FlatLayout", "GeneratorDataModule", "ZooInputError", "layer_stats_vectors",
+           "network_layout", "zoo_group_for"]  # fmt: skip
 
 NORMALIZATIONS = ("layer", "param", "none")
+LAYOUTS = ("auto", "weightspace", "flat")
 
 
 class ZooInputError(ValueError):
     """A zoo that cannot feed the requested generator (several architectures and none chosen,
     too few networks or runs for the requested split, an unknown condition column)."""
+
+
+@dataclass
+class FlatLayout:
+    """A network of any module family as one flat parameter vector, and back.
+
+    The vector is every parameter of the module in ``named_parameters()`` order, each flattened
+    (conv kernels, BatchNorm weights and biases, Linear weights ...). Buffers (BatchNorm
+    ``running_mean`` / ``running_var`` / ``num_batches_tracked``) are not part of it: ``buffers``
+    holds the values every network is loaded with (the zoo's average running statistics, see
+    :class:`GeneratorDataModule`), to be recalibrated after loading
+    (:func:`metanet.hyper.calibrate.calibrate_batchnorm`).
+
+    To the generators a layout looks like a weight space of one pseudo-layer per parameter tensor
+    (:meth:`spec`: shape ``[numel, 1]``, no bias, no permutation), so normalization ("layer":
+    one mean/std per parameter tensor), sampling and the baselines work unchanged; only loading
+    into the module goes through :meth:`load_into`.
+
+    Attributes:
+        params: ``(state_dict key, shape)`` of every generated parameter, in vector order.
+        buffers: state_dict key -> value of every persistent buffer.
+    """
+
+    params: tuple[tuple[str, tuple[int, ...]], ...]
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def from_module(
+        cls, module: nn.Module, buffers: Mapping[str, torch.Tensor] | None = None
+    ) -> FlatLayout:
+        """The layout of ``module``'s parameters; buffer defaults from ``buffers`` (keys of the
+        module's persistent buffers; missing ones: the module's own values)."""
+        params = tuple((k, tuple(int(s) for s in p.shape)) for k, p in module.named_parameters())
+        if not params:
+            raise ValueError(f"{type(module).__name__} has no parameters to generate")
+        names = {k for k, _ in params}
+        own = {k: v for k, v in module.state_dict().items() if k not in names}
+        given = dict(buffers or {})
+        return cls(params, {k: given.get(k, v).detach().clone().cpu() for k, v in own.items()})
+
+    @property
+    def dim(self) -> int:
+        """Scalars per network vector."""
+        return sum(math.prod(shape) for _, shape in self.params)
+
+    @property
+    def keys(self) -> list[str]:
+        """State_dict keys of the generated parameters, in vector order."""
+        return [k for k, _ in self.params]
+
+    def spec(self) -> WeightSpaceSpec:
+        """The pseudo weight space the generators see: one ``[numel, 1]`` layer per parameter
+        tensor (named ``flat:<key>``), no biases, no permutations."""
+        layers = tuple(
+            LayerSpec(name=f"flat:{k}", kind="linear", weight_shape=(math.prod(s), 1),
+                      has_bias=False)
+            for k, s in self.params
+        )  # fmt: skip
+        return WeightSpaceSpec(layers)
+
+    def flatten(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``[N, D]`` vectors of stacked parameters ``{key: [N, *shape]}`` (e.g.
+        ``ZooGroup.params(indices)``; other keys are ignored).
+
+        Raises:
+            ValueError: a parameter of the layout is missing or has another shape.
+        """
+        parts = []
+        for key, shape in self.params:
+            if key not in params:
+                raise ValueError(f"flat layout: no parameter '{key}' (got {sorted(params)})")
+            t = params[key]
+            if tuple(t.shape[1:]) != shape:
+                raise ValueError(f"flat layout: '{key}' is {tuple(t.shape[1:])}, expected {shape}")
+            parts.append(t.reshape(t.shape[0], -1).float())
+        return torch.cat(parts, dim=1)
+
+    def unflatten(self, vectors: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Stacked parameters ``{key: [N, *shape]}`` of ``[N, D]`` vectors (no buffers)."""
+        if vectors.dim() != 2 or vectors.shape[1] != self.dim:
+            raise ValueError(f"flat layout: expected vectors [N, {self.dim}], got "
+                             f"{tuple(vectors.shape)}")  # fmt: skip
+        out, offset = {}, 0
+        for key, shape in self.params:
+            n = math.prod(shape)
+            out[key] = vectors[:, offset : offset + n].reshape(len(vectors), *shape)
+            offset += n
+        return out
+
+    def state_dict(
+        self, vector: torch.Tensor, buffers: Mapping[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The full state_dict of one network vector ``[D]``: its parameters and the layout's
+        buffers (or ``buffers``, e.g. a network's own trained running statistics)."""
+        params = {k: v[0].clone() for k, v in self.unflatten(vector.reshape(1, -1)).items()}
+        src = self.buffers if buffers is None else buffers
+        return {**params, **{k: src[k].clone() for k in self.buffers}}
+
+    def load_into(
+        self, module: nn.Module, vector: torch.Tensor,
+        buffers: Mapping[str, torch.Tensor] | None = None,
+    ) -> nn.Module:  # fmt: skip
+        """Copy one network vector ``[D]`` (and the buffer defaults, or ``buffers``) into
+        ``module`` in place; returns the module.
+
+        Raises:
+            ValueError: ``module`` does not have this layout's parameters and buffers.
+        """
+        sd = self.state_dict(vector.detach().to(torch.float32).cpu(), buffers)
+        try:
+            module.load_state_dict(sd, strict=True)
+        except RuntimeError as err:
+            first = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
+            raise ValueError(f"{type(module).__name__} does not fit this flat layout: "
+                             f"{first}") from None  # fmt: skip
+        return module
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain python (for checkpoints): keys, shapes and buffer values."""
+        return {
+            "params": [[k, list(s)] for k, s in self.params],
+            "buffers": {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", ""),
+                            "values": v.reshape(-1).tolist()} for k, v in self.buffers.items()},
+        }  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> FlatLayout:
+        """Inverse of :meth:`to_dict`."""
+        try:
+            params = tuple((str(k), tuple(int(x) for x in s)) for k, s in data["params"])
+            buffers = {
+                str(k): torch.tensor(b["values"], dtype=getattr(torch, b["dtype"])).reshape(
+                    b["shape"]
+                )
+                for k, b in dict(data.get("buffers") or {}).items()
+            }
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise ValueError(f"malformed flat layout description: {err!r}") from None
+        return cls(params, buffers)
+
+
+def network_layout(info: Mapping[str, Any]) -> FlatLayout | None:
+    """The :class:`FlatLayout` of a generator (``info`` of a
+    :class:`~metanet.tasks.generation.GenerationTask`, or anything with a ``zoo_info``), or
+    ``None`` when its networks are a weight space (``ws.load_into`` loads them)."""
+    data = (info.get("zoo_info") or {}).get("layout")
+    return FlatLayout.from_dict(data) if data else None
+
+
+def zoo_buffer_means(params: Mapping[str, torch.Tensor], keys: Sequence[str]) -> dict:
+    """Per-key average over the networks of stacked ``params`` ``{key: [N, ...]}`` for the buffer
+    ``keys`` (floating point: the mean; integer counters: the first network's value)."""
+    out = {}
+    for k in keys:
+        t = params[k]
+        out[k] = t.float().mean(0).to(t.dtype) if t.is_floating_point() else t[0].clone()
+    return out
 
 
 def layer_stats_vectors(
@@ -146,8 +321,13 @@ class GeneratorDataModule(L.LightningDataModule):
         batch_size: networks per batch.
         align_iter: coordinate-descent sweeps of weight matching.
         seed: seeds record choice, alignment order and shuffling.
+        layout: ``"auto"`` (default: the weight space where the architecture has one, else a
+            :class:`FlatLayout`), ``"weightspace"`` or ``"flat"`` (a flat parameter layout for
+            any architecture; needs ``canonicalize=False``: it has no permutation alignment).
 
-    After ``setup()``: ``spec``, ``arch``, ``dim``, ``conditions`` (vocabulary), ``labels`` [N],
+    After ``setup()``: ``spec`` (the pseudo spec of a flat layout), ``layout`` (the
+    :class:`FlatLayout`, with the zoo's average buffers, or ``None`` for a weight space), ``arch``,
+    ``dim``, ``conditions`` (vocabulary), ``labels`` [N],
     ``vectors`` [N, D] (normalized), ``mean`` / ``std`` [D], ``reference_vector`` [D] (raw
     reference network), ``test_acc`` [N], ``run_ids`` [N], ``task_classes`` (condition -> digit
     classes, when the zoo records them), ``zoo_info`` (name, kind, data split); with a holdout
@@ -155,8 +335,10 @@ class GeneratorDataModule(L.LightningDataModule):
     canonicalized), ``holdout_test_acc`` [H], ``holdout_run_ids`` [H], ``holdout_records`` [H].
 
     Raises (in ``setup``, :class:`ZooInputError`, one line naming the zoo file): a zoo of several
-    weight-space architectures without ``arch``; fewer than 2 training networks left, or a holdout
-    that leaves no run for training or asks for more runs than the zoo has; an unknown condition.
+    architectures without ``arch`` (the message names them); a flat layout with
+    ``canonicalize=True`` or of a group without an arch dict; fewer than 2 training networks
+    left, or a holdout that leaves no run for training or asks for more runs than the zoo has; an
+    unknown condition.
     """
 
     def __init__(
@@ -174,8 +356,11 @@ class GeneratorDataModule(L.LightningDataModule):
         batch_size: int = 32,
         align_iter: int = 100,
         seed: int = 0,
+        layout: str = "auto",
     ) -> None:
         super().__init__()
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         if normalize not in NORMALIZATIONS:
             raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
         if batch_size < 1:
@@ -202,6 +387,8 @@ class GeneratorDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.align_iter = align_iter
         self.seed = seed
+        self.layout_kind = layout
+        self.layout: FlatLayout | None = None
         self._ready = False
 
     # -- set-up ---------------------------------------------------------------------------------
@@ -213,18 +400,39 @@ class GeneratorDataModule(L.LightningDataModule):
                 raise ZooInputError(f"{where}: no architecture '{self.arch_name}'; it has {names}")
             group = zoo[self.arch_name]
         else:
-            usable = [n for n in names if zoo[n].spec is not None]
-            if len(usable) != 1:
+            if len(names) != 1:
                 raise ZooInputError(
                     f"{where}: a generator models one architecture, and this zoo has "
-                    f"{len(usable)} with a weight space {usable}: choose one with arch=..."
+                    f"{len(names)} {names}: choose one with arch=..."
                 )
-            group = zoo[usable[0]]
-        if group.spec is None:
+            group = zoo[names[0]]
+        if group.spec is None and self.layout_kind == "weightspace":
             raise ZooInputError(
-                f"{where}: architecture '{group.name}' has no weight space (norm/residual)"
+                f"{where}: architecture '{group.name}' has no weight space (norm/residual): "
+                "use layout='flat' (or 'auto')"
             )
         return group
+
+    def _flat_layout(self, group: Any, keep: np.ndarray, where: str) -> FlatLayout:
+        """The flat layout of ``group``'s module with the average buffers of records ``keep``."""
+        from metanet.zoo.architectures import build_module
+
+        if self.canonicalize:
+            raise ZooInputError(
+                f"{where}: '{group.name}' is generated through a flat parameter layout (it has "
+                "no weight space, or layout='flat'), which has no permutation alignment: set "
+                "canonicalize=False"
+            )
+        if not getattr(group, "arch", None):
+            raise ZooInputError(
+                f"{where}: '{group.name}' has no arch dict, which a flat parameter layout needs"
+            )
+        module = build_module(dict(group.arch))
+        names = {k for k, _ in module.named_parameters()}
+        buffer_keys = [k for k in module.state_dict() if k not in names]
+        stored = [k for k in buffer_keys if k in group.keys]
+        means = zoo_buffer_means(group.params(keep), stored) if stored else {}
+        return FlatLayout.from_module(module, means)
 
     def _split_holdout(
         self, keep: np.ndarray, runs: np.ndarray, where: str, group: str,
@@ -271,7 +479,14 @@ class GeneratorDataModule(L.LightningDataModule):
                 f"(of {n_all}; min_test_acc={self.min_test_acc}, holdout={self.holdout!r}, "
                 f"max_networks={self.max_networks}); a generator needs at least 2"
             )
-        ws = group.weight_space(keep).to(torch.float32)
+        flat = self.layout_kind == "flat" or (self.layout_kind == "auto" and group.spec is None)
+        if flat:
+            self.layout = self._flat_layout(group, keep, where)
+            flat_spec = self.layout.spec()
+            ws = WeightSpace.unflatten(self.layout.flatten(group.params(keep)), flat_spec)
+        else:
+            self.layout = None
+            ws = group.weight_space(keep).to(torch.float32)
         self.test_acc = torch.as_tensor(acc[keep], dtype=torch.float32)
         self.run_ids = torch.as_tensor(runs_all[keep])
         select = (
@@ -323,13 +538,17 @@ class GeneratorDataModule(L.LightningDataModule):
         self.holdout_run_ids = torch.as_tensor(runs_all[held])
         self.holdout_vectors = torch.zeros(0, ws.spec.num_params)
         if len(held):
-            held_ws = group.weight_space(held).to(torch.float32)
+            held_ws = (
+                WeightSpace.unflatten(self.layout.flatten(group.params(held)), flat_spec)
+                if self.layout is not None
+                else group.weight_space(held).to(torch.float32)
+            )
             if self.canonicalize:
                 held_ws = canonicalize_ws(
                     held_ws, ws[ref], max_iter=self.align_iter, seed=self.seed
                 )
             self.holdout_vectors = held_ws.flatten()
-        self.spec: WeightSpaceSpec = group.spec
+        self.spec: WeightSpaceSpec = ws.spec
         self.arch: dict = dict(group.arch)
         self.raw_vectors = ws.flatten()
         self.reference_vector = self.raw_vectors[ref].clone()
@@ -345,6 +564,8 @@ class GeneratorDataModule(L.LightningDataModule):
             "data": attrs.get("data") if isinstance(attrs.get("data"), dict) else None,
             "group": group.name,
         }
+        if self.layout is not None:
+            self.zoo_info["layout"] = self.layout.to_dict()
         self._ready = True
 
     # -- loaders --------------------------------------------------------------------------------

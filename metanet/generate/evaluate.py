@@ -12,6 +12,17 @@ else a seeded half of its test split, the other half becoming the test split) an
 with best-of-N (the network of each group of N with the best validation accuracy, its test
 accuracy; :func:`best_of_n`) only beside them. Novelty against the training checkpoints lives in
 :mod:`metanet.generate.novelty`, the baselines in :mod:`metanet.generate.baselines`.
+
+Networks of any module family: a generator of a :class:`~metanet.generate.data.FlatLayout`
+(CNNs with BatchNorm, user modules) writes flat parameter vectors; :func:`load_network` loads one
+into the module (with the layout's buffers: the zoo's average BatchNorm running statistics), and
+``calibration=`` batches (:func:`calibration_batches`: ``K`` batches of the zoo data's *train*
+split) recompute every BatchNorm layer's running statistics after loading
+(:func:`metanet.hyper.calibrate.calibrate_batchnorm`) before the network is scored::
+
+    layout = network_layout(gen.info)
+    batches = calibration_batches(gen.info, 8)
+    acc = classifier_accuracy(ws, gen.info["arch"], x, y, layout=layout, calibration=batches)
 """
 
 from __future__ import annotations
@@ -21,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from metanet.weightspace import WeightSpace
 
@@ -28,9 +40,11 @@ __all__ = [
     "EvalSplits",
     "accuracy_summary",
     "best_of_n",
+    "calibration_batches",
     "can_evaluate",
     "classifier_accuracy",
     "load_eval_splits",
+    "load_network",
     "load_test_split",
 ]
 
@@ -126,6 +140,49 @@ def accuracy_summary(
     return out
 
 
+def calibration_batches(
+    info: Mapping[str, Any], num_batches: int, batch_size: int = 64, seed: int = 0
+) -> list[torch.Tensor]:
+    """``num_batches`` input batches ``[batch_size, *input_shape]`` of the *train* split of the
+    data the generator's zoo was trained on (seeded order), for recalibrating BatchNorm running
+    statistics after generation (``calibration=`` of :func:`classifier_accuracy`).
+
+    Raises:
+        metanet.data.tasks.TaskDataError: the data cannot be read here, or it changed.
+        metanet.hyper.calibrate.CalibrationError: ``num_batches`` or ``batch_size`` below 1.
+    """
+    from metanet.hyper.calibrate import task_batches
+    from metanet.zoo.architectures import input_shape
+    from metanet.zoo.data import recipe_task
+
+    data = (info.get("zoo_info") or {}).get("data") or {"split_seed": 0, "test_fraction": 0.25}
+    shape = tuple(input_shape(info["arch"]))
+    return list(task_batches(recipe_task(data), num_batches, batch_size, seed, shape))
+
+
+def load_network(
+    module: nn.Module,
+    ws: WeightSpace,
+    index: int,
+    layout: Any = None,
+    calibration: Sequence[torch.Tensor] | None = None,
+) -> nn.Module:
+    """Load network ``index`` of ``ws`` into ``module`` (in place; returned): through ``layout``
+    (a :class:`~metanet.generate.data.FlatLayout`: parameters and the layout's buffers) or, when
+    ``None``, the weight space (``ws.load_into``). With ``calibration`` batches the module's
+    BatchNorm running statistics are then recomputed on them
+    (:func:`~metanet.hyper.calibrate.calibrate_batchnorm`; a no-op without BatchNorm)."""
+    if layout is None:
+        ws.load_into(module, index)
+    else:
+        layout.load_into(module, ws[index].flatten()[0])
+    if calibration:
+        from metanet.hyper.calibrate import calibrate_batchnorm
+
+        calibrate_batchnorm(module, calibration)
+    return module
+
+
 @torch.no_grad()
 def classifier_accuracy(
     ws: WeightSpace,
@@ -133,15 +190,21 @@ def classifier_accuracy(
     x: torch.Tensor,
     y: torch.Tensor,
     classes: Sequence[int] | None = None,
+    layout: Any = None,
+    calibration: Sequence[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Test accuracy ``[B]`` of every network of ``ws`` loaded into ``build_module(arch)``.
 
     Args:
-        ws: ``B`` networks of the arch's spec.
+        ws: ``B`` networks of the arch's spec (or of a flat layout's pseudo spec).
         arch: arch dict of the target architecture.
         x, y: test inputs (shaped for the arch) and labels.
         classes: evaluate only on test images of these classes (prediction still over all
             outputs); ``None``: all images.
+        layout: the generator's :class:`~metanet.generate.data.FlatLayout` (``None``: ``ws`` is
+            a weight space); see :func:`load_network`.
+        calibration: recalibrate BatchNorm running statistics on these input batches after
+            loading each network (:func:`calibration_batches`; ``None``: the loaded buffers).
     """
     from metanet.zoo.architectures import build_module
 
@@ -151,7 +214,7 @@ def classifier_accuracy(
     module = build_module(dict(arch)).eval()
     accs = torch.empty(len(ws))
     for i in range(len(ws)):
-        ws.load_into(module, i)
+        load_network(module, ws, i, layout, calibration)
         out = module(x)
         accs[i] = (out.argmax(1) == y).float().mean() if torch.isfinite(out).all() else 0.0
     return accs

@@ -33,7 +33,12 @@ def sample(
             :meth:`GenerationTask.sample <metanet.tasks.generation.GenerationTask.sample>`.
     Returns:
         A :class:`~metanet.weightspace.WeightSpace` of ``n`` networks of the generator's
-        architecture, in raw weight units; ``ws.load_into(module, i)`` writes network ``i``.
+        architecture, in raw weight units. ``metanet.generate.evaluate.load_network(module,
+        ws, i, layout)`` writes network ``i`` into a module, with ``layout =
+        metanet.generate.data.network_layout(generator.info)``: ``None`` for a weight-space
+        architecture (then ``ws.load_into(module, i)`` is the same), a
+        :class:`~metanet.generate.data.FlatLayout` for any other module family (CNNs with
+        BatchNorm: pass ``calibration`` batches to recompute the running statistics).
     Raises:
         metanet.checkpoints.CheckpointError: a path that is not a generator checkpoint.
         metanet.tasks.generation.GenerationError: a condition outside the trained set, bad

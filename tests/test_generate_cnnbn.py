@@ -1,0 +1,235 @@
+"""Weight generators for whole networks beyond MLPs (issue 16 item 4): a CNN zoo with BatchNorm
+through a flat parameter layout, BatchNorm running statistics recalibrated after generation, and
+the one-architecture error."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import os
+
+import lightning as L
+import pytest
+import torch
+from safetensors.torch import load_file as load_safetensors
+from torch import nn
+
+from metanet.data.datamodules import open_zoo
+from metanet.generate.cli import main as generate_main
+from metanet.generate.data import FlatLayout, GeneratorDataModule, ZooInputError, network_layout
+from metanet.generate.evaluate import (
+    calibration_batches,
+    classifier_accuracy,
+    load_eval_splits,
+    load_network,
+)
+from metanet.generate.selection import SelectOnValidation
+from metanet.hyper.calibrate import calibrate_batchnorm
+from metanet.tasks.generation import FlowGenerationTask
+from metanet.weightspace import WeightSpace
+from metanet.zoo.architectures import arch_name, build_module
+from metanet.zoo.build import build_zoo
+from metanet.zoo.recipe import Recipe
+
+CNN_BN = {"type": "cnn", "channels": [3, 4], "strides": [1, 2], "kernel": 3, "norm": "batch",
+          "head": "pool"}  # fmt: skip
+MLP = {"type": "mlp", "in": 64, "widths": [6], "out": 10}
+DATA = {"provider": "digits", "split_seed": 0, "test_fraction": 0.25, "val_fraction": 0.15}
+
+
+def _recipe(name: str, archs: list[dict], n: int) -> Recipe:
+    return Recipe.from_dict(
+        {
+            "name": name,
+            "kind": "classifier",
+            "seed": 5,
+            "data": DATA,
+            "architectures": archs,
+            "networks_per_arch": n,
+            "chunk_size": n,
+            "keep_fractions": [1.0],
+            "hparams": {"lr": 1e-2, "optimizer": "adam", "batch_size": 64, "epochs": 2},
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def cnnbn_zoo(tmp_path_factory) -> str:
+    """Five seeded runs of a tiny digits CNN with BatchNorm, one final checkpoint each."""
+    out = tmp_path_factory.mktemp("cnnbn") / "cnnbn.h5"
+    return os.fspath(build_zoo(_recipe("t-cnnbn", [CNN_BN], 5), out, progress=False, threads=1))
+
+
+@pytest.fixture(scope="module")
+def cnnbn_dm(cnnbn_zoo) -> GeneratorDataModule:
+    dm = GeneratorDataModule(cnnbn_zoo, canonicalize=False, holdout=1, batch_size=4)
+    dm.setup("fit")
+    return dm
+
+
+def _buffers(module: nn.Module) -> dict[str, torch.Tensor]:
+    names = {k for k, _ in module.named_parameters()}
+    return {k: v.clone() for k, v in module.state_dict().items() if k not in names}
+
+
+# -- flat layout -----------------------------------------------------------------------------------
+def test_flat_layout_round_trip_gives_the_same_module(cnnbn_zoo, cnnbn_dm) -> None:
+    dm = cnnbn_dm
+    group = open_zoo(cnnbn_zoo)[arch_name(CNN_BN)]
+    assert group.spec is None and dm.layout is not None  # no weight space: the flat layout
+    layout = dm.layout
+    assert layout.dim == dm.dim == sum(p.numel() for p in build_module(CNN_BN).parameters())
+    assert set(layout.buffers) == {
+        "1.running_mean",
+        "1.running_var",
+        "1.num_batches_tracked",
+        "4.running_mean",
+        "4.running_var",
+        "4.num_batches_tracked",
+    }
+    x = load_eval_splits({"arch": dm.arch, "zoo_info": dm.zoo_info}).x_test[:50]
+    for j, record in enumerate(dm.records.tolist()):
+        zoo_net = group.module(record)  # the zoo's network, its own running statistics
+        vec = dm.raw_vectors[j]
+        assert torch.equal(vec, layout.flatten(group.params([record]))[0])
+        back = layout.load_into(build_module(CNN_BN), vec, _buffers(zoo_net)).eval()
+        sd, want = back.state_dict(), zoo_net.state_dict()
+        assert sd.keys() == want.keys() and all(torch.equal(sd[k], want[k]) for k in sd)
+        torch.testing.assert_close(back(x), zoo_net(x), rtol=0, atol=0)
+        # the pseudo weight space the generators see unflattens to the same vector
+        ws = WeightSpace.unflatten(vec[None], dm.spec)
+        assert torch.equal(ws.flatten()[0], vec)
+    # the layout travels in the generator's info and comes back equal
+    again = network_layout({"zoo_info": json.loads(json.dumps(dm.zoo_info))})
+    assert again.params == layout.params
+    assert all(torch.equal(again.buffers[k], v) and again.buffers[k].dtype == v.dtype
+               for k, v in layout.buffers.items())  # fmt: skip
+    # defaults: the zoo's average running statistics over the training networks
+    stacked = group.params(dm.records.numpy())
+    torch.testing.assert_close(layout.buffers["4.running_var"], stacked["4.running_var"].mean(0))
+
+
+def test_flat_layout_of_any_module() -> None:
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten())
+            self.scale = nn.Parameter(torch.randn(3))
+            self.head = nn.Linear(72, 3, bias=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.body(x)) * self.scale
+
+    torch.manual_seed(0)
+    src = Scaled()
+    src.body[1].running_mean.normal_()
+    layout = FlatLayout.from_module(src)
+    # named_parameters() order: the module's own parameters, then its children's
+    assert layout.keys == ["scale", "body.0.weight", "body.0.bias", "body.1.weight",
+                           "body.1.bias", "head.weight"]  # fmt: skip
+    vec = layout.flatten({k: v[None] for k, v in src.state_dict().items()})[0]
+    dst = layout.load_into(Scaled(), vec).eval()
+    x = torch.randn(4, 1, 8, 8)
+    torch.testing.assert_close(dst(x), src.eval()(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="does not fit this flat layout"):
+        layout.load_into(build_module(CNN_BN), vec)
+
+
+# -- recalibration ---------------------------------------------------------------------------------
+def test_recalibration_matches_the_batch_statistics(cnnbn_dm) -> None:
+    dm = cnnbn_dm
+    info = {"arch": dm.arch, "zoo_info": dm.zoo_info}
+    batches = calibration_batches(info, 3, batch_size=16, seed=1)
+    assert len(batches) == 3 and batches[0].shape == (16, 1, 8, 8)
+    ws = WeightSpace.unflatten(dm.raw_vectors, dm.spec)
+    module = load_network(build_module(CNN_BN).eval(), ws, 0, dm.layout)
+    before = _buffers(module)
+    assert torch.equal(before["1.running_var"], dm.layout.buffers["1.running_var"])
+    # the statistics a direct computation gives: per batch, the BN inputs' channel mean and
+    # unbiased variance (layers before in training mode, i.e. normalized by batch statistics)
+    ref = copy.deepcopy(module).train()
+    want = {}
+    with torch.no_grad():
+        for idx in (1, 4):
+            feats = [ref[:idx](b) for b in batches]
+            want[f"{idx}.running_mean"] = torch.stack([f.mean((0, 2, 3)) for f in feats]).mean(0)
+            want[f"{idx}.running_var"] = torch.stack(
+                [f.transpose(0, 1).flatten(1).var(1, unbiased=True) for f in feats]
+            ).mean(0)
+    load_network(module, ws, 0, dm.layout, calibration=batches)
+    after = _buffers(module)
+    assert not module.training
+    for key, value in want.items():
+        assert not torch.allclose(after[key], before[key])  # recalibration changed them
+        torch.testing.assert_close(after[key], value, rtol=1e-4, atol=1e-6)
+    params = dict(module.named_parameters())
+    assert torch.equal(torch.cat([params[k].flatten() for k in dm.layout.keys]), dm.raw_vectors[0])
+    # classifier_accuracy recalibrates every network the same way
+    splits = load_eval_splits(info)
+    acc = classifier_accuracy(ws, dm.arch, splits.x_test, splits.y_test, layout=dm.layout,
+                              calibration=batches)  # fmt: skip
+    for i in range(len(ws)):
+        m = load_network(build_module(CNN_BN).eval(), ws, i, dm.layout)
+        calibrate_batchnorm(m, batches)
+        with torch.no_grad():
+            own = (m(splits.x_test).argmax(1) == splits.y_test).float().mean()
+        assert float(acc[i]) == pytest.approx(float(own))
+
+
+# -- generation end to end -------------------------------------------------------------------------
+def test_generator_on_a_batchnorm_zoo_and_generate_calibrate_bn(cnnbn_dm, tmp_path, capsys) -> None:
+    torch.manual_seed(0)
+    task = FlowGenerationTask(hidden=32, depth=1, sample_steps=4)
+    sel = SelectOnValidation(every_n_steps=3, n_samples=2, calibrate_bn=2)
+    trainer = L.Trainer(max_steps=6, logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, enable_model_summary=False,
+                        accelerator="cpu", callbacks=[sel])  # fmt: skip
+    trainer.fit(task, datamodule=cnnbn_dm)
+    assert sel.history and network_layout(task.info).params == cnnbn_dm.layout.params
+    ckpt = str(tmp_path / "flow.ckpt")
+    trainer.save_checkpoint(ckpt)
+    for k, sub in ((0, "raw"), (2, "calibrated")):
+        out = tmp_path / sub
+        rc = generate_main(["--generator", ckpt, "--n", "3", "-o", str(out), "--seed", "1",
+                            "--calibrate-bn", str(k)])  # fmt: skip
+        text = capsys.readouterr()
+        assert rc == 0, text.err
+        assert ("recalibrated on 2 train batches" in text.out) == bool(k)
+        rows = list(csv.DictReader(open(out / "generated.csv")))
+        assert len(rows) == 3 and "val_acc" in rows[0]
+        arch = json.loads((out / "arch.json").read_text())
+        for i in range(3):
+            sd = load_safetensors(out / f"net_{i:04d}.safetensors")
+            module = build_module(arch)
+            module.load_state_dict(sd, strict=True)
+            stats = sd["4.running_var"]
+            same = torch.equal(stats, cnnbn_dm.layout.buffers["4.running_var"])
+            assert same == (k == 0)  # without --calibrate-bn: the zoo's average statistics
+    err = generate_main(["--generator", ckpt, "--n", "2", "-o", str(tmp_path / "x"),
+                         "--calibrate-bn", "-1"])  # fmt: skip
+    assert err == 2 and "--calibrate-bn must be >= 0" in capsys.readouterr().err
+
+
+# -- bad input -------------------------------------------------------------------------------------
+def test_several_architectures_name_them_in_one_line(tmp_path, cnnbn_zoo) -> None:
+    path = build_zoo(_recipe("t-two", [CNN_BN, MLP], 2), tmp_path / "two.h5", progress=False,
+                     threads=1)  # fmt: skip
+    with pytest.raises(ZooInputError) as err:
+        GeneratorDataModule(path, canonicalize=False).setup("fit")
+    msg = str(err.value)
+    assert "\n" not in msg and "two.h5" in msg and "one architecture" in msg and "arch=" in msg
+    assert arch_name(CNN_BN) in msg and arch_name(MLP) in msg
+    # choosing one works, for either layout
+    dm = GeneratorDataModule(path, arch=arch_name(CNN_BN), canonicalize=False)
+    dm.setup("fit")
+    assert dm.layout is not None
+    flat_mlp = GeneratorDataModule(path, arch=arch_name(MLP), canonicalize=False, layout="flat")
+    flat_mlp.setup("fit")
+    assert flat_mlp.layout is not None and flat_mlp.dim == 64 * 6 + 6 + 6 * 10 + 10
+    with pytest.raises(ZooInputError, match="canonicalize=False"):
+        GeneratorDataModule(cnnbn_zoo).setup("fit")  # canonicalization needs a weight space
+    with pytest.raises(ZooInputError, match="no weight space"):
+        GeneratorDataModule(cnnbn_zoo, canonicalize=False, layout="weightspace").setup("fit")
+    with pytest.raises(ValueError, match="layout must be one of"):
+        GeneratorDataModule(cnnbn_zoo, layout="graph")
