@@ -10,8 +10,11 @@ for a few steps in :mod:`tiny_zoo`):
   symmetry of the networks (permuting the input pixels of the MLP, the output classes of the
   CNN), so the first check cannot pass by returning constants.
 
-Every class with an ``input_kind`` attribute is a case (with its ``mode`` / ``output`` variants);
-models that do not apply to an architecture (e.g. DWS on CNNs) must still build on the MLP.
+Every class with an ``input_kind`` attribute and a ``forward`` is a case (with its ``mode`` /
+``output`` variants); models that do not apply to an architecture (e.g. DWS on CNNs) must still
+build on the MLP. All cases build from one dict of keywords (``SMALL``), and every weight-space
+model is a :class:`~metanet.nn.base.WeightSpaceModel` that keeps the shared keywords it takes
+under their shared names (no per-model aliases).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from tiny_zoo import CNN_FLAT, MLP, build_tiny_zoo  # noqa: I001
 from torch import nn
 
 import metanet.nn
+from metanet.nn.base import WeightSpaceModel
 from metanet.weightspace import WeightSpace, WeightSpaceError, permute, random_permutation
 
 # Models whose outputs are invariant to far more than hidden permutations by construction
@@ -59,6 +63,7 @@ def _discover() -> list[tuple[str, type | None, dict, str]]:
                 and issubclass(cls, nn.Module)
                 and cls.__module__ == name
                 and getattr(cls, "input_kind", None) in ("weightspace", "graph")
+                and cls.forward is not nn.Module.forward  # not a shared base
             ):
                 continue
             params = inspect.signature(cls.__init__).parameters
@@ -234,6 +239,43 @@ def test_contract_covers_every_model_family():
     names = {c[0].split("-")[0] for c in CASES}
     for expected in ("NFN", "UNF", "DWSNet", "StatNN", "GMN", "NGT"):
         assert expected in names, f"{expected} missing from the contract cases: {sorted(names)}"
+
+
+# names other libraries (or older metanet) use for the shared keywords: none may come back
+ALIASES = {
+    "hidden_dim", "dim_hidden", "width", "hidden_channels", "channels", "hidden_size",
+    "n_layers", "depth", "num_blocks", "n_hidden", "layers", "output_dim", "out_features",
+    "num_outputs", "n_out", "dropout_rate", "p_dropout", "drop", "head_dim", "n_head_layers",
+    "num_head_layers", "head_width", "num_fourier", "n_fourier", "fourier_scale",
+}  # fmt: skip
+SHARED = ("out_dim", "hidden", "num_layers", "dropout")  # kept by WeightSpaceModel
+
+
+def test_weightspace_models_share_one_vocabulary():
+    """Every weight-space case is a WeightSpaceModel, takes ``spec`` first and everything else
+    with a default, uses no alias of a shared keyword, and hands the shared keywords it takes
+    to the base (they come back as attributes)."""
+    spec = WeightSpace.from_module(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))).spec
+    ws_cases = [c for c in CASES if c[1] is not None and c[1].input_kind == "weightspace"]
+    assert ws_cases
+    for name, cls, variant, _ in ws_cases:
+        assert issubclass(cls, WeightSpaceModel), f"{name} is not a WeightSpaceModel"
+        params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+        assert params[0].name == "spec", f"{name}: first argument {params[0].name!r}, not spec"
+        required = [p.name for p in params[1:] if p.default is inspect.Parameter.empty]
+        assert not required, f"{name}: {required} have no default"
+        aliases = ALIASES & {p.name for p in params}
+        assert not aliases, f"{name} takes {sorted(aliases)}: use the shared keywords"
+        kwargs = _kwargs(cls, variant)
+        assert set(kwargs) <= set(SMALL) | set(variant)
+        torch.manual_seed(0)
+        model = cls(spec, **kwargs)
+        assert model.spec is spec
+        defaults = {p.name: p.default for p in params}
+        for key in SHARED:
+            if key in defaults:
+                want = kwargs.get(key, defaults[key])
+                assert getattr(model, key) == want, f"{name}.{key} = {getattr(model, key)!r}"
 
 
 class _FlatMLP(nn.Module):

@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from metanet.nn.base import WeightSpaceModel
 from metanet.nn.dws import DWSLayer, DWSNet
 from metanet.nn.layers import WSFeatures
 from metanet.nn.nfn import NFN, HNPLinear, NFNEquivariant, NPLinear
@@ -399,3 +400,32 @@ def test_bad_input(nets) -> None:
     layer = UNFLayer(mlp.spec, 2, 3)
     with pytest.raises(ValueError, match=r"\[B, 2, \*shape\]"):
         layer(WSFeatures.from_weightspace(mlp).tensors())
+
+
+def test_weightspace_model_base(nets) -> None:
+    """The shared base: spec from anything with ``.spec``, one-line errors naming the model,
+    ``num_layers`` checked, shared keywords as attributes and in the repr."""
+    ws = nets["mlp"]
+    makers = [*INVARIANT.values(), *EQUIVARIANT.values()]
+    for make in makers:
+        torch.manual_seed(0)
+        from_spec = make(ws.spec)
+        torch.manual_seed(0)
+        from_ws = make(ws)  # a WeightSpace (like a data module) carries its .spec
+        assert isinstance(from_spec, WeightSpaceModel) and from_ws.spec is ws.spec
+        a, b = from_spec.state_dict(), from_ws.state_dict()
+        assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(TypeError, match=r"^DWSNet needs a WeightSpaceSpec .* got list$"):
+        DWSNet(ws.weights)
+    with pytest.raises(TypeError, match=r"^UNF needs a WeightSpaceSpec or PermSpec .*got dict$"):
+        UNF({"a": ("h",)})
+    for cls in (DWSNet, NFN, NFNEquivariant, UNF, UNFEquivariant):
+        with pytest.raises(ValueError, match=f"{cls.__name__} needs num_layers >= 1, got 0"):
+            cls(ws.spec, num_layers=0)
+    assert StatNN(ws.spec, num_layers=0).num_layers == 0  # MLP hidden layers: 0 is a linear head
+    model = NFN(ws.spec, out_dim=3, hidden=4, num_layers=2, dropout=0.1)
+    assert (model.out_dim, model.hidden, model.num_layers, model.dropout) == (3, 4, 2, 0.1)
+    text = "mode=HNP, layers=3, out_dim=3, hidden=4, num_layers=2, dropout=0.1"
+    assert model.extra_repr() == text
+    assert model.extra_repr() in repr(model)
+    assert UNFEquivariant(ws.spec).out_dim is None

@@ -1,6 +1,8 @@
 """Metanetworks: permutation-equivariant models over weight spaces and parameter graphs.
 
-Weight-space models (``input_kind = "weightspace"``; first argument a ``WeightSpaceSpec``):
+Weight-space models (``input_kind = "weightspace"``; first argument a ``WeightSpaceSpec``), all
+subclasses of :class:`WeightSpaceModel` (:mod:`metanet.nn.base`), which owns their shared keywords
+(``spec``, ``out_dim``, ``hidden``, ``num_layers``, ``dropout``), input check and invariant head:
 
 * :class:`DWSNet` / :class:`DWSLayer` - Deep Weight Space networks (Navon et al. 2023);
 * :class:`NFN` / :class:`NFNEquivariant` with :class:`NPLinear` / :class:`HNPLinear` - neural
@@ -16,6 +18,7 @@ Graph models (``input_kind = "graph"``; input a PyG ``Batch`` of ``ParamGraph``)
   et al. 2024); :class:`NGT` - the relational transformer; :class:`GraphReadout`.
 """
 
+from metanet.nn.base import WeightSpaceModel
 from metanet.nn.dws import DWSLayer, DWSNet
 from metanet.nn.gmn import GMN, NGGNN
 from metanet.nn.graph_features import probe_features
@@ -43,6 +46,7 @@ __all__ = [
     "UNF",
     "UNFEquivariant",
     "UNFLayer",
+    "WeightSpaceModel",
     "layer_statistics",
     "probe_features",
 ]

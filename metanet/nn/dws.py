@@ -21,13 +21,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from metanet.nn.layers import (
-    ChannelBatchNorm,
-    ChannelDropout,
-    Pointwise,
-    check_weightspace,
-    mlp_head,
-)
+from metanet.nn.base import WeightSpaceModel
+from metanet.nn.layers import ChannelBatchNorm, ChannelDropout, Pointwise
 from metanet.nn.unf import InvariantPool, UNFLayer, tensors_of
 from metanet.weightspace import WeightSpace, WeightSpaceError, WeightSpaceSpec
 
@@ -63,7 +58,7 @@ class DWSLayer(UNFLayer):
         return counts
 
 
-class DWSNet(nn.Module):
+class DWSNet(WeightSpaceModel):
     """DWSNet: DWS layers with batch norm, ReLU and dropout, then an invariant head.
 
     ``forward(ws) -> [B, out_dim]``. Layout as in the paper's classifier:
@@ -83,8 +78,6 @@ class DWSNet(nn.Module):
         head_hidden: width of the MLP head when ``head_layers > 1``.
     """
 
-    input_kind = "weightspace"
-
     def __init__(
         self,
         spec: WeightSpaceSpec,
@@ -97,11 +90,9 @@ class DWSNet(nn.Module):
         head_layers: int = 1,
         head_hidden: int = 128,
     ) -> None:
-        super().__init__()
-        self.spec, self.out_dim = spec, out_dim
+        super().__init__(spec, out_dim, hidden, num_layers, dropout)
+        spec = self.spec
         n_tensors = 2 * spec.num_layers
-        if num_layers < 1:
-            raise ValueError(f"DWSNet needs num_layers >= 1, got {num_layers}")
         mods: list[nn.Module] = [DWSLayer(spec, 1, hidden, reduction)]
         for _ in range(num_layers - 1):
             if batch_norm:
@@ -115,15 +106,10 @@ class DWSNet(nn.Module):
             mods.append(ChannelDropout(dropout))
         self.body = nn.ModuleList(mods)
         self.pool = InvariantPool(spec, hidden, reduction=reduction)
-        if head_layers <= 1:
-            self.head: nn.Module = nn.Linear(self.pool.out_dim, out_dim)
-        else:
-            self.head = mlp_head(
-                self.pool.out_dim, head_hidden, out_dim, num_layers=head_layers - 1
-            )
+        self.head = self._invariant_head(self.pool.out_dim, head_layers, head_hidden)
 
     def forward(self, ws: WeightSpace) -> torch.Tensor:
-        check_weightspace(ws, self.spec, "DWSNet")
+        self.check_input(ws)
         xs = tensors_of(ws, self.pool.pspec)
         for m in self.body:
             xs = m(xs)

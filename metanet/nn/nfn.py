@@ -24,6 +24,7 @@ import math
 import torch
 from torch import nn
 
+from metanet.nn.base import WeightSpaceModel, value_encoding
 from metanet.nn.layers import (
     ChannelDropout,
     FourierFeatures,
@@ -31,8 +32,6 @@ from metanet.nn.layers import (
     TensorList,
     WSFeatures,
     as_tensor_list,
-    check_weightspace,
-    mlp_head,
 )
 from metanet.nn.unf import InvariantPool, UNFLayer, tensors_of
 from metanet.weightspace import WeightSpace, WeightSpaceError, WeightSpaceSpec
@@ -201,11 +200,9 @@ class _NFNBody(nn.Module):
         if io_encoding == "auto":
             io_encoding = "sinusoidal" if mode == "NP" else None
         mods: list[nn.Module] = []
-        c = 1
-        if fourier_features:
-            enc = FourierFeatures(1, fourier_features, fourier_sigma, axis=1)
+        enc, c = value_encoding(fourier_features, fourier_sigma)
+        if enc is not None:
             mods.append(enc)
-            c = enc.out_dim
         if io_encoding == "sinusoidal":
             sin = IOSinusoidalEncoding(spec)
             mods.append(sin)
@@ -234,7 +231,7 @@ class _NFNBody(nn.Module):
         return xs
 
 
-class NFN(nn.Module):
+class NFN(WeightSpaceModel):
     """Invariant NFN (generalization prediction, INR classification): ``ws -> [B, out_dim]``.
 
     Args:
@@ -255,8 +252,6 @@ class NFN(nn.Module):
         dropout: channel dropout between layers and dropout in the head.
     """
 
-    input_kind = "weightspace"
-
     def __init__(
         self,
         spec: WeightSpaceSpec,
@@ -270,8 +265,8 @@ class NFN(nn.Module):
         fourier_sigma: float = 10.0,
         dropout: float = 0.0,
     ) -> None:
-        super().__init__()
-        self.spec, self.mode, self.out_dim = spec, mode, out_dim
+        super().__init__(spec, out_dim, hidden, num_layers, dropout)
+        spec, self.mode = self.spec, mode
         if io_encoding == "auto":
             io_encoding = None
         self.body = _NFNBody(
@@ -287,21 +282,25 @@ class NFN(nn.Module):
         )
         pool_cls = HNPPool if mode == "HNP" else NPPool
         self.pool = pool_cls(spec, self.body.out_channels)
-        self.head = mlp_head(self.pool.out_dim, head_hidden, out_dim, dropout=dropout)
+        self.head = self._invariant_head(self.pool.out_dim, 3, head_hidden, dropout)
+
+    def _model_name(self) -> str:
+        return f"NFN-{self.mode}"
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode}, {super().extra_repr()}"
 
     def forward(self, ws: WeightSpace) -> torch.Tensor:
-        check_weightspace(ws, self.spec, f"NFN-{self.mode}")
+        self.check_input(ws)
         xs = self.body(tensors_of(ws, self.pool.pspec))
         return self.head(self.pool(xs))
 
 
-class NFNEquivariant(nn.Module):
+class NFNEquivariant(WeightSpaceModel):
     """Equivariant NFN: ``WeightSpace -> WeightSpace`` of the same spec (weight editing).
 
     Returns ``ws + scale * f(ws)`` (``residual=True``) or ``f(ws)``; ``f`` ends in one channel.
     """
-
-    input_kind = "weightspace"
 
     def __init__(
         self,
@@ -312,13 +311,19 @@ class NFNEquivariant(nn.Module):
         io_encoding: str | None = "auto",
         residual: bool = True,
     ) -> None:
-        super().__init__()
-        self.spec, self.mode, self.residual = spec, mode, residual
-        self.body = _NFNBody(spec, hidden, num_layers, mode, io_encoding, 0, 10.0, 0.0, 1)
-        self.scale = nn.Parameter(torch.tensor(1e-3 if residual else 1.0))
+        super().__init__(spec, None, hidden, num_layers)
+        self.mode = mode
+        self.body = _NFNBody(self.spec, hidden, num_layers, mode, io_encoding, 0, 10.0, 0.0, 1)
+        self._residual_scale(residual)
+
+    def _model_name(self) -> str:
+        return f"NFNEquivariant-{self.mode}"
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode}, {super().extra_repr()}"
 
     def forward(self, ws: WeightSpace) -> WeightSpace:
-        check_weightspace(ws, self.spec, f"NFNEquivariant-{self.mode}")
+        self.check_input(ws)
         feats = WSFeatures.from_weightspace(ws)
         ys = self.body(feats.tensors())
         out = WSFeatures.from_tensors(self.spec, ys)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from metanet.nn.layers import check_weightspace, mlp_head
+from metanet.nn.base import WeightSpaceModel
 from metanet.weightspace import WeightSpace, WeightSpaceSpec
 
 STAT_NAMES = ("mean", "var", "q0", "q25", "q50", "q75", "q100")
@@ -49,22 +49,19 @@ def statistic_names(spec: WeightSpaceSpec) -> list[str]:
     ]
 
 
-class StatFeaturizer(nn.Module):
+class StatFeaturizer(WeightSpaceModel):
     """:func:`layer_statistics` as a module: ``WeightSpace -> [B, num_layers * 14]``."""
 
-    input_kind = "weightspace"
-
     def __init__(self, spec: WeightSpaceSpec) -> None:
-        super().__init__()
-        self.spec = spec
-        self.out_dim = spec.num_layers * 2 * len(STAT_NAMES)
+        super().__init__(spec)
+        self.out_dim = self.spec.num_layers * 2 * len(STAT_NAMES)
 
     def forward(self, ws: WeightSpace) -> torch.Tensor:
-        check_weightspace(ws, self.spec, "StatFeaturizer")
+        self.check_input(ws)
         return layer_statistics(ws)
 
 
-class StatNN(nn.Module):
+class StatNN(WeightSpaceModel):
     """StatNN with an MLP head: statistics -> batch-normalised -> MLP -> ``[B, out_dim]``.
 
     Args:
@@ -75,7 +72,7 @@ class StatNN(nn.Module):
         dropout: dropout in the MLP.
     """
 
-    input_kind = "weightspace"
+    min_layers = 0
 
     def __init__(
         self,
@@ -85,12 +82,10 @@ class StatNN(nn.Module):
         num_layers: int = 2,
         dropout: float = 0.0,
     ) -> None:
-        super().__init__()
-        self.spec, self.out_dim = spec, out_dim
-        self.features = StatFeaturizer(spec)
+        super().__init__(spec, out_dim, hidden, num_layers, dropout)
+        self.features = StatFeaturizer(self.spec)
         self.norm = nn.BatchNorm1d(self.features.out_dim)
-        self.head = mlp_head(self.features.out_dim, hidden, out_dim, num_layers=num_layers,
-                             dropout=dropout)
+        self.head = self._invariant_head(self.features.out_dim, num_layers + 1, hidden, dropout)
 
     def forward(self, ws: WeightSpace) -> torch.Tensor:
         return self.head(self.norm(self.features(ws)))

@@ -31,15 +31,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from metanet.nn.layers import (
-    ChannelDropout,
-    FourierFeatures,
-    Pointwise,
-    TensorList,
-    WSFeatures,
-    check_weightspace,
-    mlp_head,
-)
+from metanet.nn.base import WeightSpaceModel, value_encoding
+from metanet.nn.layers import ChannelDropout, Pointwise, TensorList, WSFeatures
 from metanet.nn.unf_terms import (
     InputPlan,
     OutStructure,
@@ -255,7 +248,7 @@ def _equivariant_stack(
     return _Stack(mods), c
 
 
-class UNF(nn.Module):
+class UNF(WeightSpaceModel):
     """Invariant UNF: ``num_layers`` UNF layers (ReLU), invariant pooling, MLP head ->
     ``[B, out_dim]``.
 
@@ -278,7 +271,7 @@ class UNF(nn.Module):
     ``{name: [B, *shape]}`` / list in spec order (for a PermSpec).
     """
 
-    input_kind = "weightspace"
+    spec_types = (WeightSpaceSpec, PermSpec)
 
     def __init__(
         self,
@@ -292,34 +285,28 @@ class UNF(nn.Module):
         fourier_features: int = 0,
         fourier_sigma: float = 10.0,
     ) -> None:
-        super().__init__()
-        self.spec = spec
-        self.pspec = perm_spec_of(spec)
-        self.out_dim = out_dim
-        self.encode = None
-        c_in = 1
-        if fourier_features:
-            self.encode = FourierFeatures(1, fourier_features, fourier_sigma, axis=1)
-            c_in = self.encode.out_dim
+        super().__init__(spec, out_dim, hidden, num_layers, dropout)
+        self.pspec = perm_spec_of(self.spec)
+        self.encode, c_in = value_encoding(fourier_features, fourier_sigma)
         self.body, c = _equivariant_stack(
             lambda i, o: UNFLayer(self.pspec, i, o, reduction=reduction), c_in, hidden, num_layers,
             None, dropout,
         )  # fmt: skip
         self.pool = InvariantPool(self.pspec, c, reduction=reduction)
-        self.head = mlp_head(self.pool.out_dim, head_hidden, out_dim, dropout=dropout)
+        self.head = self._invariant_head(self.pool.out_dim, 3, head_hidden, dropout)
 
     def forward(
         self, x: WeightSpace | Mapping[str, torch.Tensor] | Sequence[torch.Tensor]
     ) -> torch.Tensor:
         if isinstance(x, WeightSpace) and isinstance(self.spec, WeightSpaceSpec):
-            check_weightspace(x, self.spec, type(self).__name__)
+            self.check_input(x)
         xs = tensors_of(x, self.pspec)
         if self.encode is not None:
             xs = self.encode(xs)
         return self.head(self.pool(self.body(xs)))
 
 
-class UNFEquivariant(nn.Module):
+class UNFEquivariant(WeightSpaceModel):
     """Equivariant UNF: weights in, new weights of the same spec out (editing, generation).
 
     The output is ``x + scale * f(x)`` with ``f`` a stack of UNF layers ending in one channel
@@ -327,7 +314,7 @@ class UNFEquivariant(nn.Module):
     otherwise a list of ``[B, *shape]`` tensors in spec order.
     """
 
-    input_kind = "weightspace"
+    spec_types = (WeightSpaceSpec, PermSpec)
 
     def __init__(
         self,
@@ -337,10 +324,8 @@ class UNFEquivariant(nn.Module):
         reduction: str = "mean",
         residual: bool = True,
     ) -> None:
-        super().__init__()
-        self.spec = spec
-        self.pspec = perm_spec_of(spec)
-        self.residual = residual
+        super().__init__(spec, None, hidden, num_layers)
+        self.pspec = perm_spec_of(self.spec)
         self.body, _ = _equivariant_stack(
             lambda i, o: UNFLayer(self.pspec, i, o, reduction=reduction),
             1,
@@ -349,11 +334,11 @@ class UNFEquivariant(nn.Module):
             1,
             0.0,
         )
-        self.scale = nn.Parameter(torch.tensor(1e-3 if residual else 1.0))
+        self._residual_scale(residual)
 
     def forward(self, x: WeightSpace | Mapping[str, torch.Tensor] | Sequence[torch.Tensor]):
         if isinstance(x, WeightSpace) and isinstance(self.spec, WeightSpaceSpec):
-            check_weightspace(x, self.spec, type(self).__name__)
+            self.check_input(x)
         xs = tensors_of(x, self.pspec)
         ys = self.body(xs)
         out = [(v + self.scale * y) if self.residual else y for v, y in zip(xs, ys)]
