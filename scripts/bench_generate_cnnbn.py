@@ -21,11 +21,14 @@ few training batches after generation, and the effect of that recalibration.
    statistics (zeros and ones), and recalibrated on K batches of 64 training images
    (:func:`metanet.hyper.calibrate.calibrate_batchnorm`), K chosen per method on validation
    among ``--calibrate-grid``. Nothing is chosen on the test split. Beside them, novelty of the
-   recalibrated networks: the max IoU of each network's misclassified test samples with those of
-   any training checkpoint (recalibrated the same way; excluding itself), and the L2 distance to
-   the nearest training checkpoint relative to the zoo's own nearest-neighbour distance
+   recalibrated networks, measured by :func:`metanet.generate.novelty.novelty` with the layout
+   and the calibration batches (what ``metanet generate --against`` computes): the max IoU of
+   each network's misclassified test samples with those of any training checkpoint (the training
+   checkpoints recalibrated on the same K batches; excluding itself), the L2 distance to the
+   nearest training checkpoint relative to the zoo's own nearest-neighbour distance
    (*unaligned*: a flat layout has no permutation alignment, so a permuted copy is far in L2 but
-   shows as an error IoU near 1).
+   shows as an error IoU near 1), and the share flagged as memorized (L2 below half the zoo's
+   nearest-neighbour distance, or error IoU >= 0.999).
 """
 
 from __future__ import annotations
@@ -121,31 +124,27 @@ class Scorer:
             test[i] = (module(s.x_test).argmax(1) == s.y_test).float().mean()
         return val, test
 
-    @torch.no_grad()
-    def errors(self, ws, calibration) -> torch.Tensor:
-        """``[B, N]``: which test samples each (recalibrated) network misclassifies."""
-        from metanet.generate.evaluate import load_network
-        from metanet.zoo.architectures import build_module
+    def errors(self, ws, k: int) -> torch.Tensor:
+        """``[B, N]``: which test samples each network misclassifies, recalibrated on K batches."""
+        from metanet.generate.novelty import error_sets
 
         s = self.splits
-        module = build_module(self.arch).eval()
-        wrong = torch.ones(len(ws), len(s.y_test), dtype=torch.bool)
-        for i in range(len(ws)):
-            out = load_network(module, ws, i, self.layout, calibration)(s.x_test)
-            wrong[i] = (out.argmax(1) != s.y_test) | ~torch.isfinite(out).all(1)
-        return wrong
+        return error_sets(ws, self.arch, s.x_test, s.y_test, self.layout, self.batches[k])
 
-    def novelty(self, ws, k: int, train: tuple, self_index=None) -> tuple[float, float]:
-        """``(median max error IoU, median unaligned L2 NN / zoo NN)`` against ``train``
-        (``(vectors, error sets, zoo NN scale)``)."""
-        from metanet.generate.novelty import max_error_overlap
+    def novelty(self, ws, k: int, train: tuple, self_index=None) -> tuple[float, float, float]:
+        """``(median max error IoU, median unaligned L2 NN / zoo NN, memorized share)`` of ``ws``
+        recalibrated on K batches against ``train`` (``(vectors, {K: error sets of the training
+        checkpoints recalibrated on K batches}, zoo NN scale)``)."""
+        from metanet.generate.novelty import novelty
 
         vectors, train_errors, scale = train
-        iou, _ = max_error_overlap(self.errors(ws, self.batches[k]), train_errors, self_index)
-        dist = torch.cdist(ws.flatten(), vectors)
-        if self_index is not None:
-            dist[torch.arange(len(dist)), self_index] = float("inf")
-        return float(iou.median()), float(dist.min(1).values.median()) / scale
+        s = self.splits
+        rep = novelty(ws, vectors, train_errors[k], None, self.arch, s.x_test, s.y_test,
+                      self_index=self_index, scale=scale, layout=self.layout,
+                      calibration=self.batches[k])  # fmt: skip
+        assert not rep.aligned
+        out = rep.summary()
+        return out["iou_median"], out["l2_rel_median"], out["memorized"]
 
     def all_modes(
         self, ws, own_buffers: list[dict] | None = None, train: tuple | None = None,
@@ -224,10 +223,11 @@ def main(argv=None) -> int:
     rows["training checkpoints"] = scorer.all_modes(
         train_ws, _record_buffers(group, dm.records.numpy(), layout)
     )
-    # novelty reference: the training checkpoints recalibrated with their K chosen on validation
+    # novelty reference: the training checkpoints, recalibrated on the same K batches as the
+    # networks they are compared with (every K of the grid)
     k_train = rows["training checkpoints"]["recal"][1]
     nn_dist = torch.cdist(dm.raw_vectors, dm.raw_vectors).fill_diagonal_(float("inf"))
-    train = (dm.raw_vectors, scorer.errors(train_ws, scorer.batches[k_train]),
+    train = (dm.raw_vectors, {k: scorer.errors(train_ws, k) for k in grid},
              float(nn_dist.min(1).values.median()))  # fmt: skip
     rows["training checkpoints"]["novelty"] = scorer.novelty(train_ws, k_train, train, own_index)
     rows["held-out independent runs"]["novelty"] = scorer.novelty(
@@ -278,17 +278,20 @@ def main(argv=None) -> int:
         f"sampled method; validation: the zoo data's {s.source} split ({len(s.y_val)} samples), "
         f"test {len(s.y_test)} samples. Cells: test accuracy median / mean / best-of-10 (chosen "
         "on validation); K = recalibration batches of 64 train images, chosen on validation "
-        f"among {grid}. Zoo's own unaligned L2 NN distance (median) {train[2]:.3f}.",
+        f"among {grid}. Zoo's own unaligned L2 NN distance (median) {train[2]:.3f}. Novelty "
+        "(metanet.generate.novelty.novelty, flat layout): against the training checkpoints "
+        "recalibrated on the same K batches; memorized = share with unaligned L2 NN below 0.5 x "
+        "the zoo's NN distance or max error IoU >= 0.999.",
         "",
         "| method | own trained BN statistics | zoo-average statistics (no recalibration) | "
         "initial statistics 0/1 (no recalibration) | recalibrated on K train batches | "
-        "max error IoU median (recalibrated) | unaligned L2 NN / zoo NN |",
-        "|---|---|---|---|---|---|---|",
+        "max error IoU median (recalibrated) | unaligned L2 NN / zoo NN | memorized |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, modes in rows.items():
         cells = [cell(modes.get(m)) for m in ("own", "zoo", "init", "recal")]
-        iou, rel = modes["novelty"]
-        cells += [f"{iou:.3f}", f"{rel:.2f}"]
+        iou, rel, mem = modes["novelty"]
+        cells += [f"{iou:.3f}", f"{rel:.2f}", f"{mem:.0%}"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += [
         "",

@@ -24,6 +24,7 @@ from metanet.generate.evaluate import (
     load_eval_splits,
     load_network,
 )
+from metanet.generate.novelty import error_sets, max_error_overlap, novelty
 from metanet.generate.selection import SelectOnValidation
 from metanet.hyper.calibrate import calibrate_batchnorm
 from metanet.tasks.generation import FlowGenerationTask
@@ -100,11 +101,16 @@ def test_flat_layout_round_trip_gives_the_same_module(cnnbn_zoo, cnnbn_dm) -> No
         # the pseudo weight space the generators see unflattens to the same vector
         ws = WeightSpace.unflatten(vec[None], dm.spec)
         assert torch.equal(ws.flatten()[0], vec)
-    # the layout travels in the generator's info and comes back equal
-    again = network_layout({"zoo_info": json.loads(json.dumps(dm.zoo_info))})
-    assert again.params == layout.params
-    assert all(torch.equal(again.buffers[k], v) and again.buffers[k].dtype == v.dtype
-               for k, v in layout.buffers.items())  # fmt: skip
+    # the layout travels in the generator's info (its own key) and comes back equal; checkpoints
+    # written before carried it inside zoo_info, which is still read
+    assert "layout" not in dm.zoo_info
+    plain = json.loads(json.dumps(layout.to_dict()))
+    for info in ({"layout": plain, "zoo_info": dm.zoo_info}, {"zoo_info": {"layout": plain}}):
+        again = network_layout(info)
+        assert again.params == layout.params
+        assert all(torch.equal(again.buffers[k], v) and again.buffers[k].dtype == v.dtype
+                   for k, v in layout.buffers.items())  # fmt: skip
+    assert network_layout({"zoo_info": dm.zoo_info}) is None  # a weight-space generator's info
     # defaults: the zoo's average running statistics over the training networks
     stacked = group.params(dm.records.numpy())
     torch.testing.assert_close(layout.buffers["4.running_var"], stacked["4.running_var"].mean(0))
@@ -187,6 +193,7 @@ def test_generator_on_a_batchnorm_zoo_and_generate_calibrate_bn(cnnbn_dm, tmp_pa
                         accelerator="cpu", callbacks=[sel])  # fmt: skip
     trainer.fit(task, datamodule=cnnbn_dm)
     assert sel.history and network_layout(task.info).params == cnnbn_dm.layout.params
+    assert "layout" in task.info and "layout" not in task.info["zoo_info"]
     ckpt = str(tmp_path / "flow.ckpt")
     trainer.save_checkpoint(ckpt)
     for k, sub in ((0, "raw"), (2, "calibrated")):
@@ -209,6 +216,58 @@ def test_generator_on_a_batchnorm_zoo_and_generate_calibrate_bn(cnnbn_dm, tmp_pa
     err = generate_main(["--generator", ckpt, "--n", "2", "-o", str(tmp_path / "x"),
                          "--calibrate-bn", "-1"])  # fmt: skip
     assert err == 2 and "--calibrate-bn must be >= 0" in capsys.readouterr().err
+    # --against: novelty against the training networks, both sides recalibrated the same way
+    out = tmp_path / "against"
+    rc = generate_main(["--generator", ckpt, "--n", "3", "-o", str(out), "--seed", "1",
+                        "--calibrate-bn", "2", "--against", cnnbn_dm.zoo])  # fmt: skip
+    text = capsys.readouterr()
+    assert rc == 0, text.err
+    assert "unaligned L2 NN (flat layout)" in text.out
+    rows = list(csv.DictReader(open(out / "generated.csv")))
+    assert "unaligned_l2_nn" in rows[0] and "aligned_l2_nn" not in rows[0]
+    info = {"arch": cnnbn_dm.arch, "zoo_info": cnnbn_dm.zoo_info}
+    splits = load_eval_splits(info)
+    batches = calibration_batches(info, 2)  # what --calibrate-bn 2 uses (64 per batch, seed 0)
+    train = WeightSpace.unflatten(cnnbn_dm.raw_vectors, cnnbn_dm.spec)  # held-out run left out
+    train_errors = error_sets(train, cnnbn_dm.arch, splits.x_test, splits.y_test,
+                              cnnbn_dm.layout, batches)  # fmt: skip
+    for i, row in enumerate(rows):
+        module = build_module(cnnbn_dm.arch).eval()  # the written (recalibrated) network
+        module.load_state_dict(load_safetensors(out / f"net_{i:04d}.safetensors"))
+        with torch.no_grad():
+            wrong = module(splits.x_test).argmax(1) != splits.y_test
+        iou, _ = max_error_overlap(wrong[None], train_errors)
+        assert float(row["max_error_iou"]) == pytest.approx(float(iou), abs=1e-4)
+        dist = (cnnbn_dm.raw_vectors - cnnbn_dm.layout.flatten(
+            {k: v[None] for k, v in module.state_dict().items()})).norm(dim=1).min()  # fmt: skip
+        assert float(row["unaligned_l2_nn"]) == pytest.approx(float(dist), rel=1e-4, abs=1e-4)
+
+
+def test_novelty_of_flat_layout_networks(cnnbn_dm) -> None:
+    dm = cnnbn_dm
+    info = {"arch": dm.arch, "zoo_info": dm.zoo_info}
+    batches = calibration_batches(info, 2, batch_size=16)
+    splits = load_eval_splits(info)
+    x, y = splits.x_test, splits.y_test
+    train = dm.raw_vectors
+    train_ws = WeightSpace.unflatten(train, dm.spec)
+    errors = error_sets(train_ws, dm.arch, x, y, dm.layout, batches)
+    acc = classifier_accuracy(train_ws, dm.arch, x, y, layout=dm.layout, calibration=batches)
+    torch.testing.assert_close(1.0 - errors.float().mean(1), acc)  # the same loading
+    # a copy of two checkpoints, loaded and recalibrated like them: IoU 1, distance 0, memorized
+    copies = WeightSpace.unflatten(train[[0, 2]].clone(), dm.spec)
+    rep = novelty(copies, train, errors, None, dm.arch, x, y, layout=dm.layout,
+                  calibration=batches)  # fmt: skip
+    assert not rep.aligned and rep.summary()["l2_aligned"] == 0.0
+    assert rep.memorized.all() and torch.allclose(rep.iou, torch.ones(2))
+    assert torch.allclose(rep.distance, torch.zeros(2)) and rep.distance_index.tolist() == [0, 2]
+    # the checkpoints against each other (excluding self) and the held-out run are not copies
+    own = novelty(train_ws, train, errors, None, dm.arch, x, y, self_index=torch.arange(len(train)),
+                  layout=dm.layout, calibration=batches)  # fmt: skip
+    assert (own.distance > 0).all() and (own.distance_index != torch.arange(len(train))).all()
+    held = novelty(WeightSpace.unflatten(dm.holdout_vectors, dm.spec), train, errors, None,
+                   dm.arch, x, y, layout=dm.layout, calibration=batches)  # fmt: skip
+    assert not held.memorized.any() and float(held.distance[0]) > 0
 
 
 # -- bad input -------------------------------------------------------------------------------------

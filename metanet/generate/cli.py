@@ -25,7 +25,11 @@ generator's architecture, aligned to the generator's reference network):
 training network) and ``aligned_l2_nn`` (aligned L2 distance to the nearest training network)
 columns, and ``memorized`` (1 for a near copy; :func:`metanet.generate.novelty.novelty`). Runs the
 generator held out of its training (``GeneratorDataModule(holdout=...)``) are not training
-networks and are left out when ``ZOO`` is the zoo it was trained on.
+networks and are left out when ``ZOO`` is the zoo it was trained on. For a flat-layout generator
+the training networks are read through the same layout and loaded like the generated ones (the
+layout's buffers, then ``--calibrate-bn`` recalibration when given, so a copy of a checkpoint
+makes the same errors); a flat layout has no permutation alignment, so the distance column is
+``unaligned_l2_nn`` (plain L2 between parameter vectors) instead of ``aligned_l2_nn``.
 
 The generator checkpoint is read tensors-only; ``--trust-pickle`` allows a full unpickle of a
 checkpoint that needs one, which runs code named in the file (only for files you trust).
@@ -53,7 +57,7 @@ killed at any point leaves no partial file, and running the same command again c
 
 Bad input (a condition the generator was not trained with, a checkpoint of another task or of
 another architecture than ``--arch``, an ``--against`` zoo without networks of the generator's
-architecture, ``--against`` for a flat-layout generator, a checkpoint that needs pickle without
+architecture, a checkpoint that needs pickle without
 ``--trust-pickle``, an unreadable file, test data that cannot be read for the evaluation or the
 recalibration, ``n <= 0``, ``--calibrate-bn < 0``, a job over the memory limit) prints
 ``error: ...`` and exits with 2.
@@ -146,7 +150,8 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         metavar="ZOO",
         help="zoo of the generator's training networks: add novelty columns (max error IoU, "
-        "aligned L2 nearest-neighbour distance, memorized) to generated.csv",
+        "aligned L2 nearest-neighbour distance (unaligned for a flat-layout generator), "
+        "memorized) to generated.csv",
     )
     p.add_argument(
         "--calibrate-bn",
@@ -359,11 +364,6 @@ def run(args: argparse.Namespace) -> str:
     layout = network_layout(info)
     if args.against is not None and not evaluate:
         raise _UsageError("--against needs the evaluation (a classifier zoo, without --no-eval)")
-    if args.against is not None and layout is not None:
-        raise _UsageError(
-            "--against measures novelty in a weight space; this generator's networks "
-            "(a flat parameter layout: norm layers or residual blocks) have none"
-        )
     calibration = None
     if args.calibrate_bn:
         try:
@@ -387,7 +387,7 @@ def run(args: argparse.Namespace) -> str:
         from metanet.generate.data import ZooInputError, zoo_group_for
 
         try:
-            train_group = zoo_group_for(args.against, info["arch"])
+            train_group = zoo_group_for(args.against, info["arch"], flat=layout is not None)
         except (ZooInputError, OSError) as err:
             raise _UsageError(f"--against: {err}") from None
     examples = max(len(x) if x is not None else 0, args.calibrate_bn * args.calibrate_batch_size)
@@ -449,13 +449,18 @@ def run(args: argparse.Namespace) -> str:
             float(val_task[c][i]) if c in val_task else float(val_all[i])
             for i, c in enumerate(names)
         ]
-    nov = _novelty_columns(gen, ws, train_group, x, y) if train_group is not None else None
+    nov = (
+        _novelty_columns(gen, ws, train_group, x, y, layout, calibration)
+        if train_group is not None
+        else None
+    )
+    l2_name = "aligned_l2_nn" if layout is None else "unaligned_l2_nn"
     header = ["file", "condition", "test_acc", "test_acc_all_classes",
               *[f"acc_{t}" for t in per_task]]  # fmt: skip
     if val_own is not None:
         header.append("val_acc")
     if nov is not None:
-        header += ["max_error_iou", "aligned_l2_nn", "memorized"]
+        header += ["max_error_iou", l2_name, "memorized"]
     rows = [header]
     for i, f in enumerate(files):
         row = [
@@ -478,8 +483,9 @@ def run(args: argparse.Namespace) -> str:
         b = int(torch.tensor(val_own).argmax())
         text += f"; best by val_acc: {files[b]} (val {val_own[b]:.4f}, test {own[b]:.4f})"
     if nov is not None:
+        l2_text = "aligned L2 NN" if layout is None else "unaligned L2 NN (flat layout)"
         text += (
-            f"; novelty: max error IoU median {nov.iou.median():.3f}, aligned L2 NN median "
+            f"; novelty: max error IoU median {nov.iou.median():.3f}, {l2_text} median "
             f"{nov.distance.median():.3f}, memorized {nov.memorized.float().mean():.0%}"
         )
     return f"{text} (generated.csv)"
@@ -493,9 +499,19 @@ def _same_zoo(info: Mapping[str, Any], group: Any) -> bool:
     return bool(fp) and fp == zoo.get("fingerprint")
 
 
-def _novelty_columns(gen: Any, ws: Any, group: Any, x: torch.Tensor, y: torch.Tensor) -> Any:
-    """Novelty of ``ws`` against the networks of zoo ``group`` (aligned to the generator's
-    reference network): a :class:`metanet.generate.novelty.NoveltyReport`."""
+def _novelty_columns(
+    gen: Any,
+    ws: Any,
+    group: Any,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    layout: Any = None,
+    calibration: Sequence[torch.Tensor] | None = None,
+) -> Any:
+    """Novelty of ``ws`` against the networks of zoo ``group``: a
+    :class:`metanet.generate.novelty.NoveltyReport`. Weight-space networks are aligned to the
+    generator's reference network; a flat ``layout``'s are compared as they are (unaligned L2),
+    both sides loaded through the layout and recalibrated on the same ``calibration`` batches."""
     from metanet.generate.canonicalize import canonicalize
     from metanet.generate.novelty import error_sets, novelty
     from metanet.limits import check_memory
@@ -505,11 +521,19 @@ def _novelty_columns(gen: Any, ws: Any, group: Any, x: torch.Tensor, y: torch.Te
     check_memory(len(group) * int(info["dim"]) * 8, f"the {len(group)} networks of --against")
     held = set(info.get("holdout_records") or []) if _same_zoo(info, group) else set()
     records = [i for i in range(len(group)) if i not in held]
+    if layout is not None:
+        vectors = layout.flatten(group.params(records))
+        train_ws = WeightSpace.unflatten(vectors, gen.spec)
+        train_errors = error_sets(train_ws, info["arch"], x, y, layout, calibration)
+        return novelty(ws, vectors, train_errors, None, info["arch"], x, y, layout=layout,
+                       calibration=calibration)  # fmt: skip
     train = group.weight_space(records).to(torch.float32)
     reference = WeightSpace.unflatten(gen.reference.detach().float().cpu()[None], gen.spec)
     train_aligned = canonicalize(train, reference).flatten()
-    train_errors = error_sets(WeightSpace.unflatten(train_aligned, gen.spec), info["arch"], x, y)
-    return novelty(ws, train_aligned, train_errors, reference, info["arch"], x, y)
+    train_errors = error_sets(WeightSpace.unflatten(train_aligned, gen.spec), info["arch"], x, y,
+                              calibration=calibration)  # fmt: skip
+    return novelty(ws, train_aligned, train_errors, reference, info["arch"], x, y,
+                   calibration=calibration)  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,7 +11,8 @@ Two layouts of a network as a vector:
   layout holds the zoo's average as defaults, and the evaluation can recompute them on a few
   training batches after generation (:func:`metanet.generate.evaluate.classifier_accuracy`,
   ``metanet generate --calibrate-bn K``). The layout travels in the generator's checkpoint as
-  ``info["zoo_info"]["layout"]`` (:func:`network_layout` reads it back).
+  ``info["layout"]`` (:func:`network_layout` reads it back; checkpoints written before it had
+  its own key carry it as ``info["zoo_info"]["layout"]``, which is read too).
 
 Set-up (``setup()``, once):
 
@@ -204,9 +205,10 @@ class FlatLayout:
 
 def network_layout(info: Mapping[str, Any]) -> FlatLayout | None:
     """The :class:`FlatLayout` of a generator (``info`` of a
-    :class:`~metanet.tasks.generation.GenerationTask`, or anything with a ``zoo_info``), or
-    ``None`` when its networks are a weight space (``ws.load_into`` loads them)."""
-    data = (info.get("zoo_info") or {}).get("layout")
+    :class:`~metanet.tasks.generation.GenerationTask`: its ``"layout"`` key, or
+    ``info["zoo_info"]["layout"]`` in checkpoints written before that key), or ``None`` when its
+    networks are a weight space (``ws.load_into`` loads them)."""
+    data = info.get("layout") or (info.get("zoo_info") or {}).get("layout")  # older checkpoints
     return FlatLayout.from_dict(data) if data else None
 
 
@@ -247,9 +249,12 @@ def layer_stats_vectors(
     return torch.cat(means).float(), torch.cat(stds).float()
 
 
-def zoo_group_for(zoo: Any, arch: dict[str, Any]) -> Any:
+def zoo_group_for(zoo: Any, arch: dict[str, Any], flat: bool = False) -> Any:
     """The group of ``zoo`` (a path or zoo object) that holds networks of ``arch`` (a
     generator's target architecture), e.g. its training networks for novelty.
+
+    ``flat``: the generator reads the networks through a :class:`FlatLayout` (any module family:
+    a group without a weight space matches too); otherwise the group must have a weight space.
 
     Raises:
         ZooInputError: the zoo has no group of that architecture (the message names the zoo file,
@@ -266,7 +271,7 @@ def zoo_group_for(zoo: Any, arch: dict[str, Any]) -> Any:
         group = z[name]
         group_arch = getattr(group, "arch", None)
         if name == want or (group_arch and arch_name(dict(group_arch)) == want):
-            if group.spec is None:
+            if group.spec is None and not flat:
                 break
             return group
     raise ZooInputError(
@@ -564,8 +569,6 @@ class GeneratorDataModule(L.LightningDataModule):
             "data": attrs.get("data") if isinstance(attrs.get("data"), dict) else None,
             "group": group.name,
         }
-        if self.layout is not None:
-            self.zoo_info["layout"] = self.layout.to_dict()
         self._ready = True
 
     # -- loaders --------------------------------------------------------------------------------

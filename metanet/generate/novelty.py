@@ -19,6 +19,17 @@ training networks:
   few nearest candidates and keeps the smallest distance found, so a permuted copy of a training
   network is at distance 0.
 
+Networks of any module family (a generator of a :class:`~metanet.generate.data.FlatLayout`: CNNs
+with BatchNorm, residual blocks, a user module): ``layout=`` and ``calibration=`` of
+:func:`error_sets` and :func:`novelty` load every network through
+:func:`metanet.generate.evaluate.load_network` (the layout's buffers, then BatchNorm running
+statistics recomputed on the ``calibration`` batches); pass the same ``calibration`` for the
+generated and the training networks, so a copy of a checkpoint makes the same errors. A flat
+layout has no permutation alignment: its L2 nearest-neighbour distance is *unaligned*
+(``NoveltyReport.aligned`` is ``False``). It is an upper bound on the aligned distance, so a
+near copy is still flagged, but a permuted copy is far in L2 and shows only as an error IoU
+near 1.
+
 :func:`novelty` computes both for a batch (plus test accuracy and a "memorized" flag per network)
 as a :class:`NoveltyReport`; :func:`plot_novelty` draws novelty against accuracy for several
 methods (generators and the baselines of :mod:`metanet.generate.baselines`) into a PNG.
@@ -51,19 +62,28 @@ __all__ = [
 
 @torch.no_grad()
 def error_sets(
-    ws: WeightSpace, arch: Mapping[str, Any], x: torch.Tensor, y: torch.Tensor
+    ws: WeightSpace,
+    arch: Mapping[str, Any],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    layout: Any = None,
+    calibration: Sequence[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``[B, N]`` boolean: which of the ``N`` samples each network of ``ws`` misclassifies.
 
-    Every network is loaded into ``build_module(arch)``; a network with non-finite outputs on a
-    sample misclassifies it.
+    Every network is loaded into ``build_module(arch)`` by
+    :func:`metanet.generate.evaluate.load_network`: through ``layout`` (a
+    :class:`~metanet.generate.data.FlatLayout`; ``None``: ``ws`` is a weight space), then with
+    its BatchNorm running statistics recomputed on the ``calibration`` batches when given. A
+    network with non-finite outputs on a sample misclassifies it.
     """
+    from metanet.generate.evaluate import load_network
     from metanet.zoo.architectures import build_module
 
     module = build_module(dict(arch)).eval()
     wrong = torch.ones(len(ws), len(y), dtype=torch.bool)
     for i in range(len(ws)):
-        ws.load_into(module, i)
+        load_network(module, ws, i, layout, calibration)
         out = module(x)
         finite = torch.isfinite(out).all(1)
         wrong[i] = (out.argmax(1) != y) | ~finite
@@ -206,13 +226,15 @@ class NoveltyReport:
         iou: ``[Q]`` maximum error-set IoU over the training checkpoints (excluding self).
         iou_index: ``[Q]`` the training checkpoint it is reached at.
         distance: ``[Q]`` aligned L2 distance to the nearest training checkpoint (excluding self;
-            :func:`refined_nearest`).
+            :func:`refined_nearest`); for a flat layout, the unaligned distance (see ``aligned``).
         distance_index: ``[Q]`` that checkpoint.
         memorized: ``[Q]`` flagged as a copy: ``distance`` below ``copy_fraction`` times the
             training set's own median nearest-neighbour distance, or ``iou`` at least
             ``copy_iou``.
         scale: the training set's median aligned nearest-neighbour distance (the unit of
-            ``copy_fraction``).
+            ``copy_fraction``; unaligned for a flat layout).
+        aligned: whether ``distance`` and ``scale`` were measured after permutation alignment
+            (``False`` for a flat parameter layout, which has none).
     """
 
     accuracy: torch.Tensor
@@ -222,9 +244,11 @@ class NoveltyReport:
     distance_index: torch.Tensor
     memorized: torch.Tensor
     scale: float
+    aligned: bool = True
 
     def summary(self) -> dict[str, float]:
-        """Medians and means of the columns, and the share of memorized networks."""
+        """Medians and means of the columns, the share of memorized networks, and
+        ``l2_aligned`` (1.0 when the distances are aligned, 0.0 for a flat layout's)."""
         finite = torch.isfinite(self.distance)
         dist = self.distance[finite] if bool(finite.any()) else torch.tensor([math.inf])
         return {
@@ -235,6 +259,7 @@ class NoveltyReport:
             "l2_median": float(dist.median()),
             "l2_rel_median": float(dist.median()) / self.scale if self.scale > 0 else math.inf,
             "memorized": float(self.memorized.float().mean()),
+            "l2_aligned": float(self.aligned),
         }
 
 
@@ -242,7 +267,7 @@ def novelty(
     ws: WeightSpace,
     train_aligned: torch.Tensor,
     train_errors: torch.Tensor,
-    reference: WeightSpace,
+    reference: WeightSpace | None,
     arch: Mapping[str, Any],
     x: torch.Tensor,
     y: torch.Tensor,
@@ -252,14 +277,19 @@ def novelty(
     copy_iou: float = 0.999,
     scale: float | None = None,
     candidates: int = 3,
+    layout: Any = None,
+    calibration: Sequence[torch.Tensor] | None = None,
 ) -> NoveltyReport:
     """Accuracy, error overlap and aligned L2 novelty of the networks ``ws``.
 
     Args:
         ws: ``Q`` networks (generated, a baseline, or the training checkpoints themselves).
-        train_aligned: ``[P, D]`` training checkpoints aligned to ``reference``.
-        train_errors: ``[P, N]`` their error sets on ``(x, y)`` (:func:`error_sets`).
-        reference: the one network every side is aligned to.
+        train_aligned: ``[P, D]`` training checkpoints aligned to ``reference`` (for a flat
+            layout: their flat parameter vectors as they are).
+        train_errors: ``[P, N]`` their error sets on ``(x, y)`` (:func:`error_sets`, with the
+            same ``layout`` and ``calibration``).
+        reference: the one network every side is aligned to (unused, may be ``None``, for a
+            flat layout).
         arch: the architecture's arch dict.
         x, y: the test samples (inputs shaped for ``arch``).
         self_index: ``[Q]`` each network's index among the training checkpoints, ``-1`` if it
@@ -270,18 +300,29 @@ def novelty(
             the reference frame).
         candidates: nearest candidates each network is aligned to directly
             (:func:`refined_nearest`; 0: the reference frame only).
+        layout: the generator's :class:`~metanet.generate.data.FlatLayout` (``None``: ``ws`` is
+            a weight space). With a layout nothing is aligned: the L2 distances are unaligned
+            (``NoveltyReport.aligned`` is ``False``).
+        calibration: input batches every network's BatchNorm running statistics are recomputed
+            on before its errors are counted (:func:`error_sets`).
     """
-    errors = error_sets(ws, arch, x, y)
+    errors = error_sets(ws, arch, x, y, layout, calibration)
     accuracy = 1.0 - errors.float().mean(1)
     iou, iou_idx = max_error_overlap(errors, train_errors, self_index)
-    if aligned is None:
-        aligned = align_to(ws, reference)
-    dist, dist_idx = refined_nearest(ws, aligned, train_aligned, self_index, candidates)
+    if layout is not None:  # no permutation alignment: plain L2 between parameter vectors
+        dist, dist_idx = aligned_nearest(ws.flatten(), train_aligned, self_index)
+    else:
+        if aligned is None:
+            if reference is None:
+                raise ValueError("novelty of weight-space networks needs a reference network")
+            aligned = align_to(ws, reference)
+        dist, dist_idx = refined_nearest(ws, aligned, train_aligned, self_index, candidates)
     if scale is None:
         own, _ = aligned_nearest(train_aligned, train_aligned, torch.arange(len(train_aligned)))
         scale = float(own.median())
     memorized = (dist < copy_fraction * scale) | (iou >= copy_iou)
-    return NoveltyReport(accuracy, iou, iou_idx, dist, dist_idx, memorized, float(scale))
+    return NoveltyReport(accuracy, iou, iou_idx, dist, dist_idx, memorized, float(scale),
+                         aligned=layout is None)  # fmt: skip
 
 
 def plot_novelty(
@@ -291,9 +332,9 @@ def plot_novelty(
     reference_l2: float | None = None,
 ) -> str:
     """Scatter of accuracy against novelty, one colour per method: max error IoU (left) and
-    aligned L2 nearest-neighbour distance (right); medians as large markers. Written as a PNG
-    to ``path`` (returned). ``reference_l2``: a vertical line (e.g. the distance between
-    independent runs)."""
+    aligned L2 nearest-neighbour distance (right; labelled unaligned when any report is of a flat
+    layout); medians as large markers. Written as a PNG to ``path`` (returned).
+    ``reference_l2``: a vertical line (e.g. the distance between independent runs)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -322,7 +363,12 @@ def plot_novelty(
                     zorder=3,
                 )
     axes[0].set_xlabel("max IoU of misclassified test samples vs training checkpoints")
-    axes[1].set_xlabel("aligned L2 distance to nearest training checkpoint")
+    unaligned = any(not rep.aligned for rep in reports.values())
+    axes[1].set_xlabel(
+        "unaligned L2 distance to nearest training checkpoint (flat layout: no alignment)"
+        if unaligned
+        else "aligned L2 distance to nearest training checkpoint"
+    )
     axes[1].set_xscale("symlog", linthresh=0.1)
     if reference_l2 is not None:
         axes[1].axvline(reference_l2, color="gray", ls="--", lw=1)

@@ -11,8 +11,10 @@ Both read :class:`metanet.generate.data.GeneratorDataModule` and support conditi
 module's condition vocabulary (classifier-free guidance: the condition is dropped with
 probability ``cond_dropout`` in training). Checkpoints carry ``checkpoint["metanet"]`` with the
 task name ``"generation"``, the target architecture (arch dict and :class:`WeightSpaceSpec`), the
-condition vocabulary, the classes of each condition's task and the zoo it was trained on, so
-:func:`load_generator` rebuilds a generator without the data and ``metanet generate`` writes
+condition vocabulary, the classes of each condition's task, the zoo it was trained on and, for
+networks without a weight space, their flat parameter layout (``info["layout"]``:
+:class:`metanet.generate.data.FlatLayout`, read by :func:`metanet.generate.data.network_layout`),
+so :func:`load_generator` rebuilds a generator without the data and ``metanet generate`` writes
 networks that load into ``build_module(arch)``.
 """
 
@@ -127,6 +129,9 @@ class GenerationTask(L.LightningModule):
         held = getattr(dm, "holdout_records", None)
         if held is not None and len(held):  # zoo records the generator never saw
             info["holdout_records"] = [int(i) for i in held]
+        layout = getattr(dm, "layout", None)
+        if layout is not None:  # a flat parameter layout (network_layout(info) reads it back)
+            info["layout"] = layout.to_dict()
         self.build(info)
         self.mean.copy_(dm.mean)
         self.std.copy_(dm.std)
