@@ -75,9 +75,11 @@ def ms(vals: list[float], digits: int = 3) -> str:
     return f"{statistics.mean(vals):.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
 
 
-def train_ghn(decoder: str, family: ArchFamily, d, steps: int, seed: int = 0) -> GHNTask:
+def train_ghn(decoder: str, family: ArchFamily, d, steps: int, seed: int = 0,
+              normalize: str = "fan_in") -> GHNTask:  # fmt: skip
     torch.manual_seed(seed)
-    task = GHNTask(ghn={**GHN_KW, **DECODERS[decoder]}, lr=1e-3, cache_size=2048)
+    task = GHNTask(ghn={**GHN_KW, **DECODERS[decoder], "normalize": normalize}, lr=1e-3,
+                   cache_size=2048)  # fmt: skip
     opt = torch.optim.AdamW(task.ghn.parameters(), lr=1e-3, weight_decay=1e-5)
     rng = random.Random(seed)
     g = torch.Generator().manual_seed(seed)
