@@ -80,19 +80,23 @@ def traceable_groups(zoo_path: str) -> tuple[list[str], dict[str, str]]:
 
 
 def statnn_gbt(
-    zoo_path: str, seed: int, graph: bool, groups: list[str] | None = None
+    zoo_path: str, seed: int, graph: bool, groups: list[str] | None = None,
+    train_runs: int | None = None,
 ) -> dict[str, Any]:
-    """Fit StatNN-GBT on the train+val runs of the same split the metanetworks use."""
+    """Fit StatNN-GBT on the train+val runs of the same split the metanetworks use (on the train
+    runs only with ``train_runs``: a learning-curve point, where validation runs would add
+    training data the metanetworks do not get)."""
     from metanet.data.datamodules import ParamGraphDataModule, WeightSpaceDataModule
     from metanet.tasks.statnn import arch_agnostic_statistics, run_gbt, statnn_features
 
     splits = tuple(float(s) for s in SPLITS.strip("[]").split(","))
     if graph:
         dm = ParamGraphDataModule(
-            zoo_path, groups=groups, splits=splits, seed=seed, max_kernel_size=ARCH_KERNEL
+            zoo_path, groups=groups, splits=splits, seed=seed, max_kernel_size=ARCH_KERNEL,
+            train_runs=train_runs,
         )
     else:
-        dm = WeightSpaceDataModule(zoo_path, splits=splits, seed=seed)
+        dm = WeightSpaceDataModule(zoo_path, splits=splits, seed=seed, train_runs=train_runs)
     dm.setup()
 
     def features(split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -120,8 +124,11 @@ def statnn_gbt(
     x_tr, y_tr = features("train")
     x_va, y_va = features("val")
     x_te, y_te = features("test")
-    scores = run_gbt((np.concatenate([x_tr, x_va]), np.concatenate([y_tr, y_va])), (x_te, y_te),
-                     seed=seed)  # fmt: skip
+    if train_runs:
+        fit_on = (x_tr, y_tr)
+    else:
+        fit_on = (np.concatenate([x_tr, x_va]), np.concatenate([y_tr, y_va]))
+    scores = run_gbt(fit_on, (x_te, y_te), seed=seed)
     return {"kendall_tau": scores["kendall_tau"], "r2": scores["r2"],
             "seconds": time.time() - start, "png": None}  # fmt: skip
 
@@ -208,11 +215,14 @@ def table(title: str, results: dict[str, list[dict]], seeds: Sequence[int]) -> s
 
 
 def run_table(
-    models, zoo_path, seeds, epochs, graph_zoo: bool, tag: str, groups: list[str] | None = None
+    models, zoo_path, seeds, epochs, graph_zoo: bool, tag: str, groups: list[str] | None = None,
+    train_runs: int | None = None,
 ) -> dict[str, list[dict]]:
     import json
 
     extra = ["--data.init_args.groups", json.dumps(groups)] if groups else []
+    if train_runs:
+        extra += ["--data.init_args.train_runs", str(train_runs)]
     if graph_zoo:
         extra += ["--data.init_args.max_kernel_size", str(ARCH_KERNEL)]
     results: dict[str, list[dict]] = {}
@@ -222,7 +232,8 @@ def run_table(
             print(f"[{tag}] {model} seed {seed} ...", flush=True)
             try:
                 if model == "statnn_gbt":
-                    r = statnn_gbt(zoo_path, seed, graph=graph_zoo, groups=groups)
+                    r = statnn_gbt(zoo_path, seed, graph=graph_zoo, groups=groups,
+                                   train_runs=train_runs)  # fmt: skip
                 else:
                     config = os.path.join(ROOT, "configs", "predict_gen", f"{model}.yaml")
                     run_dir = os.path.join(ROOT, "runs", "bench_generalization", tag,
@@ -252,6 +263,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="1 seed, 1 epoch (smoke run)")
     parser.add_argument("--cnn-zoo", default=None, help="zoo file (default: digits-cnn)")
     parser.add_argument("--arch-zoo", default=None, help="zoo file (default: digits-arch)")
+    parser.add_argument("--train-runs", type=int, default=None,
+                        help="train on this many runs of the train split (a learning-curve point; "
+                             "validation and test runs unchanged; StatNN-GBT then fits on train "
+                             "only)")  # fmt: skip
     parser.add_argument("--png", default=None,
                         help="where to copy the predicted-vs-true plot of the best model "
                              "(the README's is docs/predicted_vs_true.png)")
@@ -266,13 +281,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     out, res_cnn = [], {}
     if not args.skip_cnn:
         cnn = args.cnn_zoo or ensure_zoo("digits-cnn")
-        res_cnn = run_table(args.models, cnn, seeds, epochs, graph_zoo=False, tag="digits-cnn")
+        res_cnn = run_table(args.models, cnn, seeds, epochs, graph_zoo=False, tag="digits-cnn",
+                            train_runs=args.train_runs)  # fmt: skip
         out.append(table("Generalization prediction on digits-cnn", res_cnn, seeds))
     if not args.skip_arch:
         arch = args.arch_zoo or ensure_zoo("digits-arch")
         groups, failed = traceable_groups(arch)
         res_arch = run_table(args.arch_models, arch, seeds, epochs, graph_zoo=True,
-                             tag="digits-arch", groups=groups)  # fmt: skip
+                             tag="digits-arch", groups=groups,
+                             train_runs=args.train_runs)  # fmt: skip
         text = table(f"Generalization prediction on digits-arch ({len(groups)} architectures)",
                      res_arch, seeds)  # fmt: skip
         for name, err in failed.items():

@@ -66,6 +66,25 @@ def test_splits_are_by_run_deterministic_and_complete(zoo_path):
     assert sum(len(last.splits[s][1]) for s in runs) == 12
 
 
+def test_train_runs_shrinks_the_train_split_only(zoo_path):
+    # a learning-curve point: fewer train runs (a subset of the full train split), the same
+    # validation and test records
+    kw = {"group": arch_name(MLP), "splits": (0.5, 0.25, 0.25), "seed": 3}
+    full = WeightSpaceDataModule(zoo_path, **kw)
+    full.setup()
+    part = WeightSpaceDataModule(zoo_path, train_runs=2, **kw)
+    part.setup()
+    assert len(part.split_run_ids("train")) == 2
+    assert part.split_run_ids("train") <= full.split_run_ids("train")
+    for split in ("val", "test"):
+        assert np.array_equal(part.splits[split][1], full.splits[split][1])
+    assert len(part.splits["train"][1]) == 4  # 2 runs x 2 checkpoints
+    with pytest.raises(ValueError, match="train_runs=7"):
+        WeightSpaceDataModule(zoo_path, train_runs=7, **kw).setup()
+    with pytest.raises(ValueError, match="train_runs"):
+        WeightSpaceDataModule(zoo_path, train_runs=0, **kw)
+
+
 def test_weightspace_batches_targets_and_statistics(zoo_path):
     dm = WeightSpaceDataModule(zoo_path, batch_size=5, seed=0)  # the only group with a spec
     dm.setup()

@@ -154,8 +154,11 @@ class _ZooDataModule(L.LightningDataModule):
         transforms: Callable | None = None,
         checkpoints: str | int = "all",
         stats_max_records: int | None = None,
+        train_runs: int | None = None,
     ) -> None:
         super().__init__()
+        if train_runs is not None and train_runs < 1:
+            raise ValueError(f"train_runs must be >= 1 (None: every train run), got {train_runs}")
         if task not in (None, "regression", "classification"):
             raise ValueError(f"task must be 'regression' or 'classification', got {task!r}")
         fractions = [float(f) for f in splits]
@@ -179,6 +182,7 @@ class _ZooDataModule(L.LightningDataModule):
         self.transforms = transforms
         self.checkpoints = checkpoints
         self.stats_max_records = stats_max_records
+        self.train_runs = train_runs
         self.zoo: ZooLike | None = None
         self.group_names: list[str] = []
         self.splits: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -272,7 +276,8 @@ class _ZooDataModule(L.LightningDataModule):
         return np.array([e == last[r] for r, e in zip(run.tolist(), epoch.tolist())])
 
     def _split_runs(self, run_keys: list[tuple[str, Any]]) -> np.ndarray:
-        """Split index (0 train, 1 val, 2 test) per record; runs are never divided."""
+        """Split index (0 train, 1 val, 2 test, -1 left out by ``train_runs``) per record; runs
+        are never divided."""
         uniq = sorted(set(run_keys), key=lambda k: (k[0], str(k[1])))
         order = np.random.default_rng(self.seed).permutation(len(uniq))
         n = len(uniq)
@@ -283,6 +288,11 @@ class _ZooDataModule(L.LightningDataModule):
         split_of_run[order[:n_train]] = 0
         split_of_run[order[n_train : n_train + n_val]] = 1
         split_of_run[order[n_train + n_val :]] = 2
+        if self.train_runs is not None:  # a learning-curve point: fewer train runs, same val/test
+            if self.train_runs > n_train:
+                raise ValueError(f"train_runs={self.train_runs}, but the train split has only "
+                                 f"{n_train} runs")  # fmt: skip
+            split_of_run[order[self.train_runs : n_train]] = -1  # left out
         position = {k: i for i, k in enumerate(uniq)}
         return np.array([split_of_run[position[k]] for k in run_keys], dtype=np.int64)
 
@@ -404,6 +414,9 @@ class WeightSpaceDataModule(_ZooDataModule):
         normalize_weights: standardize every layer with :attr:`weight_stats` (after transforms).
         checkpoints: ``"all"`` records, the ``"last"`` of every run, or one epoch (int).
         stats_max_records: compute :attr:`weight_stats` on at most this many train records.
+        train_runs: train on the first this many runs of the train split only (a seeded
+            subset; validation and test keep every run of theirs): points of a learning curve
+            over zoo size that share one test set.
     """
 
     def __init__(
@@ -421,10 +434,11 @@ class WeightSpaceDataModule(_ZooDataModule):
         normalize_weights: bool = False,
         checkpoints: str | int = "all",
         stats_max_records: int | None = None,
+        train_runs: int | None = None,
     ) -> None:
         super().__init__(
             zoo, group, target, task, splits, seed, batch_size, num_workers, normalize_target,
-            transforms, checkpoints, stats_max_records,
+            transforms, checkpoints, stats_max_records, train_runs,
         )  # fmt: skip
         self.group = group
         self.normalize_weights = normalize_weights
@@ -613,13 +627,14 @@ class ParamGraphDataModule(_ZooDataModule):
         checkpoints: str | int = "all",
         stats_max_records: int | None = None,
         max_kernel_size: int = 9,
+        train_runs: int | None = None,
     ) -> None:
         if max_kernel_size < 1:
             raise ValueError(f"max_kernel_size must be >= 1, got {max_kernel_size}")
         self.max_kernel_size = max_kernel_size
         super().__init__(
             zoo, groups, target, task, splits, seed, batch_size, num_workers, normalize_target,
-            transforms, checkpoints, stats_max_records,
+            transforms, checkpoints, stats_max_records, train_runs,
         )  # fmt: skip
         self._graph_stats: Any = None
         self._graph_stats_done = False
