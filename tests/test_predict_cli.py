@@ -267,6 +267,40 @@ def test_data_flag_measures_true_accuracy_beside_the_prediction(ws_predictor, ne
     assert code == 2 and err.startswith("error: --data") and "nope" in err
 
 
+def test_true_accuracy_streams_test_data_from_disk(ws_predictor, nets, capsys, tmp_path,
+                                                   monkeypatch):  # fmt: skip
+    # the digits test split as .npy files read as a lazy array in chunks of 37 samples: the
+    # same accuracies as the zoo measured in memory
+    import json
+
+    import numpy as np
+
+    from metanet.data.providers import tensors
+    from metanet.data.tasks import LazyArray, load_task_data
+    from metanet.zoo import data as zoo_data
+
+    task = load_task_data("digits")
+    cfg = {"provider": "tensors"}
+    for split in ("train", "test"):
+        x, y = getattr(task, split)
+        np.save(tmp_path / f"x_{split}.npy", x.numpy())
+        np.save(tmp_path / f"y_{split}.npy", y.numpy())
+        cfg[split] = {"x": str(tmp_path / f"x_{split}.npy"), "y": str(tmp_path / f"y_{split}.npy")}
+    monkeypatch.setattr(tensors, "_fits", lambda nbytes: False)  # memory-map every file
+    monkeypatch.setattr(zoo_data, "fits_in_memory", lambda x: not isinstance(x, LazyArray))
+    monkeypatch.setattr(zoo_data, "stream_rows", lambda x: 37)
+    assert isinstance(load_task_data(cfg).test.x, LazyArray)
+    files, group = nets
+    keys, records = ["sd3", "sd7"], [3, 7]
+    code, out, err = _run(["--predictor", ws_predictor[0], "--data", json.dumps(cfg), "--json",
+                           *(files[k] for k in keys)], capsys)  # fmt: skip
+    assert code == 0, err
+    rows = {r["path"]: r for r in json.loads(out)}
+    for k, i in zip(keys, records):
+        assert rows[files[k]]["true_test_acc"] == pytest.approx(group.metrics["test_acc"][i],
+                                                                abs=1e-6)  # fmt: skip
+
+
 def test_metanet_load_reads_a_predictor_and_a_ghn(ws_predictor, zoo, tmp_path) -> None:
     """``metanet.load`` gives the predictor ``load_predictor`` gives (same predictions) and a
     GHN saved by ``GHN.save``; a pickled module is refused without ``trust_pickle``."""

@@ -380,40 +380,51 @@ def _parse_data(text: str) -> Any:
 def true_accuracies(nets: Sequence[Network], payload: Mapping, arch: Mapping | None,
                     data: Any) -> list[float]:  # fmt: skip
     """Each network's measured accuracy on the test split of ``data`` (a task-data provider
-    config, :func:`metanet.data.tasks.load_task_data`)."""
+    config, :func:`metanet.data.tasks.load_task_data`). The test inputs are read in chunks, so a
+    split larger than memory is streamed from disk (each chunk once for all networks)."""
     from metanet.data.tasks import TaskDataError, load_task_data
     from metanet.zoo.architectures import ArchError, input_shape
-    from metanet.zoo.data import in_memory
+    from metanet.zoo.data import stream_rows, streamed
 
     try:
         task = load_task_data(data)
-        x, y = in_memory(task.test, "test")
+        x, y = streamed(task.test, "test")
     except (TaskDataError, MemoryError) as err:
         raise PredictError(f"--data: {err}") from None
     if task.target_kind != "classes":
         raise PredictError(f"--data: {task.name} has {task.target_kind} targets, not classes")
-    out = []
+    modules, shapes = [], []
     for net in nets:
         try:
             module, known = _module_for(net, payload.get("archs") or [], arch)
         except PredictError as err:
             raise PredictError(f"--data: cannot measure the accuracy of {err}") from None
         try:
-            shape = input_shape(known) if known is not None else tuple(x.shape[1:])
+            shapes.append(input_shape(known) if known is not None else tuple(x.shape[1:]))
         except ArchError:
-            shape = tuple(x.shape[1:])
-        inputs = x.reshape(len(x), *shape)
+            shapes.append(tuple(x.shape[1:]))
+        modules.append(module.eval())
+    correct = [0] * len(nets)
+    step = stream_rows(x)
+    for start in range(0, len(y), step):
         try:
-            with torch.no_grad():
-                logits = module.eval()(inputs)
-        except Exception as err:  # noqa: BLE001 - the user's network can raise anything
-            raise PredictError(f"--data: {net.path} does not run on the data's test inputs "
-                               f"{list(inputs.shape)} ({_short(err)})") from None  # fmt: skip
-        if logits.dim() != 2 or logits.shape[1] < int(task.num_classes or 0):
-            raise PredictError(f"--data: {net.path} gives outputs {list(logits.shape)}, not one "
-                               f"logit per class of {task.name}")  # fmt: skip
-        out.append(float((logits.argmax(1) == y).float().mean()))
-    return out
+            xb = x[start : start + step]
+        except (TaskDataError, MemoryError) as err:
+            raise PredictError(f"--data: {err}") from None
+        yb = y[start : start + step]
+        for i, (net, module, shape) in enumerate(zip(nets, modules, shapes)):
+            inputs = xb.reshape(len(xb), *shape)
+            try:
+                with torch.no_grad():
+                    logits = module(inputs)
+            except Exception as err:  # noqa: BLE001 - the user's network can raise anything
+                raise PredictError(f"--data: {net.path} does not run on the data's test inputs "
+                                   f"{[len(y), *shape]} ({_short(err)})") from None  # fmt: skip
+            if logits.dim() != 2 or logits.shape[1] < int(task.num_classes or 0):
+                raise PredictError(f"--data: {net.path} gives outputs {list(logits.shape)}, not "
+                                   f"one logit per class of {task.name}")  # fmt: skip
+            correct[i] += int((logits.argmax(1) == yb).sum())
+    return [c / max(1, len(y)) for c in correct]
 
 
 # ------------------------------------------------------------------------------------------------
