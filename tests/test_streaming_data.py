@@ -269,3 +269,42 @@ def test_stopped_inrs_leave_the_batch_with_the_same_results(epochs):
         np.testing.assert_array_equal(got.metrics[k], ref.metrics[k], err_msg=k)
     if epochs == 300:  # every INR stopped early: the loop ends with the last of them
         assert steps_seen[True] < steps_seen[False]
+
+
+def test_siren_zoo_reads_only_its_chunks_images_from_disk(tmp_path, monkeypatch):
+    # images memory-mapped from .npy: each chunk reads the signals it fits (not the split), and
+    # the INRs equal those fitted to the same images in memory
+    from metanet.data.providers import tensors
+    from metanet.data.zoo_store import Zoo
+    from metanet.zoo import data as zoo_data
+
+    cfg = _write(tmp_path / "img", n_train=40, n_test=12)
+    recipe = {"name": "inr", "kind": "siren", "seed": 0,
+              "data": {**cfg, "train_images": 10, "test_images": 4},
+              "architectures": [{"type": "siren", "widths": [8]}], "chunk_size": 7,
+              "keep_fractions": [1.0],
+              "hparams": {"lr": 1e-3, "optimizer": "adam", "epochs": 5}}  # fmt: skip
+    from metanet.data.providers.signals import SignalData
+
+    reads = []
+    real = SignalData.from_tensor.__func__
+
+    def spy(cls, x, labels=None, dims=None):
+        reads.append((type(x).__name__, x.shape[0]))
+        return real(cls, x, labels, dims)
+
+    results = {}
+    for name, lazy in (("mem", False), ("lazy", True)):
+        if lazy:
+            monkeypatch.setattr(tensors, "_fits", lambda nbytes: False)
+            monkeypatch.setattr(SignalData, "from_tensor", classmethod(spy))
+            zoo_data._recipe_task.cache_clear()  # read the data again, now memory-mapped
+        out = build_zoo(Recipe.from_dict(recipe), tmp_path / f"{name}.h5", progress=False)
+        assert zoo_data.recipe_task(Recipe.from_dict(recipe).data).train.lazy == lazy
+        with Zoo.open(out) as zoo:
+            g = zoo[zoo.architectures[0]]
+            results[name] = {k: v.clone() for k, v in g.params().items()}
+    zoo_data._recipe_task.cache_clear()
+    assert reads and max(n for _, n in reads) <= 7  # a chunk's images, never the split (40)
+    for k in results["mem"]:
+        assert torch.equal(results["mem"][k], results["lazy"][k]), k

@@ -561,18 +561,26 @@ def siren_data(plans: Sequence[NetworkPlan], task: TaskData) -> tuple[ChunkData,
     data has no class labels)."""
     from metanet.data.providers.signals import SignalData
 
-    signals = {s: SignalData.from_task(task, name) for s, name in ((0, "train"), (1, "test"))
-               if any(p.split == s for p in plans)}  # fmt: skip
+    source = task.source if task.config.get("provider") == "signals" and task.source else task
+    signals, where = {}, {}
+    for s, name in ((0, "train"), (1, "test")):
+        wanted = sorted({p.image_index for p in plans if p.split == s})
+        if not wanted:
+            continue
+        size = source.split(name).num_samples
+        bad = [i for i in wanted if not 0 <= i < size]
+        if bad:
+            raise ValueError(f"image {bad[0]} is outside split {s} ({size} signals)")
+        # only this chunk's signals are read (a split larger than memory stays on disk)
+        signals[s] = SignalData.from_task(task, name, rows=wanted)
+        where[s] = {i: j for j, i in enumerate(wanted)}
     targets, labels = [], []
     for plan in plans:
-        sig = signals[plan.split]
-        if not 0 <= plan.image_index < len(sig):
-            raise ValueError(f"image {plan.image_index} is outside split {plan.split} "
-                             f"({len(sig)} signals)")  # fmt: skip
-        targets.append(sig.values[plan.image_index])
+        sig, j = signals[plan.split], where[plan.split][plan.image_index]
+        targets.append(sig.values[j])
         known = (sig.labels is not None and sig.labels.dim() == 1
                  and not sig.labels.is_floating_point())  # fmt: skip
-        labels.append(int(sig.labels[plan.image_index]) if known else -1)
+        labels.append(int(sig.labels[j]) if known else -1)
     coords = next(iter(signals.values())).coords
     y = torch.stack(targets)  # [N, P, C]
     n, points = len(plans), coords.shape[0]

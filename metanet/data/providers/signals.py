@@ -114,12 +114,23 @@ class SignalData:
         return cls.from_tensor(split.x, split.y, dims)
 
     @classmethod
-    def from_task(cls, task: TaskData, split: str = "train", dims: int | None = None) -> SignalData:
-        """Signals of one split of ``task`` (of its source, for a ``signals`` task)."""
+    def from_task(cls, task: TaskData, split: str = "train", dims: int | None = None,
+                  rows: Sequence[int] | None = None) -> SignalData:  # fmt: skip
+        """Signals of one split of ``task`` (of its source, for a ``signals`` task); with
+        ``rows``, only those samples, in that order (a split on disk is read for them only)."""
         if task.config.get("provider") == "signals" and task.source is not None:
             dims = task.config.get("dims", dims)
             task = task.source
-        return cls.from_split(task.split(split), dims)
+        part = task.split(split)
+        if rows is None:
+            return cls.from_split(part, dims)
+        idx = torch.as_tensor(list(rows), dtype=torch.long)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= part.num_samples):
+            raise TaskDataError(f"data ({task.name}): sample {int(idx.max())} is outside the "
+                                f"{split} split ({part.num_samples} samples)")  # fmt: skip
+        x = part.x[idx.numpy()] if isinstance(part.x, LazyArray) else part.x.index_select(0, idx)
+        y = part.y.index_select(0, idx) if part.y is not None else None
+        return cls.from_tensor(x, y, dims)
 
     def __len__(self) -> int:
         return int(self.values.shape[0])
