@@ -67,7 +67,8 @@ def load(path: str | os.PathLike, trust_pickle: bool = False) -> nn.Module:
         raise CheckpointError(f"{where} is {what} without metanet's task metadata")
     task = payload.get("task")
     if task == "generation":
-        from metanet.tasks.generation import GenerationError, load_generator
+        from metanet.tasks.generation import GenerationError
+        from metanet.tasks.generators import load_generator
 
         try:
             return load_generator(ckpt)

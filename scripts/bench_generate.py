@@ -108,7 +108,8 @@ def main(argv=None) -> int:
     from metanet.generate.canonicalize import nearest_distances
     from metanet.generate.data import GeneratorDataModule
     from metanet.generate.evaluate import classifier_accuracy, load_test_split
-    from metanet.tasks.generation import FlowGenerationTask, LatentDiffusionTask
+    from metanet.tasks.flow_generation import FlowGenerationTask
+    from metanet.tasks.latent_diffusion import LatentDiffusionTask
     from metanet.weightspace import WeightSpace
 
     build_zoos(task_steps=200, per_task=args.task_per)

@@ -70,13 +70,13 @@ def build(zoo_dir: str) -> str:
 
 
 def flow():
-    from metanet.tasks.generation import FlowGenerationTask
+    from metanet.tasks.flow_generation import FlowGenerationTask
 
     return FlowGenerationTask(hidden=256, depth=2, lr=2e-3, sample_steps=32)
 
 
 def ldm():
-    from metanet.tasks.generation import LatentDiffusionTask
+    from metanet.tasks.latent_diffusion import LatentDiffusionTask
 
     return LatentDiffusionTask(
         chunk=128, ae_hidden=512, ae_mixer="mlp", latent=8, hidden=256, depth=2, lr=2e-3,

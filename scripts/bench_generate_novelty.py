@@ -79,13 +79,13 @@ def train(task, dm, steps: int, every: int, n_select: int):
 
 
 def flow(hidden: int):
-    from metanet.tasks.generation import FlowGenerationTask
+    from metanet.tasks.flow_generation import FlowGenerationTask
 
     return lambda: FlowGenerationTask(hidden=hidden, depth=2, lr=2e-3, sample_steps=32)
 
 
 def ldm():
-    from metanet.tasks.generation import LatentDiffusionTask
+    from metanet.tasks.latent_diffusion import LatentDiffusionTask
 
     return LatentDiffusionTask(
         chunk=128, ae_hidden=512, ae_mixer="mlp", latent=8, hidden=256, depth=2, lr=2e-3,

@@ -177,7 +177,8 @@ def _entry_points(root: str, good_net: str) -> dict[str, Callable[[str, object],
     from metanet.hyper.cli import main as init_weights_main
     from metanet.hyper.ghn import GHN
     from metanet.serialization import FileError, load_file
-    from metanet.tasks.generation import GenerationError, load_generator
+    from metanet.tasks.generation import GenerationError
+    from metanet.tasks.generators import load_generator
     from metanet.tasks.predict_cli import PredictError, load_network, load_predictor
     from metanet.tasks.predict_cli import main as predict_main
 

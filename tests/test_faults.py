@@ -262,7 +262,7 @@ def flow_ckpt(tmp_path_factory: pytest.TempPathFactory) -> str:
     zoo of 8 MLPs, 6 Lightning steps)."""
     from metanet.generate import GeneratorDataModule
     from metanet.generate.taskzoo import build_task_zoo
-    from metanet.tasks.generation import FlowGenerationTask
+    from metanet.tasks.flow_generation import FlowGenerationTask
 
     folder = tmp_path_factory.mktemp("faultgen")
     zoo = build_task_zoo(folder / "tasks.h5", arch=ARCH, per_task=4, steps=80, seed=0)
@@ -380,7 +380,7 @@ def test_generate_over_the_memory_limit_exits_2_and_writes_nothing(
                           "estimated ") and err.strip().count("\n") == 0, err  # fmt: skip
     assert not out.exists()
     # the estimate is the one the error names, and grows with n
-    from metanet.tasks.generation import load_generator
+    from metanet.tasks.generators import load_generator
 
     gen = load_generator(flow_ckpt)
     small, large = estimate_memory(gen, 4), estimate_memory(gen, 1_000_000)

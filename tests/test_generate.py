@@ -25,12 +25,10 @@ from metanet.generate import (
 )
 from metanet.generate.cli import main as generate_main
 from metanet.generate.taskzoo import build_task_zoo
-from metanet.tasks.generation import (
-    FlowGenerationTask,
-    GenerationError,
-    LatentDiffusionTask,
-    load_generator,
-)
+from metanet.tasks.flow_generation import FlowGenerationTask
+from metanet.tasks.generation import GenerationError
+from metanet.tasks.generators import load_generator
+from metanet.tasks.latent_diffusion import LatentDiffusionTask
 from metanet.weightspace import WeightSpace, WeightSpaceSpec, permute, random_permutation
 from metanet.zoo.architectures import build_module
 

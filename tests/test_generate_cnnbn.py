@@ -27,7 +27,7 @@ from metanet.generate.evaluate import (
 from metanet.generate.novelty import error_sets, max_error_overlap, novelty
 from metanet.generate.selection import SelectOnValidation
 from metanet.hyper.calibrate import calibrate_batchnorm
-from metanet.tasks.generation import FlowGenerationTask
+from metanet.tasks.flow_generation import FlowGenerationTask
 from metanet.weightspace import WeightSpace
 from metanet.zoo.architectures import arch_name, build_module
 from metanet.zoo.build import build_zoo

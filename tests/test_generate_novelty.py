@@ -29,7 +29,8 @@ from metanet.generate.novelty import (
     refined_nearest,
 )
 from metanet.generate.selection import SelectOnValidation
-from metanet.tasks.generation import FlowGenerationTask, GenerationError
+from metanet.tasks.flow_generation import FlowGenerationTask
+from metanet.tasks.generation import GenerationError
 from metanet.weightspace import WeightSpace, permute, random_permutation
 from metanet.zoo.build import build_zoo
 from metanet.zoo.recipe import Recipe
@@ -345,7 +346,7 @@ def test_held_out_runs_are_not_training_networks_of_against(seeds_ckpt, seeds_dm
     from metanet.data.datamodules import open_zoo
     from metanet.generate.cli import _same_zoo
     from metanet.generate.data import zoo_group_for
-    from metanet.tasks.generation import load_generator
+    from metanet.tasks.generators import load_generator
 
     gen = load_generator(seeds_ckpt)
     assert gen.info["holdout_records"] == seeds_dm.holdout_records.tolist()

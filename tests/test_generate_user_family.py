@@ -143,7 +143,7 @@ def generator(user) -> str:
             ],
         },
         "model": {
-            "class_path": "metanet.tasks.generation.FlowGenerationTask",
+            "class_path": "metanet.tasks.flow_generation.FlowGenerationTask",
             "init_args": {"hidden": 32, "depth": 1, "lr": 1e-2, "sample_steps": 4},
         },
         "data": {

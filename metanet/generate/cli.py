@@ -337,7 +337,7 @@ def run(args: argparse.Namespace) -> str:
     )
     from metanet.limits import check_memory, memory_limit_bytes
     from metanet.serialization import atomic_write, save_state_dict
-    from metanet.tasks.generation import load_generator
+    from metanet.tasks.generators import load_generator
     from metanet.zoo.architectures import build_module
 
     if args.n <= 0:

@@ -3,6 +3,9 @@
 * :class:`GeneralizationTask`: regress a checkpoint's test accuracy from its weights (Kendall's
   tau and R² logged; ``test`` writes a predicted-vs-true PNG into the run folder);
 * :class:`INRClassificationTask`: classify INRs (digits SIRENs) by their weights;
+* weight generators: :class:`~metanet.tasks.flow_generation.FlowGenerationTask` (flow matching),
+  :class:`~metanet.tasks.latent_diffusion.LatentDiffusionTask` (p-diff), their shared base and
+  in :mod:`metanet.tasks.generation`, :func:`~metanet.tasks.generators.load_generator`;
 * :mod:`metanet.tasks.statnn`: the StatNN baseline (weight statistics + gradient-boosted trees);
 * :mod:`metanet.tasks.predict_cli`: ``metanet predict-accuracy``.
 

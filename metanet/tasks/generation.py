@@ -1,9 +1,14 @@
-"""Weight generators as LightningModules (``metanet fit --config configs/generate/...``).
+"""Weight generators as LightningModules (``metanet fit --config configs/generate/...``): the
+shared base :class:`GenerationTask` (data, conditions, standardization, sampling, checkpoint
+payload; :func:`metanet.tasks.generators.load_generator` reads any of them back); one module
+per generator:
 
-* :class:`FlowGenerationTask`: flow matching directly on (canonicalized, standardized) flat weights
+* :class:`~metanet.tasks.flow_generation.FlowGenerationTask`:
+  flow matching directly on (canonicalized, standardized) flat weights
   (DeepWeightFlow); the backbone (residual MLP or a transformer over chunk tokens) predicts the
   clean weights and the ODE's velocity is derived from that prediction; Euler/Heun ODE sampler.
-* :class:`LatentDiffusionTask`: p-diff / D2NWG: a parameter autoencoder (first ``ae_fraction`` of
+* :class:`~metanet.tasks.latent_diffusion.LatentDiffusionTask`:
+  p-diff / D2NWG: a parameter autoencoder (first ``ae_fraction`` of
   the steps) and then a DDPM in its latent space (the rest; the denoiser predicts clean latents
   by default), DDPM or DDIM sampling.
 
@@ -14,8 +19,8 @@ task name ``"generation"``, the target architecture (arch dict and :class:`Weigh
 condition vocabulary, the classes of each condition's task, the zoo it was trained on and, for
 networks without a weight space, their flat parameter layout (``info["layout"]``:
 :class:`metanet.generate.data.FlatLayout`, read by :func:`metanet.generate.data.network_layout`),
-so :func:`load_generator` rebuilds a generator without the data and ``metanet generate`` writes
-networks that load into ``build_module(arch)``.
+so :func:`metanet.tasks.generators.load_generator` rebuilds a generator without the data and
+``metanet generate`` writes networks that load into ``build_module(arch)``.
 """
 
 from __future__ import annotations
@@ -27,18 +32,11 @@ from typing import Any
 import lightning as L
 import torch
 
-from metanet.generate.autoencoder import ParamAutoencoder
-from metanet.generate.backbones import ResidualMLP, build_backbone
-from metanet.generate.diffusion import GaussianDiffusion
-from metanet.generate.flow import FlowMatching
 from metanet.weightspace import WeightSpace, WeightSpaceSpec
 
 __all__ = [
-    "FlowGenerationTask",
     "GenerationError",
     "GenerationTask",
-    "LatentDiffusionTask",
-    "load_generator",
 ]
 
 TASK_NAME = "generation"
@@ -291,312 +289,3 @@ class GenerationTask(L.LightningModule):
                 f"not a weight-generator checkpoint (task {task!r}, expected '{self.task_name}')"
             )
         self.build(payload["info"])
-
-
-class FlowGenerationTask(GenerationTask):
-    """Flow matching in weight space (DeepWeightFlow).
-
-    Args:
-        backbone: ``"mlp"`` (:class:`ResidualMLP`) or ``"transformer"`` (chunk tokens).
-        hidden, depth: backbone width and depth.
-        chunk, heads: transformer backbone only.
-        dropout: backbone dropout.
-        sigma_min: width of the data end of the probability path.
-        prediction: ``"data"`` (the backbone predicts clean weights; default) or ``"velocity"``
-            (see :mod:`metanet.generate.flow` for why data prediction is the default).
-        sampler: ``"heun"`` (default) or ``"euler"``.
-        (other arguments: :class:`GenerationTask`)
-    """
-
-    generator_kind = "flow"
-    # checkpoints written before ``prediction`` existed regressed the velocity
-    legacy_hparams: dict[str, Any] = {"prediction": "velocity"}
-
-    def __init__(
-        self,
-        backbone: str = "mlp",
-        hidden: int = 512,
-        depth: int = 4,
-        chunk: int = 64,
-        heads: int = 4,
-        dropout: float = 0.0,
-        sigma_min: float = 0.0,
-        prediction: str = "data",
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        cosine: bool = True,
-        cond_dropout: float = 0.1,
-        sampler: str = "heun",
-        sample_steps: int = 32,
-        guidance: float = 1.0,
-        temperature: float = 1.0,
-    ) -> None:
-        super().__init__(
-            lr, weight_decay, cosine, cond_dropout, sampler, sample_steps, guidance, temperature
-        )
-        if sampler not in ("euler", "heun"):
-            raise GenerationError(f"flow sampler must be 'euler' or 'heun', got {sampler!r}")
-        self.save_hyperparameters()
-        try:
-            self.flow = FlowMatching(sigma_min, prediction)
-        except ValueError as err:
-            raise GenerationError(str(err)) from None
-        self.net: torch.nn.Module | None = None
-
-    def _build_nets(self, dim: int, num_conditions: int) -> None:
-        h = self.hparams
-        kwargs: dict[str, Any] = {"hidden": h.hidden, "depth": h.depth, "dropout": h.dropout}
-        if h.backbone == "transformer":
-            kwargs.update(chunk=h.chunk, heads=h.heads)
-        self.net = build_backbone(h.backbone, dim, num_conditions, **kwargs)
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, c = batch
-        loss = self.flow.loss(self.net, x, self._drop_conditions(c))
-        self.log("train/loss", loss, prog_bar=True, batch_size=x.shape[0])
-        return loss
-
-    def configure_optimizers(self) -> Any:
-        opt, sched = self._optimizer(self.parameters())
-        if sched is None:
-            return opt
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def sample_vectors(self, c, steps, method, guidance, generator, temperature=1.0):
-        return self.flow.sample(
-            self.net,
-            (len(c), int(self.info["dim"])),
-            c,
-            steps=steps,
-            method=method,
-            guidance=guidance,
-            null_condition=self.null_condition,
-            generator=generator,
-            device=self.mean.device,
-            temperature=temperature,
-        )
-
-
-class LatentDiffusionTask(GenerationTask):
-    """Latent diffusion over a parameter autoencoder (p-diff; D2NWG when conditioned).
-
-    Training has two phases in one ``fit``: the autoencoder for the first ``ae_fraction`` of
-    ``trainer.max_steps``, then the DDPM on the (frozen) encoder's standardized latents.
-
-    Args:
-        chunk, ae_hidden, latent, ae_depth, heads: :class:`ParamAutoencoder` sizes.
-        ae_mixer: ``"mlp"`` (default) or ``"transformer"`` autoencoder.
-        input_noise, latent_noise: the autoencoder's training noise.
-        ae_fraction: share of the steps spent on the autoencoder.
-        ae_lr: autoencoder learning rate.
-        timesteps, schedule: DDPM steps ``T`` and noise schedule (``"cosine"`` / ``"linear"``).
-        prediction: what the denoiser predicts: ``"x0"`` (default), ``"v"`` or ``"eps"`` (see
-            :mod:`metanet.generate.diffusion`).
-        hidden, depth, dropout: the latent denoiser (:class:`ResidualMLP`).
-        sampler: ``"ddim"`` (default) or ``"ddpm"``.
-        clip: clamp predicted standardized latents to ``[-clip, clip]`` while sampling.
-        (other arguments: :class:`GenerationTask`)
-    """
-
-    generator_kind = "latent_diffusion"
-    # checkpoints written before ``prediction`` existed predicted the noise and (ignoring
-    # ``ae_mixer``) always built the transformer autoencoder
-    legacy_hparams: dict[str, Any] = {"prediction": "eps", "ae_mixer": "transformer"}
-
-    def __init__(
-        self,
-        chunk: int = 64,
-        ae_hidden: int = 512,
-        latent: int = 8,
-        ae_mixer: str = "mlp",
-        ae_depth: int = 2,
-        heads: int = 4,
-        input_noise: float = 0.001,
-        latent_noise: float = 0.1,
-        ae_fraction: float = 0.4,
-        ae_lr: float = 1e-3,
-        timesteps: int = 1000,
-        schedule: str = "cosine",
-        prediction: str = "x0",
-        hidden: int = 512,
-        depth: int = 4,
-        dropout: float = 0.0,
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        cosine: bool = True,
-        cond_dropout: float = 0.1,
-        sampler: str = "ddim",
-        sample_steps: int = 50,
-        guidance: float = 1.0,
-        temperature: float = 1.0,
-        clip: float | None = 5.0,
-    ) -> None:
-        super().__init__(
-            lr, weight_decay, cosine, cond_dropout, sampler, sample_steps, guidance, temperature
-        )
-        if sampler not in ("ddpm", "ddim"):
-            raise GenerationError(f"diffusion sampler must be 'ddpm' or 'ddim', got {sampler!r}")
-        if ae_mixer not in ("mlp", "transformer"):
-            raise GenerationError(f"ae_mixer must be 'mlp' or 'transformer', got {ae_mixer!r}")
-        if not 0.0 < ae_fraction < 1.0:
-            raise GenerationError(f"ae_fraction must be in (0, 1), got {ae_fraction}")
-        self.save_hyperparameters()
-        self.automatic_optimization = False
-        try:
-            self.diffusion = GaussianDiffusion(timesteps, schedule, prediction)
-        except ValueError as err:
-            raise GenerationError(str(err)) from None
-        self.ae: ParamAutoencoder | None = None
-        self.denoiser: ResidualMLP | None = None
-
-    def _build_nets(self, dim: int, num_conditions: int) -> None:
-        h = self.hparams
-        self.ae = ParamAutoencoder(
-            dim,
-            chunk=h.chunk,
-            hidden=h.ae_hidden,
-            latent=h.latent,
-            depth=h.ae_depth,
-            heads=h.heads,
-            input_noise=h.input_noise,
-            latent_noise=h.latent_noise,
-            mixer=h.ae_mixer,
-        )
-        zdim = self.ae.tokens * self.ae.latent
-        self.denoiser = ResidualMLP(
-            zdim, hidden=h.hidden, depth=h.depth, num_conditions=num_conditions, dropout=h.dropout
-        )
-        self.register_buffer("latent_mean", torch.zeros(zdim))
-        self.register_buffer("latent_std", torch.ones(zdim))
-        self.register_buffer("latent_ready", torch.tensor(False))
-
-    def configure_optimizers(self) -> Any:
-        h = self.hparams
-        opt_ae = torch.optim.AdamW(self.ae.parameters(), lr=h.ae_lr, weight_decay=h.weight_decay)
-        opt_diff, sched = self._optimizer(self.denoiser.parameters())
-        if sched is None:
-            return [opt_ae, opt_diff]
-        return [opt_ae, opt_diff], [{"scheduler": sched, "interval": "step"}]
-
-    def _ae_steps(self) -> int:
-        total = self.trainer.max_steps
-        if not total or total < 0:
-            total = int(self.trainer.estimated_stepping_batches)
-        return max(1, int(round(self.hparams.ae_fraction * total)))
-
-    @torch.no_grad()
-    def _latent_stats(self) -> None:
-        dm = self.trainer.datamodule
-        x = dm.vectors.to(self.mean.device)
-        z = torch.cat([self.ae.encode(x[i : i + 256]).flatten(1) for i in range(0, len(x), 256)])
-        self.latent_mean.copy_(z.mean(0))
-        self.latent_std.copy_(z.std(0).clamp_min(1e-4) if len(z) > 1 else torch.ones_like(z[0]))
-        self.latent_ready.fill_(True)
-
-    def encode_latents(self, x: torch.Tensor) -> torch.Tensor:
-        """Standardized flat latents ``[B, T * latent]`` of normalized weights ``x [B, D]``."""
-        return (self.ae.encode(x).flatten(1) - self.latent_mean) / self.latent_std
-
-    def training_step(self, batch: Any, batch_idx: int) -> None:
-        x, c = batch
-        opt_ae, opt_diff = self.optimizers()
-        if self.trainer.global_step < self._ae_steps():
-            loss = self.ae.loss(x)
-            opt_ae.zero_grad()
-            self.manual_backward(loss)
-            opt_ae.step()
-            self.log("train/ae_loss", loss, prog_bar=True, batch_size=x.shape[0])
-            return
-        if not bool(self.latent_ready):
-            self._latent_stats()
-        with torch.no_grad():
-            z = self.encode_latents(x)
-        loss = self.diffusion.loss(self.denoiser, z, self._drop_conditions(c))
-        opt_diff.zero_grad()
-        self.manual_backward(loss)
-        opt_diff.step()
-        sched = self.lr_schedulers()
-        if sched is not None:
-            sched.step()
-        self.log("train/diffusion_loss", loss, prog_bar=True, batch_size=x.shape[0])
-
-    def sample_vectors(self, c, steps, method, guidance, generator, temperature=1.0):
-        if not bool(self.latent_ready):
-            raise GenerationError(
-                "the latent diffusion phase never ran (train longer or lower ae_fraction)"
-            )
-        clip = self.hparams.clip
-        z = self.diffusion.sample(
-            self.denoiser,
-            (len(c), self.latent_mean.numel()),
-            c,
-            steps=steps,
-            method=method,
-            guidance=guidance,
-            null_condition=self.null_condition,
-            generator=generator,
-            clip=clip,
-            temperature=temperature,
-        )
-        z = z * self.latent_std + self.latent_mean
-        return self.ae.decode(z.view(len(c), *self.ae.latent_shape))
-
-
-# ------------------------------------------------------------------------------------------------
-# loading
-# ------------------------------------------------------------------------------------------------
-_GENERATOR_CLASSES = {
-    f"{cls.__module__}.{cls.__qualname__}": cls for cls in (FlowGenerationTask, LatentDiffusionTask)
-}
-
-
-def _read_checkpoint(path: str, trust_pickle: bool = False) -> dict[str, Any]:
-    from metanet.serialization import FileError, load_file
-
-    try:
-        ckpt = load_file(path, trust_pickle=trust_pickle)
-    except FileError as err:
-        raise GenerationError(str(err)) from None
-    if not isinstance(ckpt, dict):
-        raise GenerationError(f"{path}: not a checkpoint (a {type(ckpt).__name__})")
-    return ckpt
-
-
-def load_generator(
-    path_or_checkpoint: str | dict[str, Any], trust_pickle: bool = False
-) -> GenerationTask:
-    """A trained generator from a checkpoint written by ``metanet fit`` (a Lightning ``.ckpt``,
-    read tensors-only, or its pickle-free ``.safetensors`` copy), on CPU in eval mode.
-
-    ``trust_pickle`` allows a full unpickle of a ``.ckpt`` that needs it (runs code named in the
-    file: only for files you trust).
-
-    Raises:
-        GenerationError: the file is missing/corrupt or a checkpoint of another task.
-    """
-    if isinstance(path_or_checkpoint, dict):
-        ckpt, where = path_or_checkpoint, "checkpoint"
-    else:
-        where = str(path_or_checkpoint)
-        ckpt = _read_checkpoint(where, trust_pickle)
-    payload = ckpt.get(PAYLOAD_KEY)
-    if not isinstance(payload, dict):
-        raise GenerationError(f"{where}: not a metanet checkpoint (no '{PAYLOAD_KEY}' entry)")
-    if payload.get("task") != TASK_NAME:
-        raise GenerationError(
-            f"{where}: a checkpoint of task '{payload.get('task')}', not a weight generator"
-        )
-    cls = _GENERATOR_CLASSES.get(str(payload.get("task_class")))
-    if cls is None:
-        raise GenerationError(f"{where}: unknown generator class {payload.get('task_class')!r}")
-    hparams = dict(ckpt.get("hyper_parameters") or {})
-    hparams = {k: v for k, v in hparams.items() if not k.startswith("_")}
-    if "prediction" not in hparams:  # an older checkpoint: rebuild what it was trained as
-        hparams.update(cls.legacy_hparams)
-    try:
-        model = cls(**hparams)
-        model.on_load_checkpoint(ckpt)
-        model.load_state_dict(ckpt["state_dict"])
-    except (TypeError, KeyError, RuntimeError) as err:
-        raise GenerationError(f"{where}: generator checkpoint does not load ({err})") from None
-    return model.eval()
