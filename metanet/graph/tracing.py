@@ -371,8 +371,8 @@ def _finalize(module: nn.Module, state: dict, b: _Builder, tracer: _Tracer) -> P
     slots = {}
     for key in list(b.slots):
         s = b.slots.pop(key)
-        run = order.new_run(s.run_start, s.num_rows) if s.source == "edge" and s.is_run else None
-        if s.source == "node":
+        run = order.new_run(s.run_start, s.num_rows) if s.is_run else None
+        if s.source == "node":  # node ids do not move
             slots[key] = s
         elif run is not None:
             slots[key] = ParamSlot.run(s.key, s.shape, s.dtype, s.source, run, s.num_rows,

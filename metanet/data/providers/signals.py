@@ -128,8 +128,7 @@ class SignalData:
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= part.num_samples):
             raise TaskDataError(f"data ({task.name}): sample {int(idx.max())} is outside the "
                                 f"{split} split ({part.num_samples} samples)")  # fmt: skip
-        x = part.x[idx.numpy()] if isinstance(part.x, LazyArray) else part.x.index_select(0, idx)
-        y = part.y.index_select(0, idx) if part.y is not None else None
+        x, y = part.batch(idx)  # reads only these rows of a split on disk
         return cls.from_tensor(x, y, dims)
 
     def __len__(self) -> int:
