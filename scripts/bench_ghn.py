@@ -65,6 +65,14 @@ def finetune(module: nn.Module, arch: dict, d, steps: int, seed: int,
     return curve
 
 
+def predicted_module(task: GHNTask, arch: dict) -> nn.Module:
+    """A fresh module of ``arch`` holding the parameters ``task``'s GHN predicts for it."""
+    m = build_module(arch)
+    with torch.no_grad():
+        task.ghn.load_into(m)
+    return m
+
+
 def steps_to(curve: list[tuple[int, float]], target: float) -> int | None:
     return next((s for s, a in curve if a >= target), None)
 
@@ -125,10 +133,7 @@ def main() -> int:
     fam_archs = [family.sample(rng) for _ in range(8)]
 
     def predicted(dec: str, arch: dict) -> nn.Module:
-        m = build_module(arch)
-        with torch.no_grad():
-            ghns[dec].ghn.load_into(m)
-        return m
+        return predicted_module(ghns[dec], arch)
 
     print(f"\nGHN benchmark: {args.steps} GHN training steps per decoder (4 archs x 64 images "
           f"per step), SGD fine-tuning {args.ft_steps} steps (lr {args.ft_lr:g}), "

@@ -24,11 +24,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_ghn import DECODERS, accuracy, ms, train_ghn  # noqa: E402
+from bench_ghn import DECODERS, accuracy, ms, predicted_module, train_ghn  # noqa: E402
 
 from metanet.data.digits import load_digits  # noqa: E402
 from metanet.hyper.family import ArchFamily  # noqa: E402
-from metanet.zoo.architectures import arch_name, build_module  # noqa: E402
+from metanet.zoo.architectures import arch_name  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,17 +54,12 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.perf_counter()
                 task = train_ghn(dec, family, d, args.steps, seed=seed, normalize=norm)
                 secs.append(time.perf_counter() - t0)
-
-                def predicted(arch: dict, task=task) -> torch.nn.Module:
-                    m = build_module(arch)
-                    with torch.no_grad():
-                        task.ghn.load_into(m)
-                    return m
-
-                fam = [accuracy(predicted(a), a, d.x_test, d.y_test) for a in fam_archs]
+                fam = [accuracy(predicted_module(task, a), a, d.x_test, d.y_test)
+                       for a in fam_archs]  # fmt: skip
                 cells[0].append(statistics.mean(fam))
                 for j, arch in enumerate(family.held_out, start=1):
-                    cells[j].append(accuracy(predicted(arch), arch, d.x_test, d.y_test))
+                    cells[j].append(accuracy(predicted_module(task, arch), arch, d.x_test,
+                                             d.y_test))  # fmt: skip
             rows.append((dec, norm, cells, statistics.mean(secs)))
     print(f"\nGHN zero-shot test accuracy by normalisation: {args.steps} training steps per GHN, "
           f"GHN training seeds {args.seeds} (mean ± std); digits test split "
