@@ -17,12 +17,14 @@
 3. BatchNorm calibration: the held-out BatchNorm CNN, eval-mode test accuracy of the predicted
    parameters with the module's initial running statistics vs after
    :func:`metanet.hyper.calibrate.calibrate_batchnorm` on 8 training batches.
-4. ``--diagnose``: per-tensor RMS of the predicted parameters against the default init's, and
+4. ``--keep-output``: a third init, "GHN, own head": the GHN's prediction with the output layer
+   left to the module's own init (:meth:`GHN.predict` with ``keep_output=True``).
+5. ``--diagnose``: per-tensor RMS of the predicted parameters against the default init's, and
    attention-logit / residual-stream scales of each init.
 
 Usage: python scripts/bench_ghn_init.py [--steps 1000] [--ft-steps 300] [--seeds 0 1 2]
        [--normalize scaled|fan_in] [--train-recipe datasets/ghn-digits-family.yaml]
-       [--ghn SAVED.safetensors] [--save-ghn OUT.safetensors] [--diagnose]
+       [--ghn SAVED.safetensors] [--save-ghn OUT.safetensors] [--diagnose] [--keep-output]
 """
 
 from __future__ import annotations
@@ -93,12 +95,14 @@ def train_ghn(decoder: str, steps: int, family: ArchFamily, x: Tensor, y: Tensor
     return task.ghn.eval()
 
 
-def make(arch: dict, seed: int, ghn: GHN | None) -> nn.Module:
+def make(arch: dict, seed: int, ghn: GHN | None, keep_output: bool = False) -> nn.Module:
+    """The module of ``arch`` built after ``torch.manual_seed(seed)``, then (with ``ghn``) its
+    GHN-predicted parameters written in (the output layer left as built with ``keep_output``)."""
     torch.manual_seed(seed)
     module = build_module(arch)
     if ghn is not None:
         example = torch.zeros(1, *arch_inputs(arch, torch.zeros(1, *DATA_SHAPE)).shape[1:])
-        ghn.load_into(module, example_input=example)
+        ghn.load_into(module, example_input=example, keep_output=keep_output)
     return module
 
 
@@ -207,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--archs", type=int, nargs="*", default=None,
                     help="indices of the held-out transformers to run (default all)")
     ap.add_argument("--diagnose", action="store_true")
+    ap.add_argument("--keep-output", action="store_true",
+                    help="also train the GHN init with the output layer left to the "
+                         "module's own init (GHN.predict(keep_output=True)): 'GHN, own head'")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     t_start = time.perf_counter()
@@ -247,14 +254,17 @@ def main(argv: list[str] | None = None) -> int:
         # results[init][opt][lr][seed] = {step: (val, test)}
         results: dict[str, dict[str, dict[float, list[dict[int, tuple[float, float]]]]]] = {}
         t0 = time.perf_counter()
-        for init, net in (("default", None), ("GHN", ghn)):
+        inits = [("default", None, False), ("GHN", ghn, False)]
+        if args.keep_output:
+            inits.append(("GHN, own head", ghn, True))
+        for init, net, keep in inits:
             results[init] = {}
             for opt_name in args.optimizers:
                 results[init][opt_name] = {}
                 for lr in GRIDS[opt_name]:
                     runs = []
                     for seed in args.seeds:
-                        module = make(arch, seed, net)
+                        module = make(arch, seed, net, keep_output=keep)
                         runs.append(finetune(module, arch, opt_name, lr, steps, seed,
                                              args.eval_at, d))  # fmt: skip
                     results[init][opt_name][lr] = runs

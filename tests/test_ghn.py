@@ -189,6 +189,15 @@ def test_save_load_and_init_weights_cli(tmp_path, capsys):
     sd = torch.load(out)
     with torch.no_grad():
         torch.testing.assert_close(sd["weight"], ghn.predict(m)["weight"])
+    capsys.readouterr()
+    # --keep-output: the only layer is the output layer, so nothing is predicted, and it says so
+    rc = init_weights_main(["--ghn", str(path), "--model", "torch.nn:Linear", "--kwargs",
+                            "in_features=8", "out_features=4", "--keep-output",
+                            "-o", str(out)])  # fmt: skip
+    text = capsys.readouterr().out
+    assert rc == 0 and "kept the module's own init for 2 tensors (36 parameters)" in text
+    assert "kept weight: output layer" in text
+    assert not torch.equal(torch.load(out)["weight"], sd["weight"])
     rc = init_weights_main(["--ghn", str(path), "--model", "torch.nn:LSTM", "--kwargs",
                             '{"input_size": 4, "hidden_size": 4}', "-o", str(out)])  # fmt: skip
     assert rc == 2 and "op 'lstm'" in capsys.readouterr().err

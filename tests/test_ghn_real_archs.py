@@ -113,6 +113,33 @@ def test_tied_weights_are_predicted_once_and_stay_tied(ghn: GHN) -> None:
     assert model.lm_head.weight is model.transformer.wte.weight
 
 
+def test_keep_output_leaves_the_head_to_the_module_init(ghn: GHN) -> None:
+    torch.manual_seed(0)
+    model = FAMILIES["vit"][0]()
+    own = {k: v.clone() for k, v in model.named_parameters()}
+    full = ghn.predict(model)
+    params = ghn.predict(model, keep_output=True)
+    report = params.report
+    graph = ArchGraph.from_module(model)
+    head = {p for n in graph.nodes if n.attrs.get("last") for p in n.params.values()}
+    assert head and set(report.kept) == head  # exactly the output layer's tensors are kept
+    assert all("output layer" in report.kept[k] and "keep_output" in report.kept[k] for k in head)
+    assert set(params) == set(full) - head
+    assert set(report.predicted) | set(report.kept) == set(own)
+    for name in params:  # the body is predicted exactly as without keep_output
+        torch.testing.assert_close(params[name], full[name])
+    with torch.no_grad():
+        ghn.load_into(model, keep_output=True)
+    named = dict(model.named_parameters())
+    for name in head:
+        assert torch.equal(named[name], own[name])
+    assert not torch.equal(named[sorted(params)[0]], own[sorted(params)[0]])
+    # a head tied to the input embedding (GPT-2's lm_head is wte) stays predicted and tied
+    gpt2 = FAMILIES["gpt2"][0]()
+    tied = ghn.predict(gpt2, keep_output=True)
+    assert "transformer.wte.weight" in tied and "transformer.wte.weight" not in tied.report.kept
+
+
 def test_init_weights_cli_on_a_hugging_face_factory(tmp_path, capsys) -> None:
     pytest.importorskip("transformers")
     path = tmp_path / "ghn.safetensors"

@@ -2,6 +2,7 @@
 
     metanet init-weights --ghn RUN.ckpt --model package.module:ClassName \\
         [--kwargs '{"width": 64}' | --kwargs width=64 depth=3] -o init.safetensors [--fallback-init]
+        [--keep-output]
         [--input-shape 1,3,224,224 | --input-shape 1,16 --input-vocab 50257] [--quiet]
         [--calibrate-bn 8 --data digits [--batch-size 64]]
 
@@ -26,7 +27,8 @@ parameters (:func:`metanet.hyper.calibrate.calibrate_batchnorm`); each sample is
 as it is, and the output says so.
 
 It prints how many tensors / parameters were predicted and how many keep the model's own
-initialisation (with ``--fallback-init``; each with its reason), then (unless ``--quiet``) the
+initialisation (with ``--fallback-init``, and the output layer with ``--keep-output``; each with
+its reason), then (unless ``--quiet``) the
 name of every predicted and kept tensor. :func:`main` returns the exit code; ``run`` returns the
 :class:`~metanet.hyper.ghn.InitReport` too.
 """
@@ -134,6 +136,9 @@ def run(argv: Sequence[str] | None = None) -> tuple[int, Any]:
                          "in the file: only for files you trust)")  # fmt: skip
     ap.add_argument("--fallback-init", action="store_true",
                     help="keep the model's own init for ops the GHN cannot predict (logged)")
+    ap.add_argument("--keep-output", action="store_true",
+                    help="leave the output layer (classifier head) to the model's own init: "
+                         "for an initialisation that will be trained (listed as kept)")  # fmt: skip
     ap.add_argument("--input-shape", default=None,
                     help="shape of the input to record the forward on, e.g. 1,3,224,224 "
                          "(default: guessed from the model)")  # fmt: skip
@@ -172,7 +177,8 @@ def run(argv: Sequence[str] | None = None) -> tuple[int, Any]:
             raise ValueError(f"{args.model} did not return an nn.Module")
         ghn.eval()
         with torch.no_grad():
-            params = ghn.predict(model, fallback_init=args.fallback_init, example_input=example)
+            params = ghn.predict(model, fallback_init=args.fallback_init, example_input=example,
+                                 keep_output=args.keep_output)  # fmt: skip
             named = dict(model.named_parameters())
             for name, value in params.items():
                 named[name].copy_(value.to(named[name].device, named[name].dtype))

@@ -345,11 +345,18 @@ class GHN(nn.Module):
 
     # -- graphs -----------------------------------------------------------------------------------
     def prepare(
-        self, graph: ArchGraph, module: nn.Module | None = None, fallback_init: bool = False
+        self,
+        graph: ArchGraph,
+        module: nn.Module | None = None,
+        fallback_init: bool = False,
+        keep_output: bool = False,
     ) -> _Prepared:
         """Check ``graph`` against the vocabulary and list the parameters to predict (a tensor
         used by several ops, e.g. tied embeddings, is predicted once, at its first use); the
         result's ``report()`` is the :class:`InitReport` (exact when ``module`` is given).
+        With ``keep_output`` the parameters of the output layer (ops flagged ``last``: the
+        output is reached from them through no other parametrised op) are left to the module's
+        own initialisation and listed as kept (a tensor tied to an earlier op stays predicted).
 
         Raises:
             GHNVocabularyError: an op outside the vocabulary, a parameter of an unsupported
@@ -387,8 +394,15 @@ class GHN(nn.Module):
             if main and node.attrs.get("transposed") and len(main) == 2:
                 main = (main[1], main[0])
             fan_in = int(math.prod(main[1:])) if main and len(main) >= 2 else 1
+            output_layer = keep_output and bool(node.attrs.get("last", False))
             for role, pname in node.params.items():
                 if pname in seen:  # a shared tensor, predicted at its first use
+                    continue
+                if output_layer:
+                    seen.add(pname)
+                    kept.append(pname)
+                    reasons[pname] = (f"output layer ({where}, op '{node.op}'): left to the "
+                                      "module's own init (keep_output)")  # fmt: skip
                     continue
                 shape = node.shapes[role]
                 dshape, transpose = _decode_plan(node.attrs, node.op, role, shape)
@@ -497,6 +511,7 @@ class GHN(nn.Module):
         model: nn.Module | ArchGraph,
         fallback_init: bool = False,
         example_input: Tensor | None = None,
+        keep_output: bool = False,
     ) -> PredictedParams:
         """Predicted parameters of ``model`` (a module, recorded here, or its ArchGraph).
 
@@ -506,6 +521,11 @@ class GHN(nn.Module):
                 and listed in the report) instead of raising.
             example_input: input to record the module on (guessed when ``None``, see
                 :meth:`ArchGraph.from_module`).
+            keep_output: leave the output layer (e.g. the classifier head) to the module's own
+                init. For an initialisation that will be trained: a GHN trained for zero-shot
+                accuracy predicts a confident head (logits ~6x the default init's RMS on the
+                digits transformers), which slows training; a fresh head with a predicted body
+                trains faster (BENCHMARKS.md, "GHN initialisation of transformers").
         Returns:
             ``{name: tensor}`` for every predicted parameter; ``.report`` (:class:`InitReport`)
             lists the predicted and kept tensors (their union is ``model.named_parameters()``).
@@ -514,17 +534,19 @@ class GHN(nn.Module):
             metanet.graph.arch.ArchTraceError: ``model``'s forward cannot be recorded.
         """
         if isinstance(model, ArchGraph):
-            prepared = self.prepare(model, None, fallback_init)
+            prepared = self.prepare(model, None, fallback_init, keep_output)
         else:
             graph = ArchGraph.from_module(model, example_input)
-            prepared = self.prepare(graph, model, fallback_init)
+            prepared = self.prepare(graph, model, fallback_init, keep_output)
         return PredictedParams(self.predict_prepared([prepared])[0], prepared.report())
 
     @torch.no_grad()
     def load_into(self, model: nn.Module, fallback_init: bool = False,
-                  example_input: Tensor | None = None) -> nn.Module:  # fmt: skip
+                  example_input: Tensor | None = None,
+                  keep_output: bool = False) -> nn.Module:  # fmt: skip
         """Write the parameters predicted for ``model`` into it (in place) and return it; the
-        :class:`InitReport` is logged (INFO) and kept as ``self.last_report``.
+        :class:`InitReport` is logged (INFO) and kept as ``self.last_report``. Arguments as
+        for :meth:`predict`.
 
         Raises:
             TypeError: ``model`` is not an ``nn.Module``.
@@ -533,7 +555,8 @@ class GHN(nn.Module):
         """
         if not isinstance(model, nn.Module):
             raise TypeError(f"GHN.load_into needs an nn.Module, got {type(model).__name__}")
-        params = self.predict(model, fallback_init=fallback_init, example_input=example_input)
+        params = self.predict(model, fallback_init=fallback_init, example_input=example_input,
+                              keep_output=keep_output)  # fmt: skip
         named = dict(model.named_parameters())
         for name, value in params.items():
             named[name].copy_(value.to(named[name].device, named[name].dtype))
