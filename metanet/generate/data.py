@@ -7,12 +7,15 @@ Two layouts of a network as a vector:
   (MLPs, CNNs without norm layers, SIRENs): canonicalization by Git Re-Basin is available;
 * a *flat parameter layout* (:class:`FlatLayout`), for any module family (CNNs with BatchNorm,
   residual blocks, a user ``class_path`` module): every parameter of ``build_module(arch)`` in
-  ``named_parameters()`` order. Buffers (BatchNorm running statistics) are not generated: the
-  layout holds the zoo's average as defaults, and the evaluation can recompute them on a few
-  training batches after generation (:func:`metanet.generate.evaluate.classifier_accuracy`,
-  ``metanet generate --calibrate-bn K``). The layout travels in the generator's checkpoint as
-  ``info["layout"]`` (:func:`network_layout` reads it back; checkpoints written before it had
-  its own key carry it as ``info["zoo_info"]["layout"]``, which is read too).
+  ``named_parameters()`` order. Chains with BatchNorm (no residual blocks, no user module) are
+  canonicalized too (:func:`metanet.generate.canonicalize.canonicalize_params`: the BatchNorm
+  weights, biases and running statistics move with their conv channels). Buffers (BatchNorm
+  running statistics) are not generated: the layout holds the zoo's average as defaults, and
+  the evaluation can recompute them on a few training batches after generation
+  (:func:`metanet.generate.evaluate.classifier_accuracy`, ``metanet generate --calibrate-bn K``).
+  The layout travels in the generator's checkpoint as ``info["layout"]``
+  (:func:`network_layout` reads it back; checkpoints written before it had its own key carry it
+  as ``info["zoo_info"]["layout"]``, which is read too).
 
 Set-up (``setup()``, once):
 
@@ -22,7 +25,10 @@ Set-up (``setup()``, once):
    run looks like), and keep at most ``max_networks`` of the rest (seeded choice);
 2. canonicalize (``canonicalize=True``): align every network to a reference network (the best
    by ``val_acc`` when the zoo records a validation split, else by ``test_acc``, or the
-   medoid) with Git Re-Basin weight matching; held-out networks are aligned to it too;
+   medoid) with Git Re-Basin weight matching; held-out networks are aligned to it too. For a
+   flat layout the whole state dict is aligned (BatchNorm affine parameters in the matching
+   objective, running statistics permuted with their channels) and the layout's default
+   buffers are the average of the *aligned* running statistics;
 3. flatten to ``[N, D]`` (:meth:`WeightSpace.flatten` order) and standardize with per-layer
    (default) or per-parameter mean/std;
 4. condition labels: the categories of a hyperparameter (``condition="task"`` of a
@@ -47,10 +53,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from metanet.generate.canonicalize import ChannelPermutations, canonicalize_params, pick_reference
 from metanet.generate.canonicalize import canonicalize as canonicalize_ws
-from metanet.generate.canonicalize import pick_reference
 from metanet.weightspace import WeightSpace, WeightSpaceSpec
-from metanet.weightspace.spec import LayerSpec
+from metanet.weightspace.spec import LayerSpec, WeightSpaceError
 
 __all__ = ["FlatLayout", "GeneratorDataModule", "ZooInputError", "layer_stats_vectors",
            "network_layout", "zoo_group_for"]  # fmt: skip
@@ -149,6 +155,37 @@ class FlatLayout:
             n = math.prod(shape)
             out[key] = vectors[:, offset : offset + n].reshape(len(vectors), *shape)
             offset += n
+        return out
+
+    def canonicalize(
+        self, vectors: torch.Tensor, structure: ChannelPermutations, reference: torch.Tensor,
+        max_iter: int = 100, seed: int = 0,
+    ) -> torch.Tensor:  # fmt: skip
+        """``[N, D]`` network vectors with their hidden channels permuted into the frame of the
+        ``reference`` vector ``[D]`` (Git Re-Basin weight matching with the BatchNorm weights and
+        biases in the objective; :func:`metanet.generate.canonicalize.canonicalize_params`).
+
+        Vectors hold parameters only: loaded with buffers that are the same for every network
+        (the layout's, or recalibrated ones) each computes the same function as before. Rows
+        with NaN/inf values are returned unchanged.
+
+        Args:
+            vectors: ``[N, D]`` in this layout.
+            structure: ``ChannelPermutations.from_module`` of the layout's module.
+            reference: ``[D]`` the network every vector is aligned to.
+            max_iter, seed: passed to the weight matching.
+        """
+        if reference.shape != (self.dim,):
+            raise ValueError(f"flat layout: reference must be [{self.dim}], got "
+                             f"{tuple(reference.shape)}")  # fmt: skip
+        out = vectors.clone()
+        rows = torch.isfinite(vectors).all(1).nonzero().flatten()
+        if len(rows) and torch.isfinite(reference).all():
+            params = self.unflatten(vectors[rows])
+            ref = self.unflatten(reference.reshape(1, -1))
+            out[rows] = self.flatten(
+                canonicalize_params(params, structure, ref, max_iter=max_iter, seed=seed)
+            ).to(out.dtype)
         return out
 
     def state_dict(
@@ -328,7 +365,9 @@ class GeneratorDataModule(L.LightningDataModule):
         seed: seeds record choice, alignment order and shuffling.
         layout: ``"auto"`` (default: the weight space where the architecture has one, else a
             :class:`FlatLayout`), ``"weightspace"`` or ``"flat"`` (a flat parameter layout for
-            any architecture; needs ``canonicalize=False``: it has no permutation alignment).
+            any architecture; ``canonicalize=True`` needs a plain chain of Linear/Conv layers
+            with BatchNorm: :meth:`~metanet.generate.canonicalize.ChannelPermutations.
+            from_module`).
 
     After ``setup()``: ``spec`` (the pseudo spec of a flat layout), ``layout`` (the
     :class:`FlatLayout`, with the zoo's average buffers, or ``None`` for a weight space), ``arch``,
@@ -338,10 +377,14 @@ class GeneratorDataModule(L.LightningDataModule):
     classes, when the zoo records them), ``zoo_info`` (name, kind, data split); with a holdout
     also ``holdout_vectors`` [H, D] (raw units, aligned like the training networks when
     canonicalized), ``holdout_test_acc`` [H], ``holdout_run_ids`` [H], ``holdout_records`` [H].
+    With a flat layout, ``record_buffers`` / ``holdout_buffers`` ``{key: [N or H, ...]}`` are
+    every network's own stored buffers (running statistics), permuted like its vector (else
+    ``None``).
 
     Raises (in ``setup``, :class:`ZooInputError`, one line naming the zoo file): a zoo of several
     architectures without ``arch`` (the message names them); a flat layout with
-    ``canonicalize=True`` or of a group without an arch dict; fewer than 2 training networks
+    ``canonicalize=True`` of a module whose channel permutations are unknown (residual blocks,
+    a user module), or of a group without an arch dict; fewer than 2 training networks
     left, or a holdout that leaves no run for training or asks for more runs than the zoo has; an
     unknown condition.
     """
@@ -418,25 +461,40 @@ class GeneratorDataModule(L.LightningDataModule):
             )
         return group
 
-    def _flat_layout(self, group: Any, keep: np.ndarray, where: str) -> FlatLayout:
-        """The flat layout of ``group``'s module with the average buffers of records ``keep``."""
+    def _flat_module(self, group: Any, where: str) -> tuple[nn.Module, Any]:
+        """``(module, channel structure or None)`` of ``group`` for a flat layout; the structure
+        (:class:`~metanet.generate.canonicalize.ChannelPermutations`) only with
+        ``canonicalize``."""
         from metanet.zoo.architectures import build_module
 
-        if self.canonicalize:
-            raise ZooInputError(
-                f"{where}: '{group.name}' is generated through a flat parameter layout (it has "
-                "no weight space, or layout='flat'), which has no permutation alignment: set "
-                "canonicalize=False"
-            )
         if not getattr(group, "arch", None):
             raise ZooInputError(
                 f"{where}: '{group.name}' has no arch dict, which a flat parameter layout needs"
             )
         module = build_module(dict(group.arch))
+        if not self.canonicalize:
+            return module, None
+        try:
+            return module, ChannelPermutations.from_module(module)
+        except WeightSpaceError as err:
+            raise ZooInputError(
+                f"{where}: '{group.name}' is generated through a flat parameter layout whose "
+                f"channel permutations are unknown ({err}): set canonicalize=False"
+            ) from None
+
+    def _flat_params(self, group: Any, records: np.ndarray, module: nn.Module) -> dict:
+        """Stacked parameters and stored buffers ``{key: [N, ...]}`` of ``records``."""
         names = {k for k, _ in module.named_parameters()}
-        buffer_keys = [k for k in module.state_dict() if k not in names]
-        stored = [k for k in buffer_keys if k in group.keys]
-        means = zoo_buffer_means(group.params(keep), stored) if stored else {}
+        wanted = [k for k in module.state_dict() if k in names or k in group.keys]
+        stacked = group.params(records)
+        return {k: stacked[k] for k in wanted if k in stacked}
+
+    @staticmethod
+    def _flat_layout(module: nn.Module, params: Mapping[str, torch.Tensor]) -> FlatLayout:
+        """The flat layout of ``module`` with the average stored buffers of stacked ``params``."""
+        names = {k for k, _ in module.named_parameters()}
+        stored = [k for k in module.state_dict() if k not in names and k in params]
+        means = zoo_buffer_means(params, stored) if stored else {}
         return FlatLayout.from_module(module, means)
 
     def _split_holdout(
@@ -485,10 +543,13 @@ class GeneratorDataModule(L.LightningDataModule):
                 f"max_networks={self.max_networks}); a generator needs at least 2"
             )
         flat = self.layout_kind == "flat" or (self.layout_kind == "auto" and group.spec is None)
+        structure = module = flat_params = None
         if flat:
-            self.layout = self._flat_layout(group, keep, where)
+            module, structure = self._flat_module(group, where)
+            flat_params = self._flat_params(group, keep, module)
+            self.layout = self._flat_layout(module, flat_params)
             flat_spec = self.layout.spec()
-            ws = WeightSpace.unflatten(self.layout.flatten(group.params(keep)), flat_spec)
+            ws = WeightSpace.unflatten(self.layout.flatten(flat_params), flat_spec)
         else:
             self.layout = None
             ws = group.weight_space(keep).to(torch.float32)
@@ -535,23 +596,33 @@ class GeneratorDataModule(L.LightningDataModule):
             ref = pick_reference(ws, torch.as_tensor(select[keep], dtype=torch.float32))
         else:
             ref = pick_reference(ws)
-        if self.canonicalize:
-            ws = canonicalize_ws(ws, ref, max_iter=self.align_iter, seed=self.seed)
+        align = {"max_iter": self.align_iter, "seed": self.seed}
+        ref_params = None
+        if self.canonicalize and structure is not None:
+            flat_params = canonicalize_params(flat_params, structure, ref, **align)
+            ref_params = {k: v[ref : ref + 1] for k, v in flat_params.items()}
+            self.layout = self._flat_layout(module, flat_params)  # buffers averaged when aligned
+            ws = WeightSpace.unflatten(self.layout.flatten(flat_params), flat_spec)
+        elif self.canonicalize:
+            ws = canonicalize_ws(ws, ref, **align)
         self.reference_index = int(keep[ref])
         self.holdout_records = torch.as_tensor(held)
         self.holdout_test_acc = torch.as_tensor(acc[held], dtype=torch.float32)
         self.holdout_run_ids = torch.as_tensor(runs_all[held])
         self.holdout_vectors = torch.zeros(0, ws.spec.num_params)
+        self.record_buffers = self._buffers_of(flat_params)
+        self.holdout_buffers = self._buffers_of(flat_params, empty=True)
         if len(held):
-            held_ws = (
-                WeightSpace.unflatten(self.layout.flatten(group.params(held)), flat_spec)
-                if self.layout is not None
-                else group.weight_space(held).to(torch.float32)
-            )
-            if self.canonicalize:
-                held_ws = canonicalize_ws(
-                    held_ws, ws[ref], max_iter=self.align_iter, seed=self.seed
-                )
+            if self.layout is not None:
+                held_params = self._flat_params(group, held, module)
+                if ref_params is not None:
+                    held_params = canonicalize_params(held_params, structure, ref_params, **align)
+                self.holdout_buffers = self._buffers_of(held_params)
+                held_ws = WeightSpace.unflatten(self.layout.flatten(held_params), flat_spec)
+            else:
+                held_ws = group.weight_space(held).to(torch.float32)
+                if self.canonicalize:
+                    held_ws = canonicalize_ws(held_ws, ws[ref], **align)
             self.holdout_vectors = held_ws.flatten()
         self.spec: WeightSpaceSpec = ws.spec
         self.arch: dict = dict(group.arch)
@@ -570,6 +641,23 @@ class GeneratorDataModule(L.LightningDataModule):
             "group": group.name,
         }
         self._ready = True
+
+    def _buffers_of(
+        self, params: Mapping[str, torch.Tensor] | None, empty: bool = False
+    ) -> dict[str, torch.Tensor] | None:
+        """The layout's buffers ``{key: [N, ...]}`` of stacked ``params`` (``empty``: of zero
+        networks), ``None`` without a flat layout; a buffer the zoo does not store is the
+        layout's default, repeated."""
+        if self.layout is None or params is None:
+            return None
+        n = 0 if empty else len(next(iter(params.values())))
+        out = {}
+        for k, default in self.layout.buffers.items():
+            if k in params:
+                out[k] = params[k][:n].clone()
+            else:
+                out[k] = default.unsqueeze(0).repeat(n, *([1] * default.dim()))
+        return out
 
     # -- loaders --------------------------------------------------------------------------------
     def dataset(self) -> TensorDataset:

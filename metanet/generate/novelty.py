@@ -24,11 +24,14 @@ with BatchNorm, residual blocks, a user module): ``layout=`` and ``calibration=`
 :func:`error_sets` and :func:`novelty` load every network through
 :func:`metanet.generate.evaluate.load_network` (the layout's buffers, then BatchNorm running
 statistics recomputed on the ``calibration`` batches); pass the same ``calibration`` for the
-generated and the training networks, so a copy of a checkpoint makes the same errors. A flat
-layout has no permutation alignment: its L2 nearest-neighbour distance is *unaligned*
-(``NoveltyReport.aligned`` is ``False``). It is an upper bound on the aligned distance, so a
-near copy is still flagged, but a permuted copy is far in L2 and shows only as an error IoU
-near 1.
+generated and the training networks, so a copy of a checkpoint makes the same errors. By
+default a flat layout's L2 nearest-neighbour distance is *unaligned* (``NoveltyReport.aligned``
+is ``False``). It is an upper bound on the aligned distance, so a near copy is still flagged,
+but a permuted copy is far in L2 and shows only as an error IoU near 1. A chain with BatchNorm
+(no residual blocks, no user module) can be aligned: with ``channels=``
+(:class:`~metanet.generate.canonicalize.ChannelPermutations`) :func:`novelty` measures the
+distance in the frame of a reference network, every network aligned to it with its BatchNorm
+parameters moving along with its channels.
 
 :func:`novelty` computes both for a batch (plus test accuracy and a "memorized" flag per network)
 as a :class:`NoveltyReport`; :func:`plot_novelty` draws novelty against accuracy for several
@@ -279,6 +282,7 @@ def novelty(
     candidates: int = 3,
     layout: Any = None,
     calibration: Sequence[torch.Tensor] | None = None,
+    channels: Any = None,
 ) -> NoveltyReport:
     """Accuracy, error overlap and aligned L2 novelty of the networks ``ws``.
 
@@ -305,12 +309,29 @@ def novelty(
             (``NoveltyReport.aligned`` is ``False``).
         calibration: input batches every network's BatchNorm running statistics are recomputed
             on before its errors are counted (:func:`error_sets`).
+        channels: with a flat ``layout`` of a chain with BatchNorm, its
+            :class:`~metanet.generate.canonicalize.ChannelPermutations`: the distances are then
+            aligned (``NoveltyReport.aligned`` is ``True``). ``train_aligned`` must be the
+            training vectors canonicalized to ``reference`` (a one-network WeightSpace of the
+            layout's pseudo spec, e.g. a canonicalized generator's reference network); every
+            network of ``ws`` is aligned to it too (:meth:`FlatLayout.canonicalize`) and keeps
+            the smaller of its distances as given and after that alignment (a network already in
+            the reference frame can land elsewhere when aligned again).
     """
     errors = error_sets(ws, arch, x, y, layout, calibration)
     accuracy = 1.0 - errors.float().mean(1)
     iou, iou_idx = max_error_overlap(errors, train_errors, self_index)
-    if layout is not None:  # no permutation alignment: plain L2 between parameter vectors
+    if layout is not None:  # plain L2 between parameter vectors, or in the reference frame
         dist, dist_idx = aligned_nearest(ws.flatten(), train_aligned, self_index)
+        if channels is not None:
+            if reference is None or len(reference) != 1:
+                raise ValueError("aligned novelty of flat-layout networks needs one reference")
+            if aligned is None:
+                aligned = layout.canonicalize(ws.flatten(), channels, reference.flatten()[0])
+            again, again_idx = aligned_nearest(aligned, train_aligned, self_index)
+            better = again < dist
+            dist, dist_idx = torch.where(better, again, dist), torch.where(better, again_idx,
+                                                                             dist_idx)
     else:
         if aligned is None:
             if reference is None:
@@ -322,7 +343,7 @@ def novelty(
         scale = float(own.median())
     memorized = (dist < copy_fraction * scale) | (iou >= copy_iou)
     return NoveltyReport(accuracy, iou, iou_idx, dist, dist_idx, memorized, float(scale),
-                         aligned=layout is None)  # fmt: skip
+                         aligned=layout is None or channels is not None)  # fmt: skip
 
 
 def plot_novelty(

@@ -13,11 +13,17 @@ assignment problem (``scipy.optimize.linear_sum_assignment``) on the similarity 
 over every axis the permutation acts on (rows of one layer and its bias, columns of the next
 layer, conv kernels and ``in_repeat`` blocks of a flatten-fed Linear flattened into the feature
 dimension). Sweeps repeat until no permutation changes.
+
+Tensors outside the weight space that one hidden neuron owns — the weight and bias of a BatchNorm
+after a conv, as in the permutation specs of Git Re-Basin's VGG/ResNet models, where a norm layer
+shares the permutation of the preceding conv's output channels — join the objective of their
+permutation through ``extra_a`` / ``extra_b``: ``{perm id: [tensor [n_p, ...], ...]}``, each
+adding ``<x_a, P_p x_b>`` (an outer product of its rows) to that permutation's similarity.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -58,12 +64,58 @@ def _network_tensors(ws: WeightSpace, spec: WeightSpaceSpec, what: str):
     return out
 
 
+NeuronTensors = Mapping[int, Sequence[torch.Tensor]]
+
+
+def _extra_tensors(
+    extra_a: NeuronTensors | None, extra_b: NeuronTensors | None, spec: WeightSpaceSpec
+) -> dict[int, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Checked per-permutation pairs ``(x_a [n_p, m], x_b [n_p, m])`` (float64) of the extras."""
+    extra_a, extra_b = dict(extra_a or {}), dict(extra_b or {})
+    if sorted(extra_a) != sorted(extra_b):
+        raise WeightSpaceError(
+            f"extra_a and extra_b must name the same permutations, got {sorted(extra_a)} and "
+            f"{sorted(extra_b)}"
+        )
+    out: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for p in sorted(extra_a):
+        if not (isinstance(p, int) and 0 <= p < spec.num_perms):
+            raise WeightSpaceError(
+                f"extra tensors for permutation {p!r}; the spec has permutations "
+                f"0..{spec.num_perms - 1}"
+            )
+        xs_a, xs_b = list(extra_a[p]), list(extra_b[p])
+        if len(xs_a) != len(xs_b):
+            raise WeightSpaceError(
+                f"permutation {p}: {len(xs_a)} extra tensors in extra_a, {len(xs_b)} in extra_b"
+            )
+        n = spec.perm_sizes[p]
+        pairs = []
+        for k, (xa, xb) in enumerate(zip(xs_a, xs_b)):
+            if xa.shape != xb.shape or xa.dim() == 0 or xa.shape[0] != n:
+                raise WeightSpaceError(
+                    f"permutation {p}, extra tensor {k}: shapes {tuple(xa.shape)} and "
+                    f"{tuple(xb.shape)}, expected equal shapes [{n}, ...]"
+                )
+            xa = xa.detach().to(torch.float64).reshape(n, -1)
+            xb = xb.detach().to(torch.float64).reshape(n, -1)
+            if not (torch.isfinite(xa).all() and torch.isfinite(xb).all()):
+                raise WeightSpaceError(
+                    f"permutation {p}, extra tensor {k} contains NaN or inf values"
+                )
+            pairs.append((xa, xb))
+        out[p] = pairs
+    return out
+
+
 def weight_matching(
     ws_a: WeightSpace,
     ws_b: WeightSpace,
     spec: WeightSpaceSpec | None = None,
     max_iter: int = 100,
     seed: int = 0,
+    extra_a: NeuronTensors | None = None,
+    extra_b: NeuronTensors | None = None,
 ) -> list[torch.Tensor]:
     """Permutations that align network ``ws_b`` to network ``ws_a`` (Git Re-Basin weight matching).
 
@@ -74,19 +126,26 @@ def weight_matching(
             permutation between several layers (residual MLPs).
         max_iter: maximum number of coordinate-descent sweeps over all permutations.
         seed: seeds the random order in which permutations are visited.
+        extra_a, extra_b: per-neuron tensors outside the weight space, ``{perm id: [tensor
+            [n_p, ...], ...]}`` of network a and b (same ids, counts and shapes; e.g. the weight
+            and bias of a BatchNorm after the layer whose outputs permutation ``p`` reorders). Each
+            adds ``x_a @ x_b.T`` to the similarity of its permutation; the caller permutes them
+            along with the weights (``x_b[perms[p]]``).
 
     Returns:
         One ``LongTensor [n_p]`` per permutation of ``spec``; ``permute(ws_b, perms)`` computes the
         same function as ``ws_b`` and is aligned to ``ws_a``.
 
     Raises:
-        WeightSpaceError: a batch that is not one network, mismatched shapes, NaN/inf weights.
+        WeightSpaceError: a batch that is not one network, mismatched shapes, NaN/inf weights
+            or extra tensors.
     """
     spec = spec or ws_a.spec
     if max_iter < 1:
         raise ValueError(f"max_iter must be >= 1, got {max_iter}")
     ta = _network_tensors(ws_a, spec, "ws_a")
     tb = _network_tensors(ws_b, spec, "ws_b")
+    extras = _extra_tensors(extra_a, extra_b, spec)
     perms = [torch.arange(n) for n in spec.perm_sizes]
     if not perms:
         return perms
@@ -121,6 +180,8 @@ def weight_matching(
             sim += a @ b.T
             if axis == 0:
                 sim += torch.outer(ta[l][1], tb[l][1])
+        for xa, xb in extras.get(p, ()):
+            sim += xa @ xb.T
         return sim
 
     rng = np.random.default_rng(seed)
