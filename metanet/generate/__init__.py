@@ -4,8 +4,9 @@
   canonicalized weight vectors of one zoo architecture, with condition labels); a
   :class:`FlatLayout` reads an architecture without a weight space (BatchNorm CNNs, user modules)
   as one parameter vector;
-* :mod:`~metanet.generate.canonicalize`: Git Re-Basin alignment of a zoo to a reference network,
-  nearest-neighbour distances for novelty;
+* :mod:`~metanet.generate.canonicalize`: Git Re-Basin alignment of a zoo to a reference network
+  (:class:`ChannelPermutations` and :func:`canonicalize_params` for flat layouts of chains with
+  BatchNorm), nearest-neighbour distances for novelty;
 * :mod:`~metanet.generate.autoencoder`: the parameter autoencoder of latent diffusion (p-diff);
 * :mod:`~metanet.generate.diffusion`: DDPM noise schedules, loss, DDPM/DDIM samplers;
 * :mod:`~metanet.generate.flow`: flow matching with Euler/Heun ODE samplers;
@@ -29,13 +30,20 @@ The LightningModules live in :mod:`metanet.tasks.generation`.
 
 from metanet.generate.autoencoder import ParamAutoencoder
 from metanet.generate.backbones import ResidualMLP, TokenTransformer
-from metanet.generate.canonicalize import canonicalize, nearest_distances, pick_reference
+from metanet.generate.canonicalize import (
+    ChannelPermutations,
+    canonicalize,
+    canonicalize_params,
+    nearest_distances,
+    pick_reference,
+)
 from metanet.generate.data import FlatLayout, GeneratorDataModule, ZooInputError, network_layout
 from metanet.generate.diffusion import GaussianDiffusion, make_betas
 from metanet.generate.flow import FlowMatching
 from metanet.generate.sampling import sample
 
 __all__ = [
+    "ChannelPermutations",
     "FlatLayout",
     "FlowMatching",
     "GaussianDiffusion",
@@ -45,6 +53,7 @@ __all__ = [
     "TokenTransformer",
     "ZooInputError",
     "canonicalize",
+    "canonicalize_params",
     "make_betas",
     "nearest_distances",
     "network_layout",

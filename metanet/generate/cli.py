@@ -28,8 +28,11 @@ generator held out of its training (``GeneratorDataModule(holdout=...)``) are no
 networks and are left out when ``ZOO`` is the zoo it was trained on. For a flat-layout generator
 the training networks are read through the same layout and loaded like the generated ones (the
 layout's buffers, then ``--calibrate-bn`` recalibration when given, so a copy of a checkpoint
-makes the same errors); a flat layout has no permutation alignment, so the distance column is
-``unaligned_l2_nn`` (plain L2 between parameter vectors) instead of ``aligned_l2_nn``.
+makes the same errors). A flat-layout generator trained canonicalized (a Linear/Conv chain with
+BatchNorm) has its training networks aligned to its reference network, BatchNorm parameters
+moving with their channels (``aligned_l2_nn``); any other flat layout (residual blocks, a user
+module) has no permutation alignment, so its distance column is ``unaligned_l2_nn`` (plain L2
+between parameter vectors).
 
 The generator checkpoint is read tensors-only; ``--trust-pickle`` allows a full unpickle of a
 checkpoint that needs one, which runs code named in the file (only for files you trust).
@@ -454,7 +457,7 @@ def run(args: argparse.Namespace) -> str:
         if train_group is not None
         else None
     )
-    l2_name = "aligned_l2_nn" if layout is None else "unaligned_l2_nn"
+    l2_name = "aligned_l2_nn" if nov is None or nov.aligned else "unaligned_l2_nn"
     header = ["file", "condition", "test_acc", "test_acc_all_classes",
               *[f"acc_{t}" for t in per_task]]  # fmt: skip
     if val_own is not None:
@@ -483,7 +486,7 @@ def run(args: argparse.Namespace) -> str:
         b = int(torch.tensor(val_own).argmax())
         text += f"; best by val_acc: {files[b]} (val {val_own[b]:.4f}, test {own[b]:.4f})"
     if nov is not None:
-        l2_text = "aligned L2 NN" if layout is None else "unaligned L2 NN (flat layout)"
+        l2_text = "aligned L2 NN" if nov.aligned else "unaligned L2 NN (flat layout)"
         text += (
             f"; novelty: max error IoU median {nov.iou.median():.3f}, {l2_text} median "
             f"{nov.distance.median():.3f}, memorized {nov.memorized.float().mean():.0%}"
@@ -499,6 +502,20 @@ def _same_zoo(info: Mapping[str, Any], group: Any) -> bool:
     return bool(fp) and fp == zoo.get("fingerprint")
 
 
+def _flat_channels(info: Mapping[str, Any]) -> Any:
+    """The channel permutations of a canonicalized flat-layout generator's architecture
+    (:class:`~metanet.generate.canonicalize.ChannelPermutations`), or ``None`` when they are
+    unknown (then the novelty distance stays unaligned)."""
+    from metanet.generate.canonicalize import ChannelPermutations
+    from metanet.weightspace import WeightSpaceError
+    from metanet.zoo.architectures import build_module
+
+    try:
+        return ChannelPermutations.from_module(build_module(dict(info["arch"])))
+    except WeightSpaceError:
+        return None
+
+
 def _novelty_columns(
     gen: Any,
     ws: Any,
@@ -510,8 +527,10 @@ def _novelty_columns(
 ) -> Any:
     """Novelty of ``ws`` against the networks of zoo ``group``: a
     :class:`metanet.generate.novelty.NoveltyReport`. Weight-space networks are aligned to the
-    generator's reference network; a flat ``layout``'s are compared as they are (unaligned L2),
-    both sides loaded through the layout and recalibrated on the same ``calibration`` batches."""
+    generator's reference network; a flat ``layout``'s too when the generator was trained
+    canonicalized (a chain with BatchNorm, :func:`_flat_channels`), else compared as they are
+    (unaligned L2); both sides are loaded through the layout and recalibrated on the same
+    ``calibration`` batches (error sets of the training networks as stored)."""
     from metanet.generate.canonicalize import canonicalize
     from metanet.generate.novelty import error_sets, novelty
     from metanet.limits import check_memory
@@ -525,8 +544,14 @@ def _novelty_columns(
         vectors = layout.flatten(group.params(records))
         train_ws = WeightSpace.unflatten(vectors, gen.spec)
         train_errors = error_sets(train_ws, info["arch"], x, y, layout, calibration)
-        return novelty(ws, vectors, train_errors, None, info["arch"], x, y, layout=layout,
-                       calibration=calibration)  # fmt: skip
+        channels = _flat_channels(info) if info.get("canonicalized") else None
+        reference = None
+        if channels is not None:  # distances in the frame of the generator's reference network
+            ref = gen.reference.detach().float().cpu()
+            vectors = layout.canonicalize(vectors, channels, ref)
+            reference = WeightSpace.unflatten(ref[None], gen.spec)
+        return novelty(ws, vectors, train_errors, reference, info["arch"], x, y, layout=layout,
+                       calibration=calibration, channels=channels)  # fmt: skip
     train = group.weight_space(records).to(torch.float32)
     reference = WeightSpace.unflatten(gen.reference.detach().float().cpu()[None], gen.spec)
     train_aligned = canonicalize(train, reference).flatten()
