@@ -16,8 +16,8 @@ from safetensors.torch import load_file as load_safetensors
 from torch import nn
 
 from metanet.data.datamodules import open_zoo
-from metanet.generate.cli import main as generate_main
 from metanet.generate.canonicalize import ChannelPermutations
+from metanet.generate.cli import main as generate_main
 from metanet.generate.data import (
     FlatLayout,
     GeneratorDataModule,
