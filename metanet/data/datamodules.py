@@ -11,9 +11,10 @@ HDF5 zoo (path or :class:`metanet.data.zoo_store.Zoo`) or a reader's
   (``label`` of INR zoos) are long tensors and :attr:`num_classes` is set.
 * :attr:`weight_stats`: mean/std of each layer's weights and biases over the train split, for input
   normalization (``normalize_weights=True`` applies it to WeightSpace batches).
-* :attr:`ParamGraphDataModule.graph_stats`: the per-type node/edge value statistics and degree
-  histograms of the train split's graphs (:class:`metanet.nn.graph_features.GraphStats`) that the
-  graph metanetworks standardize with; metanet's tasks hand them to the model before training.
+* :attr:`ParamGraphDataModule.graph_stats`: the per-type (and per type and depth) node/edge value
+  statistics and degree histograms of the train split's graphs
+  (:class:`metanet.nn.graph_features.GraphStats`) that the graph metanetworks standardize with;
+  metanet's tasks hand them to the model before training.
 * Sizes that follow from the data (:attr:`ParamGraphDataModule.node_in_dim` / ``edge_in_dim``)
   are attributes, linked to the model's arguments by ``metanet fit`` (see :mod:`metanet.cli`).
 * Batches are read from the store one batch at a time (one HDF5 read per group per batch) by a
@@ -605,11 +606,12 @@ class ParamGraphDataModule(_ZooDataModule):
     ``edge_in_dim``.
 
     :attr:`graph_stats` are the statistics of the train split's graphs the graph models need
-    (value standardization, PNA degrees). They are computed once, on first use, from every
-    training record, or with ``stats_max_records`` from at most that many training records per
-    architecture group (a sample drawn with ``seed``; degree statistics always count every
-    training record, since all records of a group share one graph structure). Validation and
-    test records never enter them, and ``transforms`` are not applied.
+    (value standardization per type and per type and depth, PNA degrees). They are computed
+    once, on first use, from every training record, or with ``stats_max_records`` from at most
+    that many training records per architecture group (a sample drawn with ``seed``; degree
+    statistics always count every training record, since all records of a group share one graph
+    structure). Validation and test records never enter them, and ``transforms`` are not
+    applied.
     """
 
     def __init__(
@@ -677,6 +679,7 @@ class ParamGraphDataModule(_ZooDataModule):
             group = self.zoo[name]
             template = _trace_template(group, self.max_kernel_size)
             n, e = template.num_nodes, template.edge_index.size(1)
+            edge_layer = template.node_layer[template.edge_index[1].long()]
             in_deg = torch.bincount(template.edge_index[1], minlength=n)
             out_deg = torch.bincount(template.edge_index[0], minlength=n)
             acc.add_degrees(in_deg, out_deg, repeats=idx.size)
@@ -689,7 +692,8 @@ class ParamGraphDataModule(_ZooDataModule):
             for start in range(0, idx.size, chunk):
                 params = group.params(idx[start : start + chunk])
                 x, edge_attr = _stacked_values(template, params, name)
-                acc.add_values(x, template.node_type, edge_attr, template.edge_type)
+                acc.add_values(x, template.node_type, edge_attr, template.edge_type,
+                               node_layer=template.node_layer, edge_layer=edge_layer)  # fmt: skip
         return acc.result()
 
     @property

@@ -160,8 +160,9 @@ class GMN(GraphMetanetwork):
         fourier_features, fourier_sigma: random Fourier encoding of node/edge values (0: linear).
         max_layers, max_positions: embedding sizes (depth; input/output indices).
         probe_dim: width of ``graph.probe`` probe features (0: none).
-        standardize: standardize node/edge values per type with the statistics of the training
-            graphs (see :class:`metanet.nn.graph_features.Standardizer` and
+        standardize: standardize node/edge values per type (``True`` / ``"type"``) or per type
+            and depth (``"layer"``) with the statistics of the training graphs (see
+            :class:`metanet.nn.graph_features.Standardizer` and
             :class:`metanet.nn.readout.GraphMetanetwork`).
         node_pool, edge_pool, output_slots, head_layers: the :class:`GraphReadout`.
         output: ``"graph"``, ``"edge"`` or ``"node"``.
@@ -190,7 +191,7 @@ class GMN(GraphMetanetwork):
         max_layers: int = 64,
         max_positions: int = 1024,
         probe_dim: int = 0,
-        standardize: bool = True,
+        standardize: bool | str = True,
         node_pool: Sequence[str] = ("mean", "max"),
         edge_pool: Sequence[str] = ("mean",),
         output_slots: int = 0,

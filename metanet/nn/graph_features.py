@@ -12,7 +12,8 @@ additionally get a learned embedding of their index, as Neural Graphs does; hidd
 get features shared by their whole layer (node type, depth, relative depth). Permuting the
 hidden neurons of a network therefore permutes the encoded features in the same way.
 
-Data statistics: the encoders standardize node/edge values per type (:class:`Standardizer`) and
+Data statistics: the encoders standardize node/edge values per type (:class:`Standardizer`), or
+with ``standardize="layer"`` per type and depth (an edge's depth is its destination neuron's), and
 GMN's PNA scalers divide by the mean log-degree of the training graphs. Both come from a
 :class:`GraphStats` of the *training* graphs: ``ParamGraphDataModule.graph_stats`` computes one
 from the training split and metanet's tasks hand it to the model before training
@@ -38,6 +39,34 @@ from metanet.nn.layers import FourierFeatures
 
 DEFAULT_NODE_DIM = len(NODE_FEATURES)
 DEFAULT_EDGE_DIM = 9  # ``max_kernel_size`` of ``metanet.graph.from_module``
+STAT_LAYERS = 64
+"""Depth slots of the per-layer value statistics (deeper nodes/edges share the last slot)."""
+STANDARDIZE_MODES = ("type", "layer")
+
+
+def standardize_mode(standardize: bool | str) -> str | None:
+    """The value standardization an encoder's ``standardize`` asks for: ``"type"`` (``True``:
+    statistics per node / edge type), ``"layer"`` (per type and depth) or ``None`` (``False``:
+    raw values).
+
+    Raises:
+        ValueError: any other value.
+    """
+    if standardize is True:
+        return "type"
+    if standardize is False or standardize is None:
+        return None
+    if isinstance(standardize, str) and standardize in STANDARDIZE_MODES:
+        return standardize
+    raise ValueError(f"standardize must be true, false, 'type' or 'layer', got {standardize!r}")
+
+
+def layer_keys(types: Tensor, layer: Tensor) -> Tensor:
+    """Keys ``type * STAT_LAYERS + depth`` (depth clamped to ``STAT_LAYERS - 1``) of the
+    per-layer statistics."""
+    return types.long() * STAT_LAYERS + layer.long().clamp(0, STAT_LAYERS - 1)
+
+
 _REQUIRED = ("x", "edge_index", "edge_attr", "edge_type", "node_type", "node_layer", "node_pos")
 
 
@@ -256,6 +285,10 @@ class GraphStats:
         in_degree_hist, out_degree_hist: long ``[D + 1]``: number of nodes with in- / out-degree
             ``d`` (PNA's degree statistics).
         num_graphs: graphs whose values went into the value statistics.
+        node_layer_mean, node_layer_std, edge_layer_mean, edge_layer_std: the same per type *and
+            depth* (``[len(NodeType) * STAT_LAYERS, dim]``, rows :func:`layer_keys`; a
+            (type, depth) without values gets its type's statistics), for
+            ``standardize="layer"``; ``None`` when the values were added without depths.
     """
 
     node_mean: Tensor
@@ -265,6 +298,15 @@ class GraphStats:
     in_degree_hist: Tensor
     out_degree_hist: Tensor
     num_graphs: int
+    node_layer_mean: Tensor | None = None
+    node_layer_std: Tensor | None = None
+    edge_layer_mean: Tensor | None = None
+    edge_layer_std: Tensor | None = None
+
+    @property
+    def has_layer_stats(self) -> bool:
+        """Whether the per-(type, depth) statistics of ``standardize="layer"`` are present."""
+        return self.node_layer_mean is not None and self.edge_layer_mean is not None
 
     @property
     def node_dim(self) -> int:
@@ -309,6 +351,9 @@ class GraphStatsAccumulator:
     def __init__(self, node_dim: int = DEFAULT_NODE_DIM, edge_dim: int = DEFAULT_EDGE_DIM) -> None:
         self.nodes = _TypeMoments(len(NodeType), node_dim)
         self.edges = _TypeMoments(len(EdgeType), edge_dim)
+        self.node_layers = _TypeMoments(len(NodeType) * STAT_LAYERS, node_dim)
+        self.edge_layers = _TypeMoments(len(EdgeType) * STAT_LAYERS, edge_dim)
+        self._without_layers = False
         self.in_hist = torch.zeros(1, dtype=torch.long)
         self.out_hist = torch.zeros(1, dtype=torch.long)
         self.num_graphs = 0
@@ -316,18 +361,22 @@ class GraphStatsAccumulator:
     def add(self, graphs: object) -> None:
         """Add the values and degrees of one ParamGraph, ``Batch`` or :class:`GraphBatch`."""
         g = read_batch(graphs)
-        self.add_values(g.x, g.node_type, g.edge_attr, g.edge_type, num_graphs=g.num_graphs)
+        self.add_values(g.x, g.node_type, g.edge_attr, g.edge_type, num_graphs=g.num_graphs,
+                        node_layer=g.node_layer, edge_layer=g.node_layer[g.dst])  # fmt: skip
         in_deg = g.dst_ptr[1:] - g.dst_ptr[:-1]
         out_deg = torch.bincount(g.src, minlength=g.num_nodes)
         self.add_degrees(in_deg, out_deg)
 
     def add_values(
         self, x: Tensor, node_type: Tensor, edge_attr: Tensor, edge_type: Tensor,
-        num_graphs: int | None = None,
+        num_graphs: int | None = None, node_layer: Tensor | None = None,
+        edge_layer: Tensor | None = None,
     ) -> None:  # fmt: skip
         """Add node values ``x [N, F]`` and edge values ``edge_attr [E, K]`` with their types;
         or ``x [k, N, F]``, ``edge_attr [k, E, K]``: ``k`` graphs of one structure (``num_graphs``
-        defaults to ``k``, or 1 for 2-d values)."""
+        defaults to ``k``, or 1 for 2-d values). ``node_layer [N]`` / ``edge_layer [E]``: the
+        depth of each node and edge (the destination node's), for the per-layer statistics;
+        values added without them leave those statistics out of :meth:`result`."""
         for v, moments, kind, name in (
             (x, self.nodes, "node values (x)", "node_in_dim"),
             (edge_attr, self.edges, "edge values (edge_attr)", "edge_in_dim"),
@@ -339,6 +388,11 @@ class GraphStatsAccumulator:
                 )
         self.nodes.add(x, node_type)
         self.edges.add(edge_attr, edge_type)
+        if node_layer is None or edge_layer is None:
+            self._without_layers = True
+        else:
+            self.node_layers.add(x, layer_keys(node_type, node_layer))
+            self.edge_layers.add(edge_attr, layer_keys(edge_type, edge_layer))
         if num_graphs is None:
             num_graphs = x.size(0) if x.dim() == 3 else 1
         self.num_graphs += int(num_graphs)
@@ -363,10 +417,26 @@ class GraphStatsAccumulator:
         else:  # graphs without edges: identity standardization
             edge_mean = torch.zeros(self.edges.s1.shape)
             edge_std = torch.ones(self.edges.s1.shape)
+        layer_stats: tuple[Tensor | None, ...] = (None,) * 4
+        if not self._without_layers:
+            layer_stats = (*_per_layer(self.node_layers, node_mean, node_std),
+                           *_per_layer(self.edge_layers, edge_mean, edge_std))  # fmt: skip
         return GraphStats(
             node_mean, node_std, edge_mean, edge_std, self.in_hist.clone(), self.out_hist.clone(),
-            self.num_graphs,
+            self.num_graphs, *layer_stats,
         )  # fmt: skip
+
+
+def _per_layer(moments: _TypeMoments, type_mean: Tensor, type_std: Tensor
+               ) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """``(mean, std)`` per (type, depth) key; keys without values get their type's."""
+    fallback_mean = type_mean.repeat_interleave(STAT_LAYERS, 0)
+    fallback_std = type_std.repeat_interleave(STAT_LAYERS, 0)
+    if float(moments.count.sum()) <= 0:
+        return fallback_mean, fallback_std
+    mean, std = moments.mean_std()
+    seen = (moments.count > 0).unsqueeze(1)
+    return torch.where(seen, mean, fallback_mean), torch.where(seen, std, fallback_std)
 
 
 class Standardizer(nn.Module):
@@ -471,7 +541,9 @@ class NodeEncoder(nn.Module):
         fourier_sigma: scale of the Fourier frequencies.
         max_layers, max_positions: embedding table sizes.
         probe_dim: width of ``graph.probe`` (see :func:`probe_features`), 0 to ignore probes.
-        standardize: standardize values per node type (:class:`Standardizer`).
+        standardize: standardize values per node type (``True`` or ``"type"``), per node type
+            and depth (``"layer"``: each layer of a network on its own scale, e.g. SIREN layers
+            whose values differ ~30x in scale) or not (``False``); see :class:`Standardizer`.
     """
 
     def __init__(
@@ -483,11 +555,12 @@ class NodeEncoder(nn.Module):
         max_layers: int = 64,
         max_positions: int = 1024,
         probe_dim: int = 0,
-        standardize: bool = True,
+        standardize: bool | str = True,
     ) -> None:
         super().__init__()
         self.node_in_dim = DEFAULT_NODE_DIM if node_in_dim is None else node_in_dim
-        self.standardize = Standardizer(len(NodeType), self.node_in_dim) if standardize else None
+        self.standardize_by = standardize_mode(standardize)
+        self.standardize = _make_standardizer(self.standardize_by, len(NodeType), self.node_in_dim)
         self.values = ValueEncoder(self.node_in_dim, hidden, fourier_features, fourier_sigma)
         self.max_layers, self.max_positions = max_layers, max_positions
         self.type_emb = nn.Embedding(len(NodeType), hidden)
@@ -498,7 +571,10 @@ class NodeEncoder(nn.Module):
         self.probe = nn.Linear(probe_dim, hidden) if probe_dim > 0 else None
 
     def forward(self, g: GraphBatch) -> Tensor:
-        h = self.values(_standardized(self.standardize, g.x, g.node_type), "node values (x)")
+        keys = g.node_type
+        if self.standardize_by == "layer":
+            keys = layer_keys(g.node_type, g.node_layer)
+        h = self.values(_standardized(self.standardize, g.x, keys), "node values (x)")
         h = h + self.type_emb(g.node_type)
         h = h + self.layer_emb(g.node_layer.clamp(0, self.max_layers - 1))
         layer = g.node_layer.to(h.dtype).unsqueeze(1)
@@ -528,7 +604,7 @@ class EdgeEncoder(nn.Module):
         hidden: output width.
         edge_in_dim: columns of ``edge_attr`` (default 9, ``from_module``'s max kernel size).
         fourier_features, fourier_sigma, standardize: as in :class:`NodeEncoder` (per edge
-            type).
+            type, or per edge type and the depth of the edge's destination neuron).
     """
 
     def __init__(
@@ -537,25 +613,31 @@ class EdgeEncoder(nn.Module):
         edge_in_dim: int | None = None,
         fourier_features: int = 0,
         fourier_sigma: float = 1.0,
-        standardize: bool = True,
+        standardize: bool | str = True,
     ) -> None:
         super().__init__()
         self.edge_in_dim = DEFAULT_EDGE_DIM if edge_in_dim is None else edge_in_dim
-        self.standardize = Standardizer(len(EdgeType), self.edge_in_dim) if standardize else None
+        self.standardize_by = standardize_mode(standardize)
+        self.standardize = _make_standardizer(self.standardize_by, len(EdgeType), self.edge_in_dim)
         self.values = ValueEncoder(self.edge_in_dim, hidden, fourier_features, fourier_sigma)
         self.type_emb = nn.Embedding(len(EdgeType), hidden)
 
     def forward(self, g: GraphBatch) -> Tensor:
-        v = _standardized(self.standardize, g.edge_attr, g.edge_type)
+        keys = g.edge_type
+        if self.standardize_by == "layer":
+            keys = layer_keys(g.edge_type, g.node_layer[g.dst])
+        v = _standardized(self.standardize, g.edge_attr, keys)
         return self.values(v, "edge values (edge_attr)") + self.type_emb(g.edge_type)
 
 
 @torch.no_grad()
 def set_encoder_statistics(nodes: NodeEncoder, edges: EdgeEncoder, stats: GraphStats) -> None:
-    """Hand the value statistics of ``stats`` to the encoders' standardizers (if any).
+    """Hand the value statistics of ``stats`` to the encoders' standardizers (if any): per type,
+    or per type and depth for encoders built with ``standardize="layer"``.
 
     Raises:
-        ValueError: the statistics' value widths differ from the encoders' input widths.
+        ValueError: the statistics' value widths differ from the encoders' input widths, or a
+            per-layer encoder gets statistics without per-layer values.
     """
     for enc, dim, what, name in ((nodes, stats.node_dim, "node values (x)", "node_in_dim"),
                                  (edges, stats.edge_dim, "edge values (edge_attr)",
@@ -565,10 +647,21 @@ def set_encoder_statistics(nodes: NodeEncoder, edges: EdgeEncoder, stats: GraphS
             raise ValueError(
                 f"{what} have {dim} columns, the model was built for {width} (pass {name})"
             )
+    layered = [enc for enc in (nodes, edges) if enc.standardize_by == "layer"]
+    if layered and not stats.has_layer_stats:
+        raise ValueError("standardize='layer' needs per-layer statistics: these GraphStats were "
+                         "collected without node/edge depths (GraphStatsAccumulator.add_values "
+                         "without node_layer / edge_layer)")  # fmt: skip
     if nodes.standardize is not None:
-        nodes.standardize.set_statistics(stats.node_mean, stats.node_std)
+        if nodes.standardize_by == "layer":
+            nodes.standardize.set_statistics(stats.node_layer_mean, stats.node_layer_std)
+        else:
+            nodes.standardize.set_statistics(stats.node_mean, stats.node_std)
     if edges.standardize is not None:
-        edges.standardize.set_statistics(stats.edge_mean, stats.edge_std)
+        if edges.standardize_by == "layer":
+            edges.standardize.set_statistics(stats.edge_layer_mean, stats.edge_layer_std)
+        else:
+            edges.standardize.set_statistics(stats.edge_mean, stats.edge_std)
 
 
 @torch.no_grad()
@@ -580,6 +673,12 @@ def calibrate_encoders(nodes: NodeEncoder, edges: EdgeEncoder, g: GraphBatch) ->
 def encoders_calibrated(nodes: NodeEncoder, edges: EdgeEncoder) -> bool:
     """Whether both encoders' standardizers (where they standardize) have statistics."""
     return all(s is None or s.is_calibrated for s in (nodes.standardize, edges.standardize))
+
+
+def _make_standardizer(mode: str | None, num_types: int, dim: int) -> Standardizer | None:
+    if mode is None:
+        return None
+    return Standardizer(num_types * (STAT_LAYERS if mode == "layer" else 1), dim)
 
 
 def _standardized(std: Standardizer | None, v: Tensor, types: Tensor) -> Tensor:

@@ -177,7 +177,7 @@ class NGT(GraphMetanetwork):
         max_layers: int = 64,
         max_positions: int = 1024,
         probe_dim: int = 0,
-        standardize: bool = True,
+        standardize: bool | str = True,
         node_pool: Sequence[str] = ("mean", "max"),
         edge_pool: Sequence[str] = ("mean",),
         output_slots: int = 0,

@@ -135,7 +135,7 @@ class GraphMetanetwork(nn.Module):
     def _build_encoders(
         self, hidden: int, edge_dim: int, node_in_dim: int | None, edge_in_dim: int | None,
         num_layers: int, fourier_features: int, fourier_sigma: float, max_layers: int,
-        max_positions: int, probe_dim: int, standardize: bool, output: str,
+        max_positions: int, probe_dim: int, standardize: bool | str, output: str,
     ) -> None:  # fmt: skip
         """Check ``output``/``num_layers``; build the node and edge encoders."""
         from metanet.nn.graph_features import EdgeEncoder, NodeEncoder

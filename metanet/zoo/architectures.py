@@ -5,7 +5,7 @@ An *arch dict* fully determines a module's structure (not its weights)::
     {"type": "mlp", "in": 64, "widths": [32, 32], "out": 10, "activation": "relu"}
     {"type": "cnn", "channels": [8, 16], "kernel": 3, "activation": "relu",
      "residual": False, "norm": None, "head": "pool"}
-    {"type": "siren", "widths": [32, 32], "w0": 30.0}
+    {"type": "siren", "widths": [32, 32], "w0": 30.0, "init": "siren"}
     {"type": "module", "class_path": "mypackage.models:Net", "init_args": {"width": 64},
      "input_shape": [3, 32, 32]}          # any nn.Module of the user's (``class_path`` alone
                                           # is accepted too and means type "module")
@@ -54,6 +54,7 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
     "elu": nn.ELU,
 }
 NORMS = (None, "batch", "layer", "group")
+SIREN_INITS = ("siren", "dws")
 HEADS = ("pool", "flatten")
 
 _DEFAULTS: dict[str, dict[str, Any]] = {
@@ -62,7 +63,8 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     "cnn": {"in_channels": 1, "input_size": 8, "channels": [8, 16], "kernel": 3, "strides": None,
             "activation": "relu", "residual": False, "norm": None, "head": "pool", "out": 10,
             "dropout": False},
-    "siren": {"in": 2, "widths": [32, 32], "out": 1, "w0": 30.0, "w0_first": None},
+    "siren": {"in": 2, "widths": [32, 32], "out": 1, "w0": 30.0, "w0_first": None,
+              "init": "siren"},
     "module": {"class_path": None, "init_args": {}, "input_shape": None},
 }  # fmt: skip
 
@@ -240,6 +242,12 @@ def normalize_arch(arch: Mapping[str, Any]) -> dict[str, Any]:
                    and math.isfinite(value) and value > 0, key, value,
                    "must be a positive number")  # fmt: skip
             out[key] = float(value)
+        _check(out["init"] in SIREN_INITS, "init", out["init"],
+               f"must be one of {list(SIREN_INITS)}")  # fmt: skip
+        if out["init"] == "siren":
+            # the default is left out, so arch JSON, group names and zoo fingerprints of SIRENs
+            # from before the key existed stay as they were
+            del out["init"]
     else:  # cnn
         for key in ("in_channels", "input_size", "out", "kernel"):
             out[key] = _pos_int(out, key)
@@ -327,8 +335,9 @@ def build_module(arch: Mapping[str, Any]) -> nn.Module:
     activation (wrapped in a residual block where the shape is kept and ``residual`` is set),
     then ``head``: ``"pool"`` (global average pool as ``AvgPool2d(final size)``, Linear) or
     ``"flatten"`` (Flatten, Linear); input ``[N, in_channels, input_size, input_size]``.
-    SIREN: ``[Linear, Sine(w0)] * len(widths) + [Linear]`` with SIREN initialization; input
-    ``[N, in]`` coordinates, output ``[N, out]``.
+    SIREN: ``[Linear, Sine(w0)] * len(widths) + [Linear]``, input ``[N, in]`` coordinates, output
+    ``[N, out]``; initialized by ``init`` (:func:`siren_init_`): ``"siren"`` (default) every layer
+    SIREN-scaled with random biases, ``"dws"`` as the MNIST-INR zoos of DWSNets / NFN.
     Module: ``Class(**init_args)`` of the user's ``class_path`` (trusted, see the module
     docstring); input ``[N, *input_shape]``.
     """
@@ -352,15 +361,16 @@ def build_module(arch: Mapping[str, Any]) -> nn.Module:
         layers.append(nn.Linear(prev, a["out"], bias=a["bias"]))
         return nn.Sequential(*layers)
     if kind == "siren":
+        scheme = a.get("init", "siren")
         prev = a["in"]
         for i, w in enumerate(a["widths"]):
             lin = nn.Linear(prev, w)
             w0 = a["w0_first"] if (i == 0 and a["w0_first"] is not None) else a["w0"]
-            siren_init_(lin, first=(i == 0), w0=a["w0"])
+            siren_init_(lin, first=(i == 0), w0=a["w0"], scheme=scheme)
             layers += [lin, Sine(w0)]
             prev = w
         last = nn.Linear(prev, a["out"])
-        siren_init_(last, first=False, w0=a["w0"])
+        siren_init_(last, first=False, w0=a["w0"], scheme=scheme, last=True)
         layers.append(last)
         return nn.Sequential(*layers)
     # cnn
@@ -389,14 +399,52 @@ def build_module(arch: Mapping[str, Any]) -> nn.Module:
     return nn.Sequential(*layers)
 
 
-def siren_init_(layer: nn.Linear, first: bool, w0: float, generator=None) -> None:
-    """SIREN initialization (Sitzmann et al. 2020): U(-1/in, 1/in) for the first layer,
-    U(-sqrt(6/in)/w0, sqrt(6/in)/w0) after; biases U(-1/sqrt(in), 1/sqrt(in))."""
+DWS_OUTPUT_OFFSET = 0.5
+"""The constant the DWSNets / NFN MNIST-INRs add to their output (``f(x) + 0.5``: images in
+[0, 1] start centred); ``init: "dws"`` folds it into the last layer's bias."""
+
+
+def siren_init_(layer: nn.Linear, first: bool, w0: float, generator=None, scheme: str = "siren",
+                last: bool = False) -> None:  # fmt: skip
+    """Initialize one Linear layer of a SIREN in place.
+
+    Weights of every hidden layer follow SIREN (Sitzmann et al. 2020): U(-1/in, 1/in) for the
+    first layer, U(-sqrt(6/in)/w0, sqrt(6/in)/w0) after. Then, by ``scheme``:
+
+    * ``"siren"`` - biases U(-1/sqrt(in), 1/sqrt(in)); the ``last`` (output) layer SIREN-scaled
+      like a hidden one.
+    * ``"dws"`` - the init of the MNIST-INR zoos of DWSNets and NFN (Navon et al. 2023, Zhou et
+      al. 2023): hidden biases zero; the ``last`` layer keeps PyTorch's default ``nn.Linear``
+      init, its bias raised by :data:`DWS_OUTPUT_OFFSET` - the reference's ``+0.5`` on the
+      output, folded into the bias (the same function, so the same fitting trajectory, as the
+      reference's network and offset).
+
+    Args:
+        layer: the layer, changed in place.
+        first: whether it is the first layer (reads the coordinates).
+        w0: the frequency factor of the sine after the hidden layers.
+        generator: random generator of the draws (the default one when None).
+        scheme: ``"siren"`` or ``"dws"``.
+        last: whether it is the output layer.
+    """
+    if scheme not in SIREN_INITS:
+        raise ArchError(f"arch key 'init': must be one of {list(SIREN_INITS)} (got {scheme!r})")
     fan_in = layer.weight.shape[1]
-    bound = 1.0 / fan_in if first else math.sqrt(6.0 / fan_in) / w0
     with torch.no_grad():
+        if scheme == "dws" and last:
+            bound = 1.0 / math.sqrt(fan_in)  # nn.Linear.reset_parameters, drawn from generator
+            layer.weight.uniform_(-bound, bound, generator=generator)
+            if layer.bias is not None:
+                layer.bias.uniform_(-bound, bound, generator=generator)
+                layer.bias.add_(DWS_OUTPUT_OFFSET)
+            return
+        bound = 1.0 / fan_in if first else math.sqrt(6.0 / fan_in) / w0
         layer.weight.uniform_(-bound, bound, generator=generator)
-        if layer.bias is not None:
+        if layer.bias is None:
+            return
+        if scheme == "dws":
+            layer.bias.zero_()
+        else:
             b = 1.0 / math.sqrt(fan_in)
             layer.bias.uniform_(-b, b, generator=generator)
 
@@ -459,6 +507,8 @@ def arch_name(arch: Mapping[str, Any]) -> str:
                  f"w0-{a['w0']:g}"]  # fmt: skip
         if a["w0_first"] is not None:
             parts.append(f"w0first-{a['w0_first']:g}")
+        if a.get("init", "siren") != "siren":
+            parts.append(f"init-{a['init']}")
     else:
         parts = ["cnn", f"i{a['in_channels']}x{a['input_size']}",
                  "c" + "x".join(map(str, a["channels"])), f"k{a['kernel']}"]  # fmt: skip
