@@ -234,10 +234,33 @@ def match_channels(
     Returns:
         One ``LongTensor [n_p]`` per permutation, for :func:`permute_params`.
     """
+    ref_ws = _reference_space(structure, reference)
+    ws = structure.weight_space(params, "params")
+    return _match(ref_ws, reference, ws, params, structure, index, match_stats, max_iter, seed)
+
+
+def _reference_space(
+    structure: ChannelPermutations, reference: Mapping[str, torch.Tensor]
+) -> WeightSpace:
+    """The checked one-network weight space of a reference state dict ``{key: [1, ...]}``."""
     ref_ws = structure.weight_space(reference, "reference")
     if len(ref_ws) != 1:
         raise WeightSpaceError(f"the reference must be one network, got {len(ref_ws)}")
-    ws = structure.weight_space(params, "params")
+    return ref_ws
+
+
+def _match(
+    ref_ws: WeightSpace,
+    reference: Mapping[str, torch.Tensor],
+    ws: WeightSpace,
+    params: Mapping[str, torch.Tensor],
+    structure: ChannelPermutations,
+    index: int,
+    match_stats: bool,
+    max_iter: int,
+    seed: int,
+) -> list[torch.Tensor]:
+    """:func:`match_channels` on weight spaces already read (and checked) from the state dicts."""
     return weight_matching(
         ref_ws, ws[index], spec=structure.spec, max_iter=max_iter, seed=seed,
         extra_a=structure.extras(reference, 0, match_stats),
@@ -282,9 +305,10 @@ def canonicalize_params(
         reference = {
             k: params[k][reference : reference + 1 or None] for k in structure.keys if k in params
         }
-    structure.check(reference, "reference")
+    ref_ws = _reference_space(structure, reference)
+    ws = structure.weight_space(params, "params")  # read once, not once per network
     perms = [
-        match_channels(reference, params, structure, i, match_stats, max_iter, seed)
+        _match(ref_ws, reference, ws, params, structure, i, match_stats, max_iter, seed)
         for i in range(n)
     ]
     stacked = [torch.stack([p[j] for p in perms]) for j in range(structure.spec.num_perms)]
