@@ -7,6 +7,9 @@ Models, all on the same split of the INRs by run (70 / 10 / 20 % train / val / t
   with the train split's mean / std); weight decay swept, chosen on validation accuracy.
 * ``mlp`` - an MLP on the same raw weights (2 hidden layers of 256, ReLU, dropout 0.2); learning
   rate x weight decay swept, chosen on validation accuracy.
+* ``rendered`` - not a weight-space model but the task's reference: the same linear probe on each
+  INR's *function*, its image rendered on the 28x28 pixel grid it was fitted on. It shows how much
+  of the class the fitted functions hold, whatever the order of their hidden neurons.
 * ``dws``, ``nfn_np``, ``gmn``, ``ngt`` - the permutation-invariant metanetworks, trained through
   the CLI from ``configs/inr/glyphs_<model>.yaml`` (early stopping on validation accuracy, the
   best-on-validation checkpoint tested), optionally with a learning-rate sweep (``--lrs``) and a
@@ -38,10 +41,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 SPLITS = (0.7, 0.1, 0.2)
-RAW_MODELS = ("linear", "mlp")
+RAW_MODELS = ("linear", "mlp", "rendered")
 CLI_MODELS = ("dws", "nfn_np", "gmn", "ngt")
 MODELS = RAW_MODELS + CLI_MODELS
-LABELS = {"linear": "linear probe (raw weights)", "mlp": "MLP (raw weights)", "dws": "DWS",
+LABELS = {"linear": "linear probe (raw weights)", "mlp": "MLP (raw weights)",
+          "rendered": "linear probe (rendered image, reference)", "dws": "DWS",
           "nfn_np": "NFN-NP", "gmn": "NG-GNN / GMN", "ngt": "NG-T"}  # fmt: skip
 LINEAR_SWEEP = [{"lr": 1e-3, "weight_decay": wd} for wd in (0.0, 1e-3, 1e-2, 1e-1)]
 MLP_SWEEP = [{"lr": lr, "weight_decay": wd} for lr in (1e-3, 3e-4) for wd in (0.0, 1e-2)]
@@ -50,9 +54,12 @@ MLP_SWEEP = [{"lr": lr, "weight_decay": wd} for lr in (1e-3, 3e-4) for wd in (0.
 # ------------------------------------------------------------------------------------------------
 # raw-weight baselines
 # ------------------------------------------------------------------------------------------------
-def raw_weights(zoo: str, seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Flattened weights ``[N, D]`` (standardized per coordinate with the train split's mean and
-    std) and labels of each split, split exactly as the CLI models split them."""
+Splits = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+def split_features(zoo: str, seed: int, featurize: Any) -> Splits:
+    """``featurize(group, run_ids) -> [N, D]`` of every split (standardized per coordinate with
+    the train split's mean and std) and its labels, split exactly as the CLI models split them."""
     from metanet.data.datamodules import WeightSpaceDataModule
 
     dm = WeightSpaceDataModule(zoo, target="label", splits=SPLITS, seed=seed)
@@ -61,10 +68,35 @@ def raw_weights(zoo: str, seed: int) -> dict[str, tuple[torch.Tensor, torch.Tens
     out = {}
     for split in ("train", "val", "test"):
         _, rid = dm.splits[split]
-        out[split] = (group.weight_space(rid).flatten().float(), dm.targets[split].long())
+        out[split] = (featurize(group, rid).float(), dm.targets[split].long())
     mean = out["train"][0].mean(0)
     std = out["train"][0].std(0).clamp_min(1e-8)
     return {k: ((x - mean) / std, y) for k, (x, y) in out.items()}
+
+
+def raw_weights(zoo: str, seed: int) -> Splits:
+    """Flattened weights ``[N, D]`` of every split (see :func:`split_features`)."""
+    return split_features(zoo, seed, lambda group, rid: group.weight_space(rid).flatten())
+
+
+def render_inrs(group: Any, rids: Any, size: int = 28) -> torch.Tensor:
+    """The outputs ``[N, size*size]`` of the INRs ``rids`` of a zoo group on the ``size x size``
+    pixel-centre grid they were fitted on (:func:`metanet.data.digits.digit_image_coordinates`):
+    each INR's image, whatever the order of its hidden neurons."""
+    from metanet.data.digits import digit_image_coordinates
+    from metanet.zoo.architectures import build_module
+
+    module = build_module(group.arch).eval()
+    coords = digit_image_coordinates(size)
+    render = torch.func.vmap(lambda p: torch.func.functional_call(module, p, (coords,)))
+    params = {k: v.float() for k, v in group.params(rids).items()}
+    with torch.no_grad():
+        return render(params).flatten(1)
+
+
+def rendered_images(zoo: str, seed: int, size: int = 28) -> Splits:
+    """:func:`render_inrs` of every split (see :func:`split_features`)."""
+    return split_features(zoo, seed, lambda group, rid: render_inrs(group, rid, size))
 
 
 def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -112,11 +144,12 @@ def fit_raw(
 
 
 def run_raw(model_name: str, zoo: str, seed: int) -> dict[str, Any]:
-    """The ``linear`` or ``mlp`` baseline: its sweep, the configuration best on validation."""
+    """The ``linear``, ``mlp`` or ``rendered`` baseline: its sweep, the configuration best on
+    validation."""
     start = time.time()
-    data = raw_weights(zoo, seed)
+    data = rendered_images(zoo, seed) if model_name == "rendered" else raw_weights(zoo, seed)
     dim, classes = data["train"][0].shape[1], int(data["train"][1].max()) + 1
-    if model_name == "linear":
+    if model_name in ("linear", "rendered"):
         sweep = LINEAR_SWEEP
         make = lambda: nn.Linear(dim, classes)  # noqa: E731
     else:

@@ -414,7 +414,9 @@ def siren_init_(layer: nn.Linear, first: bool, w0: float, generator=None, scheme
     * ``"siren"`` - biases U(-1/sqrt(in), 1/sqrt(in)); the ``last`` (output) layer SIREN-scaled
       like a hidden one.
     * ``"dws"`` - the init of the MNIST-INR zoos of DWSNets and NFN (Navon et al. 2023, Zhou et
-      al. 2023): hidden biases zero; the ``last`` layer keeps PyTorch's default ``nn.Linear``
+      al. 2023), whose INR class builds every sine layer as a hidden one: the *first* layer too
+      draws U(-sqrt(6/in)/w0, sqrt(6/in)/w0) (a low-frequency start, not SIREN's U(-1/in, 1/in));
+      biases zero; the ``last`` layer keeps PyTorch's default ``nn.Linear``
       init, its bias raised by :data:`DWS_OUTPUT_OFFSET` - the reference's ``+0.5`` on the
       output, folded into the bias (the same function, so the same fitting trajectory, as the
       reference's network and offset).
@@ -438,7 +440,10 @@ def siren_init_(layer: nn.Linear, first: bool, w0: float, generator=None, scheme
                 layer.bias.uniform_(-bound, bound, generator=generator)
                 layer.bias.add_(DWS_OUTPUT_OFFSET)
             return
-        bound = 1.0 / fan_in if first else math.sqrt(6.0 / fan_in) / w0
+        # the reference INR builds every sine layer with is_first=False: its first layer is
+        # scaled like a hidden one (a smooth, low-frequency start the fit has to move away from)
+        hidden_scaled = not first or scheme == "dws"
+        bound = math.sqrt(6.0 / fan_in) / w0 if hidden_scaled else 1.0 / fan_in
         layer.weight.uniform_(-bound, bound, generator=generator)
         if layer.bias is None:
             return
