@@ -137,11 +137,18 @@ def statnn_gbt(
 # metanetworks through their configs
 # ------------------------------------------------------------------------------------------------
 def fit_and_test(
-    config: str, zoo_path: str, seed: int, epochs: int, run_dir: str, extra: Sequence[str] = ()
+    config: str,
+    zoo_path: str,
+    seed: int,
+    epochs: int,
+    run_dir: str,
+    extra: Sequence[str] = (),
+    patience: int | None = None,
 ) -> tuple[dict[str, float], float, Any]:
     """Fit ``config`` through the CLI on ``zoo_path`` with seed ``seed`` (split by run, SPLITS),
-    then test its best checkpoint: ``(test metrics, fit seconds, the LightningCLI)``."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
+    then test its best checkpoint: ``(test metrics, fit seconds, the LightningCLI)``.
+    ``patience`` replaces the config's early-stopping patience."""
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
     from metanet.cli import MetanetCLI
 
@@ -168,6 +175,8 @@ def fit_and_test(
     for cb in cli.trainer.callbacks:
         if isinstance(cb, ModelCheckpoint):
             cb.dirpath = os.path.join(run_dir, "checkpoints")
+        if isinstance(cb, EarlyStopping) and patience is not None:
+            cb.patience = int(patience)
     cli.trainer.fit(cli.model, cli.datamodule)
     fit_seconds = time.time() - start
     (result,) = cli.trainer.test(cli.model, cli.datamodule, ckpt_path="best", verbose=False)

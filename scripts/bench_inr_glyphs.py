@@ -15,6 +15,11 @@ Models, all on the same split of the INRs by run (70 / 10 / 20 % train / val / t
   best-on-validation checkpoint tested), optionally with a learning-rate sweep (``--lrs``) and a
   wall-time budget per fit (``--max-minutes``).
 
+``--augment`` trains the metanetworks with weight-space augmentations (:data:`AUGMENTATIONS`;
+``input`` are the exact INR input transforms of :class:`metanet.weightspace.RandomInputAffine`),
+``--set key=value`` overrides any config value (``model.init_args.model.init_args.hidden=32``);
+both are recorded in the row's ``variant``, and the table has one line per model and variant.
+
 Every figure is chosen on validation only; test accuracy is read once per model and seed, for the
 configuration that won on validation. Each finished (model, seed) is appended to ``--out`` as a
 JSON line, so several invocations (e.g. on two cores at once) build one table::
@@ -47,6 +52,28 @@ MODELS = RAW_MODELS + CLI_MODELS
 LABELS = {"linear": "linear probe (raw weights)", "mlp": "MLP (raw weights)",
           "rendered": "linear probe (rendered image, reference)", "dws": "DWS",
           "nfn_np": "NFN-NP", "gmn": "NG-GNN / GMN", "ngt": "NG-T"}  # fmt: skip
+_AUG = "metanet.weightspace.augment."
+AUGMENTATIONS: dict[str, list[dict[str, Any]]] = {
+    "none": [],
+    "permutation": [{"class_path": _AUG + "RandomPermutation"}],
+    "input": [{"class_path": _AUG + "RandomInputAffine",
+               "init_args": {"degrees": 45.0, "translate": 0.25, "scale": [0.8, 1.2]}}],
+    "noise": [{"class_path": _AUG + "GaussianNoise", "init_args": {"sigma": 0.1}},
+              {"class_path": _AUG + "WeightDropout", "init_args": {"p": 0.01}}],
+    "mixup": [{"class_path": _AUG + "AlignedMixUp", "init_args": {"num_classes": 10}}],
+}  # fmt: skip
+AUGMENTATIONS["dwsnets"] = AUGMENTATIONS["input"] + AUGMENTATIONS["noise"]
+
+
+def augmentation_args(names: Sequence[str]) -> list[str]:
+    """CLI arguments that train with the augmentations ``names`` (applied in that order)."""
+    transforms = [t for name in names for t in AUGMENTATIONS[name]]
+    if not transforms:
+        return []
+    compose = {"class_path": _AUG + "Compose", "init_args": {"transforms": transforms}}
+    return ["--data.init_args.transforms", json.dumps(compose)]
+
+
 LINEAR_SWEEP = [{"lr": 1e-3, "weight_decay": wd} for wd in (0.0, 1e-3, 1e-2, 1e-1)]
 MLP_SWEEP = [{"lr": lr, "weight_decay": wd} for lr in (1e-3, 3e-4) for wd in (0.0, 1e-2)]
 
@@ -174,9 +201,12 @@ def run_raw(model_name: str, zoo: str, seed: int) -> dict[str, Any]:
 # metanetworks through the CLI
 # ------------------------------------------------------------------------------------------------
 def run_cli(model_name: str, zoo: str, seed: int, lrs: Sequence[float], max_epochs: int,
-            max_minutes: float | None, run_root: str) -> dict[str, Any]:  # fmt: skip
+            max_minutes: float | None, run_root: str, augment: Sequence[str] = (),
+            overrides: Sequence[str] = (), patience: int | None = None,
+            variant: str = "") -> dict[str, Any]:  # fmt: skip
     """Fit ``configs/inr/glyphs_<model>.yaml`` once per learning rate (early stopping on
-    validation accuracy); test the checkpoint of the run best on validation."""
+    validation accuracy, ``patience`` epochs), with the augmentations ``augment`` and the config
+    ``overrides`` (``key=value``); test the checkpoint of the run best on validation."""
     from scripts.bench_generalization import fit_and_test
 
     config = os.path.join(ROOT, "configs", "inr", f"glyphs_{model_name}.yaml")
@@ -184,13 +214,18 @@ def run_cli(model_name: str, zoo: str, seed: int, lrs: Sequence[float], max_epoc
     trials = []
     for lr in lrs:
         extra = ["--data.init_args.splits", json.dumps(list(SPLITS)),
-                 "--model.init_args.lr", str(lr)]  # fmt: skip
+                 "--model.init_args.lr", str(lr), *augmentation_args(augment)]  # fmt: skip
+        for item in overrides:
+            key, _, value = item.partition("=")
+            extra += [f"--{key}", value]
         if max_minutes:
             total = int(max_minutes * 60)
             extra += ["--trainer.max_time", f"00:{total // 3600:02d}:{total % 3600 // 60:02d}:"
                       f"{total % 60:02d}"]  # fmt: skip
-        run_dir = os.path.join(run_root, f"{model_name}-s{seed}-lr{lr:g}")
-        result, seconds, cli = fit_and_test(config, zoo, seed, max_epochs, run_dir, extra)
+        tag = "".join(c if c.isalnum() or c in "-_." else "_" for c in variant)
+        run_dir = os.path.join(run_root, f"{model_name}{'-' + tag if tag else ''}-s{seed}-lr{lr:g}")
+        result, seconds, cli = fit_and_test(config, zoo, seed, max_epochs, run_dir, extra,
+                                            patience)  # fmt: skip
         ckpt = next(cb for cb in cli.trainer.callbacks if hasattr(cb, "best_model_score"))
         val = float(ckpt.best_model_score) if ckpt.best_model_score is not None else float("nan")
         trial = {"lr": lr, "val_acc": val, "test_acc": float(result["test/acc"]),
@@ -211,20 +246,22 @@ def table(rows: Sequence[dict[str, Any]], chance: float, majority: float) -> str
     lines = ["| model | test accuracy | val accuracy | margin above chance | epochs | "
              "wall time / seed (s) | chosen on val |",
              "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]  # fmt: skip
-    by_model: dict[str, list[dict[str, Any]]] = {}
+    by_model: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in rows:
-        by_model.setdefault(r["model"], []).append(r)
-    for name in [m for m in MODELS if m in by_model]:
-        rs = by_model[name]
+        by_model.setdefault((r["model"], r.get("variant", "")), []).append(r)
+    keys = sorted(by_model, key=lambda k: (MODELS.index(k[0]), k[1]))
+    for name, variant in keys:
+        rs = by_model[name, variant]
+        label = LABELS[name] + (f" [{variant}]" if variant else "")
         failed = [r for r in rs if "error" in r]
         if failed:
-            lines.append(f"| {LABELS[name]} | failed: {failed[0]['error']} | | | | | |")
+            lines.append(f"| {label} | failed: {failed[0]['error']} | | | | | |")
             continue
         test = np.array([r["test_acc"] for r in rs])
         val = np.array([r["val_acc"] for r in rs])
         fmt = lambda a: f"{a.mean():.3f}" + (f" ± {a.std():.3f}" if len(a) > 1 else "")  # noqa: E731
         chosen = "; ".join(sorted({json.dumps(r["chosen"], sort_keys=True) for r in rs}))
-        lines.append(f"| {LABELS[name]} | {fmt(test)} | {fmt(val)} | {test.mean() - chance:+.3f} "
+        lines.append(f"| {label} | {fmt(test)} | {fmt(val)} | {test.mean() - chance:+.3f} "
                      f"| {np.mean([r['epochs'] for r in rs]):.0f} | "
                      f"{np.mean([r['seconds'] for r in rs]):.0f} | {chosen} |")  # fmt: skip
     seeds = sorted({r["seed"] for r in rows})
@@ -254,6 +291,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-epochs", type=int, default=50)
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="wall-time budget of one CLI fit (Lightning max_time)")
+    parser.add_argument("--augment", nargs="+", default=[], choices=sorted(AUGMENTATIONS),
+                        help="weight-space augmentations of the CLI models' training batches")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="config overrides of the CLI models, e.g. "
+                        "model.init_args.model.init_args.hidden=32")
+    parser.add_argument("--patience", type=int, default=None,
+                        help="early-stopping patience of the CLI models (default: the config's)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--run-root", default=os.path.join(ROOT, "runs", "bench_inr_glyphs"))
     parser.add_argument("--out", default=None, help="JSON lines file (default RUN_ROOT/results"
@@ -273,6 +317,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "datasets/glyphs-siren.yaml --workers 2 --threads 1")  # fmt: skip
     torch.set_num_threads(args.threads)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    bad = [item for item in args.set if "=" not in item]
+    if bad:
+        parser.error(f"--set needs KEY=VALUE items, got {bad}")
+    variant = " ".join([f"augment={'+'.join(args.augment)}"] * bool(args.augment) + args.set
+                       + [f"patience={args.patience}"] * (args.patience is not None))  # fmt: skip
     rows = []
     for seed in args.seeds:
         chance, majority = chance_level(args.zoo, seed)
@@ -283,13 +332,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                     r = run_raw(name, args.zoo, seed)
                 else:
                     r = run_cli(name, args.zoo, seed, args.lrs, args.max_epochs,
-                                args.max_minutes, args.run_root)  # fmt: skip
+                                args.max_minutes, args.run_root, args.augment, args.set,
+                                args.patience, variant)  # fmt: skip
             except Exception as err:  # noqa: BLE001 - reported in the table
                 import traceback
 
                 traceback.print_exc()
                 r = {"error": f"{type(err).__name__}: {err}"[:160]}
-            row = {"model": name, "seed": seed, "chance": chance, "majority": majority, **r,
+            row = {"model": name, "seed": seed, "chance": chance, "majority": majority,
+                   "variant": variant if name in CLI_MODELS else "", **r,
                    "command": "python scripts/bench_inr_glyphs.py " + " ".join(
                        argv if argv is not None else sys.argv[1:])}  # fmt: skip
             if "error" not in r:

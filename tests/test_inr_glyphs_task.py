@@ -272,3 +272,37 @@ def test_datamodule_graph_stats_carry_the_train_split_layer_stats(tmp_path):
     for key in ("edge_layer_mean", "edge_layer_std", "node_layer_mean", "node_layer_std"):
         torch.testing.assert_close(getattr(stats, key), getattr(again, key), rtol=1e-5,
                                    atol=1e-6)  # fmt: skip
+
+
+def _instantiate(spec: dict):
+    import importlib
+
+    module, _, name = spec["class_path"].rpartition(".")
+    return getattr(importlib.import_module(module), name)(**spec.get("init_args", {}))
+
+
+@pytest.mark.parametrize("preset", ["permutation", "input", "noise", "mixup", "dwsnets"])
+def test_bench_augmentation_presets_build_and_keep_the_batch(preset):
+    """Each ``--augment`` preset of the benchmark is a Compose the CLI can build; it keeps the
+    batch's shapes, and ``input`` changes only the first layer."""
+    import json
+
+    from metanet.weightspace import WeightSpace
+
+    bench = _bench_script()
+    args = bench.augmentation_args([preset])
+    assert args[0] == "--data.init_args.transforms"
+    compose = json.loads(args[1])
+    transform = _instantiate({**compose, "init_args": {
+        "transforms": [_instantiate(t) for t in compose["init_args"]["transforms"]]}})  # fmt: skip
+    torch.manual_seed(0)
+    ws = WeightSpace.from_modules([build_module({**SIREN, "init": "dws"}) for _ in range(4)])
+    y = torch.tensor([0, 1, 2, 3])
+    out, y_out = transform(ws, y, generator=torch.Generator().manual_seed(0))
+    assert [w.shape for w in out.weights] == [w.shape for w in ws.weights]
+    assert y_out.shape[0] == 4 and bool(torch.isfinite(y_out).all())
+    assert out.max_abs_diff(ws) > 1e-4
+    if preset == "input":
+        assert not torch.equal(out.weights[0], ws.weights[0])
+        assert all(torch.equal(a, b) for a, b in zip(out.weights[1:], ws.weights[1:]))
+    assert bench.augmentation_args(["none"]) == []

@@ -11,11 +11,13 @@ from metanet.weightspace.augment import (
     AlignedMixUp,
     Compose,
     GaussianNoise,
+    RandomInputAffine,
     RandomPermutation,
     ReLUScale,
     WeightDropout,
     WeightSpaceTransform,
 )
+from metanet.weightspace.input_transform import affine_input, random_affine
 from metanet.weightspace.space import WeightSpace
 from metanet.weightspace.spec import LayerSpec, WeightSpaceError, WeightSpaceSpec
 from metanet.weightspace.symmetry import (
@@ -31,10 +33,12 @@ __all__ = [
     "AlignedMixUp",
     "Compose",
     "GaussianNoise",
+    "RandomInputAffine",
     "RandomPermutation",
     "ReLUScale",
     "WeightDropout",
     "WeightSpaceTransform",
+    "affine_input",
     "align",
     "interpolate",
     "loss_barrier",
@@ -46,6 +50,7 @@ __all__ = [
     "identity_permutation",
     "invert_permutation",
     "permute",
+    "random_affine",
     "random_permutation",
     "random_relu_scale",
     "relu_scale",

@@ -11,6 +11,9 @@ DataModules of :mod:`metanet.data.datamodules` call them on every training batch
   networks without norm layers; do not use it on tanh/sine networks).
 * :class:`GaussianNoise` - additive noise, per layer relative to that layer's weight std.
 * :class:`WeightDropout` - zeroes each weight with probability ``p``.
+* :class:`RandomInputAffine` - for coordinate networks (INRs): rotate, zoom and shift the input,
+  exactly, in the first layer's weights (:mod:`metanet.weightspace.input_transform`). The
+  function changes (the image is rotated / zoomed / shifted) and the class label does not.
 * :class:`AlignedMixUp` - weight-space MixUp: each network is paired with another network of the
   batch, the partner is aligned to it by Git Re-Basin weight matching, and both weights and targets
   are interpolated with ``lam ~ Beta(alpha, alpha)``.
@@ -27,6 +30,7 @@ import numpy as np
 import torch
 
 from metanet.weightspace.align import interpolate, weight_matching
+from metanet.weightspace.input_transform import affine_input, random_affine
 from metanet.weightspace.space import WeightSpace
 from metanet.weightspace.spec import WeightSpaceError
 from metanet.weightspace.symmetry import permute, random_relu_scale, relu_scale
@@ -35,6 +39,7 @@ __all__ = [
     "AlignedMixUp",
     "Compose",
     "GaussianNoise",
+    "RandomInputAffine",
     "RandomPermutation",
     "ReLUScale",
     "WeightDropout",
@@ -155,6 +160,37 @@ class WeightDropout(WeightSpaceTransform):
         weights = [self._drop(w, generator) for w in ws.weights]
         biases = [self._drop(b, generator) if self.biases else b for b in ws.biases]
         return WeightSpace(ws.spec, weights, biases), target
+
+
+class RandomInputAffine(WeightSpaceTransform):
+    """Compose every coordinate network with its own random affine map of the input:
+    ``g(x) = f(s R(theta) x + t)``, made exactly in the first layer (``W0 <- s W0 R``,
+    ``b0 <- b0 + W0 t``; see :func:`metanet.weightspace.input_transform.affine_input`).
+
+    For INRs of images this is rotating, zooming and shifting the image, the weight-space
+    counterpart of image augmentation. DWSNets' INR augmentation draws rotations of up to 45
+    degrees, a first-layer scale of 1 +- 0.2 and a shift into the first bias.
+
+    Args:
+        degrees: rotation angle ``theta ~ U(-degrees, degrees)`` (needs 2-D coordinates).
+        translate: every coordinate of ``t`` is ``U(-translate, translate)`` (in input units:
+            on the ``[-1, 1]`` pixel grid 0.25 is an eighth of the image).
+        scale: ``s ~ U(low, high)``.
+    """
+
+    def __init__(
+        self, degrees: float = 45.0, translate: float = 0.25, scale: Sequence[float] = (0.8, 1.2)
+    ) -> None:
+        low, high = (float(v) for v in scale)
+        random_affine(1, 2, degrees, translate, (low, high))  # validates the ranges
+        self.degrees, self.translate, self.scale = float(degrees), float(translate), (low, high)
+
+    def apply(self, ws, target, generator):
+        dim = ws.spec.layers[0].in_features
+        matrix, offset = random_affine(
+            len(ws), dim, self.degrees, self.translate, self.scale, generator
+        )
+        return affine_input(ws, matrix, offset if self.translate > 0 else None), target
 
 
 class AlignedMixUp(WeightSpaceTransform):
