@@ -184,18 +184,59 @@ def fit_and_test(
 
 
 def fit_config(
-    config: str, zoo_path: str, seed: int, epochs: int, run_dir: str, extra: Sequence[str] = ()
+    config: str,
+    zoo_path: str,
+    seed: int,
+    epochs: int,
+    run_dir: str,
+    extra: Sequence[str] = (),
+    patience: int | None = None,
 ) -> dict[str, Any]:
     """Fit ``config`` on ``zoo_path`` with seed ``seed`` and test its best checkpoint."""
-    result, fit_seconds, cli = fit_and_test(config, zoo_path, seed, epochs, run_dir, extra)
+    result, fit_seconds, cli = fit_and_test(config, zoo_path, seed, epochs, run_dir, extra,
+                                            patience)  # fmt: skip
     png = os.path.join(cli.trainer.log_dir, "predicted_vs_true.png")
+    ckpt = next((cb for cb in cli.trainer.callbacks if hasattr(cb, "best_model_score")), None)
+    best = None if ckpt is None else ckpt.best_model_score
     return {
         "kendall_tau": float(result["test/kendall_tau"]),
         "r2": float(result["test/r2"]),
+        "val_tau": float("nan") if best is None else float(best),
         "seconds": fit_seconds,
         "png": png if os.path.exists(png) else None,
-        "epochs": epochs,
+        "epochs": int(cli.trainer.current_epoch),
     }
+
+
+def sweep_config(
+    config: str,
+    zoo_path: str,
+    seed: int,
+    epochs: int,
+    run_dir: str,
+    lrs: Sequence[float],
+    extra: Sequence[str] = (),
+    patience: int | None = None,
+) -> dict[str, Any]:
+    """:func:`fit_config` once per learning rate in ``lrs``; the fit with the best validation
+    tau is the result (its test figures, ``chosen_lr``), ``seconds`` the whole sweep's fit time,
+    ``trials`` every fit's learning rate, validation tau and fit time."""
+    if len(lrs) == 1 and lrs[0] is None:
+        return fit_config(config, zoo_path, seed, epochs, run_dir, extra, patience)
+    trials = []
+    for lr in lrs:
+        r = fit_config(config, zoo_path, seed, epochs, f"{run_dir}-lr{lr:g}",
+                       [*extra, "--model.init_args.lr", str(lr)], patience)  # fmt: skip
+        print(f"    lr {lr:g}: val tau {r['val_tau']:.3f} ({r['seconds']:.0f} s, "
+              f"{r['epochs']} epochs)", flush=True)  # fmt: skip
+        trials.append({**r, "lr": lr})
+    scored = [t for t in trials if not np.isnan(t["val_tau"])]
+    if not scored:
+        raise RuntimeError(f"no fit of {os.path.basename(config)} has a validation tau")
+    best = max(scored, key=lambda t: t["val_tau"])
+    return {**best, "chosen_lr": best["lr"], "seconds": sum(t["seconds"] for t in trials),
+            "trials": [{k: t[k] for k in ("lr", "val_tau", "seconds", "epochs")}
+                       for t in trials]}  # fmt: skip
 
 
 def _fmt(values: list[float]) -> str:
@@ -205,9 +246,17 @@ def _fmt(values: list[float]) -> str:
     return f"{np.nanmean(v):.3f} ± {np.nanstd(v):.3f}"
 
 
-def table(title: str, results: dict[str, list[dict]], seeds: Sequence[int]) -> str:
-    lines = [f"### {title}", "", "| model | Kendall τ | R² | fit time / seed (s) |",
-             "| --- | --- | --- | --- |"]  # fmt: skip
+def table(
+    title: str, results: dict[str, list[dict]], seeds: Sequence[int], sweep: bool = False
+) -> str:
+    """Markdown table, mean ± std over seeds; with ``sweep``, also the validation tau of the
+    chosen fit, its epochs and the learning rate chosen on validation per seed."""
+    head = "| model | Kendall τ | R² | fit time / seed (s) |"
+    rule = "| --- | --- | --- | --- |"
+    if sweep:
+        head += " val τ | epochs | lr chosen on val (per seed) |"
+        rule += " --- | --- | --- |"
+    lines = [f"### {title}", "", head, rule]
     for model, runs in results.items():
         if not runs:
             continue
@@ -217,7 +266,13 @@ def table(title: str, results: dict[str, list[dict]], seeds: Sequence[int]) -> s
         tau = [r["kendall_tau"] for r in runs]
         r2 = [r["r2"] for r in runs]
         secs = np.mean([r["seconds"] for r in runs])
-        lines.append(f"| {LABELS[model]} | {_fmt(tau)} | {_fmt(r2)} | {secs:.0f} |")
+        row = f"| {LABELS[model]} | {_fmt(tau)} | {_fmt(r2)} | {secs:.0f} |"
+        if sweep:
+            lrs = [r["chosen_lr"] for r in runs if "chosen_lr" in r]
+            val = [r.get("val_tau", float("nan")) for r in runs]
+            epochs = np.mean([r.get("epochs", 0) for r in runs])
+            row += (f" {_fmt(val)} | {epochs:.0f} | {', '.join(f'{v:g}' for v in lrs) or '-'} |")
+        lines.append(row)
     lines.append("")
     lines.append(f"seeds: {list(seeds)}; test split = 20% of training runs (mean ± std over seeds)")
     return "\n".join(lines)
@@ -225,7 +280,8 @@ def table(title: str, results: dict[str, list[dict]], seeds: Sequence[int]) -> s
 
 def run_table(
     models, zoo_path, seeds, epochs, graph_zoo: bool, tag: str, groups: list[str] | None = None,
-    train_runs: int | None = None,
+    train_runs: int | None = None, lrs: Sequence[float | None] = (None,),
+    patience: int | None = None,
 ) -> dict[str, list[dict]]:
     import json
 
@@ -247,7 +303,8 @@ def run_table(
                     config = os.path.join(ROOT, "configs", "predict_gen", f"{model}.yaml")
                     run_dir = os.path.join(ROOT, "runs", "bench_generalization", tag,
                                            f"{model}-s{seed}")  # fmt: skip
-                    r = fit_config(config, zoo_path, seed, epochs[model], run_dir, extra)
+                    r = sweep_config(config, zoo_path, seed, epochs[model], run_dir, lrs,
+                                     extra, patience)  # fmt: skip
             except Exception as err:  # noqa: BLE001 - reported in the table, the rest goes on
                 import traceback
 
@@ -276,6 +333,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="train on this many runs of the train split (a learning-curve point; "
                              "validation and test runs unchanged; StatNN-GBT then fits on train "
                              "only)")  # fmt: skip
+    parser.add_argument("--lrs", type=float, nargs="+", default=None,
+                        help="learning rates swept per metanetwork and seed; the fit with the "
+                             "best validation tau is tested (default: the config's lr only)")
+    parser.add_argument("--patience", type=int, default=None,
+                        help="early-stopping patience (epochs without a better validation tau; "
+                             "default: the config's)")  # fmt: skip
     parser.add_argument("--png", default=None,
                         help="where to copy the predicted-vs-true plot of the best model "
                              "(the README's is docs/predicted_vs_true.png)")
@@ -285,22 +348,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     budget = {"statnn": 40, "dws": 10, "nfn_np": 15, "nfn_hnp": 15, "unf": 15, "gmn": 8,
               "ngt": 8}  # fmt: skip
     epochs = {m: (1 if args.quick else (args.epochs or e)) for m, e in budget.items()}
+    lrs: list[float | None] = list(args.lrs) if args.lrs else [None]
 
     t0 = time.time()
     out, res_cnn = [], {}
     if not args.skip_cnn:
         cnn = args.cnn_zoo or ensure_zoo("digits-cnn")
         res_cnn = run_table(args.models, cnn, seeds, epochs, graph_zoo=False, tag="digits-cnn",
-                            train_runs=args.train_runs)  # fmt: skip
-        out.append(table("Generalization prediction on digits-cnn", res_cnn, seeds))
+                            train_runs=args.train_runs, lrs=lrs,
+                            patience=args.patience)  # fmt: skip
+        out.append(table("Generalization prediction on digits-cnn", res_cnn, seeds,
+                         sweep=args.lrs is not None))  # fmt: skip
     if not args.skip_arch:
         arch = args.arch_zoo or ensure_zoo("digits-arch")
         groups, failed = traceable_groups(arch)
         res_arch = run_table(args.arch_models, arch, seeds, epochs, graph_zoo=True,
                              tag="digits-arch", groups=groups,
-                             train_runs=args.train_runs)  # fmt: skip
+                             train_runs=args.train_runs, lrs=lrs,
+                             patience=args.patience)  # fmt: skip
         text = table(f"Generalization prediction on digits-arch ({len(groups)} architectures)",
-                     res_arch, seeds)  # fmt: skip
+                     res_arch, seeds, sweep=args.lrs is not None)  # fmt: skip
         for name, err in failed.items():
             text += f"\nexcluded (metanet.graph cannot trace it): {name}: {err}"
         out.append(text)
