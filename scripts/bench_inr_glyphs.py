@@ -141,9 +141,12 @@ def fit_raw(
     max_epochs: int = 200,
     patience: int = 15,
     batch_size: int = 128,
+    augment: Any = None,
 ) -> dict[str, Any]:
     """Train ``make()`` with AdamW on the train split, early-stopped on validation accuracy;
-    returns the best epoch's validation accuracy, its test accuracy and the epochs run."""
+    returns the best epoch's validation accuracy, its test accuracy and the epochs run.
+    ``augment(indices, generator) -> [len(indices), D]``, when given, makes the features of each
+    training batch (augmented train networks) in place of ``data["train"][0][indices]``."""
     torch.manual_seed(seed)
     model = make()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -154,7 +157,8 @@ def fit_raw(
     for epoch in range(1, max_epochs + 1):
         model.train()
         for idx in torch.randperm(len(y_tr), generator=gen).split(batch_size):
-            loss = nn.functional.cross_entropy(model(x_tr[idx]), y_tr[idx])
+            x = x_tr[idx] if augment is None else augment(idx, gen)
+            loss = nn.functional.cross_entropy(model(x), y_tr[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -170,11 +174,40 @@ def fit_raw(
             "best_epoch": best["epoch"]}  # fmt: skip
 
 
-def run_raw(model_name: str, zoo: str, seed: int) -> dict[str, Any]:
+def weight_augmenter(zoo: str, seed: int, names: Sequence[str]) -> Any:
+    """``augment(indices, generator)`` for :func:`fit_raw`: the train split's networks
+    ``indices``, transformed by the augmentation presets ``names`` (:data:`AUGMENTATIONS`, built
+    as the CLI builds them), flattened and standardized with the un-augmented train split's
+    per-coordinate mean and std (as :func:`raw_weights` standardizes)."""
+    import importlib
+
+    from metanet.data.datamodules import WeightSpaceDataModule
+    from metanet.weightspace.augment import Compose
+
+    def build(spec: dict[str, Any]) -> Any:
+        module, _, name = spec["class_path"].rpartition(".")
+        return getattr(importlib.import_module(module), name)(**spec.get("init_args", {}))
+
+    transform = Compose([build(t) for name in names for t in AUGMENTATIONS[name]])
+    dm = WeightSpaceDataModule(zoo, target="label", splits=SPLITS, seed=seed)
+    dm.setup()
+    ws = dm.zoo[dm.group].weight_space(dm.splits["train"][1])
+    flat = ws.flatten().float()
+    mean, std = flat.mean(0), flat.std(0).clamp_min(1e-8)
+
+    def augment(indices: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return (transform(ws[indices], generator=generator).flatten().float() - mean) / std
+
+    return augment
+
+
+def run_raw(model_name: str, zoo: str, seed: int, augment: Sequence[str] = ()) -> dict[str, Any]:
     """The ``linear``, ``mlp`` or ``rendered`` baseline: its sweep, the configuration best on
-    validation."""
+    validation; ``augment`` (presets of :data:`AUGMENTATIONS`) augments the MLP's training
+    networks."""
     start = time.time()
     data = rendered_images(zoo, seed) if model_name == "rendered" else raw_weights(zoo, seed)
+    augmenter = weight_augmenter(zoo, seed, augment) if augment and model_name == "mlp" else None
     dim, classes = data["train"][0].shape[1], int(data["train"][1].max()) + 1
     if model_name in ("linear", "rendered"):
         sweep = LINEAR_SWEEP
@@ -187,7 +220,7 @@ def run_raw(model_name: str, zoo: str, seed: int) -> dict[str, Any]:
         )  # fmt: skip
     trials = []
     for hp in sweep:
-        r = fit_raw(make, data, hp["lr"], hp["weight_decay"], seed)
+        r = fit_raw(make, data, hp["lr"], hp["weight_decay"], seed, augment=augmenter)
         print(f"[glyphs] {model_name} seed {seed} {hp}: val {r['val_acc']:.3f}", flush=True)
         trials.append({**hp, **r})
     best = max(trials, key=lambda t: t["val_acc"])
@@ -292,7 +325,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="wall-time budget of one CLI fit (Lightning max_time)")
     parser.add_argument("--augment", nargs="+", default=[], choices=sorted(AUGMENTATIONS),
-                        help="weight-space augmentations of the CLI models' training batches")
+                        help="weight-space augmentations of the training batches of the CLI "
+                        "models and of the raw-weight MLP")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="config overrides of the CLI models, e.g. "
                         "model.init_args.model.init_args.hidden=32")
@@ -320,7 +354,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     bad = [item for item in args.set if "=" not in item]
     if bad:
         parser.error(f"--set needs KEY=VALUE items, got {bad}")
-    variant = " ".join([f"augment={'+'.join(args.augment)}"] * bool(args.augment) + args.set
+    augmented = f"augment={'+'.join(args.augment)}" if args.augment else ""
+    variant = " ".join([augmented] * bool(augmented) + args.set
                        + [f"patience={args.patience}"] * (args.patience is not None))  # fmt: skip
     rows = []
     for seed in args.seeds:
@@ -329,7 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"[glyphs] {name} seed {seed} ...", flush=True)
             try:
                 if name in RAW_MODELS:
-                    r = run_raw(name, args.zoo, seed)
+                    r = run_raw(name, args.zoo, seed, args.augment)
                 else:
                     r = run_cli(name, args.zoo, seed, args.lrs, args.max_epochs,
                                 args.max_minutes, args.run_root, args.augment, args.set,
@@ -340,7 +375,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 traceback.print_exc()
                 r = {"error": f"{type(err).__name__}: {err}"[:160]}
             row = {"model": name, "seed": seed, "chance": chance, "majority": majority,
-                   "variant": variant if name in CLI_MODELS else "", **r,
+                   "variant": variant if name in CLI_MODELS else augmented * (name == "mlp"),
+                   **r,
                    "command": "python scripts/bench_inr_glyphs.py " + " ".join(
                        argv if argv is not None else sys.argv[1:])}  # fmt: skip
             if "error" not in r:

@@ -306,3 +306,39 @@ def test_bench_augmentation_presets_build_and_keep_the_batch(preset):
         assert not torch.equal(out.weights[0], ws.weights[0])
         assert all(torch.equal(a, b) for a, b in zip(out.weights[1:], ws.weights[1:]))
     assert bench.augmentation_args(["none"]) == []
+
+
+def test_bench_weight_augmenter_permutes_the_mlps_networks_without_changing_them(tmp_path):
+    """The raw-weight MLP's ``--augment permutation`` batches: new flattened weights (standardized
+    as the un-augmented ones) of networks that draw the same images."""
+    from metanet.data.datamodules import WeightSpaceDataModule
+    from metanet.weightspace import WeightSpace
+    from metanet.zoo.build import build_zoo
+    from metanet.zoo.recipe import Recipe
+
+    with open(os.path.join(ROOT, "datasets", "glyphs-siren-tiny.yaml")) as f:
+        raw = yaml.safe_load(f)
+    raw["hparams"]["epochs"] = 5
+    zoo = str(build_zoo(Recipe.from_dict(raw), tmp_path / "tiny.h5", progress=False, threads=1))
+    bench = _bench_script()
+    plain = bench.raw_weights(zoo, 0)["train"][0]
+    augment = bench.weight_augmenter(zoo, 0, ["permutation"])
+    idx = torch.arange(6)
+    feats = augment(idx, torch.Generator().manual_seed(0))
+    assert feats.shape == plain[idx].shape
+    assert (feats - plain[idx]).abs().max() > 0.1  # the weights moved ...
+    dm = WeightSpaceDataModule(zoo, target="label", splits=bench.SPLITS, seed=0)
+    dm.setup()
+    ws = dm.zoo[dm.group].weight_space(dm.splits["train"][1])[idx]
+    flat = ws.flatten()
+    all_flat = dm.zoo[dm.group].weight_space(dm.splits["train"][1]).flatten()
+    mean, std = all_flat.mean(0), all_flat.std(0).clamp_min(1e-8)
+    permuted = WeightSpace.unflatten(feats * std + mean, ws.spec)
+    arch = dm.zoo[dm.group].arch
+    coords = torch.rand(50, 2) * 2 - 1
+    with torch.no_grad():
+        for i in range(len(idx)):  # ... and every network draws the same image
+            a = permuted.load_into(build_module(arch), i)(coords)
+            b = ws.load_into(build_module(arch), i)(coords)
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close((flat - mean) / std, plain[idx], atol=1e-5, rtol=1e-5)
