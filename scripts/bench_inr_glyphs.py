@@ -233,6 +233,39 @@ def run_raw(model_name: str, zoo: str, seed: int, augment: Sequence[str] = ()) -
 # ------------------------------------------------------------------------------------------------
 # metanetworks through the CLI
 # ------------------------------------------------------------------------------------------------
+def run_dir_of(run_root: str, model_name: str, variant: str, seed: int, lr: float) -> str:
+    """The folder of one CLI fit (its checkpoints and CSV log)."""
+    tag = "".join(c if c.isalnum() or c in "-_." else "_" for c in variant)
+    return os.path.join(run_root, f"{model_name}{'-' + tag if tag else ''}-s{seed}-lr{lr:g}")
+
+
+def fill_train_acc(rows: Sequence[dict[str, Any]], run_root: str) -> None:
+    """Rows of CLI models written before rows recorded ``train_acc`` get it from their run's CSV
+    log under ``run_root``, when that is still there."""
+    for r in rows:
+        if r["model"] in CLI_MODELS and "train_acc" not in r and "error" not in r:
+            log = os.path.join(run_dir_of(run_root, r["model"], r.get("variant", ""), r["seed"],
+                                          r["chosen"]["lr"]), "logs", "version_0")  # fmt: skip
+            r["train_acc"] = best_epoch_train_acc(log)
+
+
+def best_epoch_train_acc(log_dir: str | None) -> float:
+    """Training accuracy (on the augmented batches, if any) of the epoch with the best validation
+    accuracy, from the CSV log of a CLI fit (``nan`` without one): how far the model fits its
+    train split where it generalizes best."""
+    import csv
+
+    path = os.path.join(log_dir or "", "metrics.csv")
+    if not os.path.exists(path):
+        return float("nan")
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    val = {r["epoch"]: float(r["val/acc"]) for r in rows if r.get("val/acc")}
+    train = {r["epoch"]: float(r["train/acc"]) for r in rows if r.get("train/acc")}
+    best = max(val, key=lambda e: val[e], default=None)
+    return train.get(best, float("nan")) if best is not None else float("nan")
+
+
 def run_cli(model_name: str, zoo: str, seed: int, lrs: Sequence[float], max_epochs: int,
             max_minutes: float | None, run_root: str, augment: Sequence[str] = (),
             overrides: Sequence[str] = (), patience: int | None = None,
@@ -255,19 +288,20 @@ def run_cli(model_name: str, zoo: str, seed: int, lrs: Sequence[float], max_epoc
             total = int(max_minutes * 60)
             extra += ["--trainer.max_time", f"00:{total // 3600:02d}:{total % 3600 // 60:02d}:"
                       f"{total % 60:02d}"]  # fmt: skip
-        tag = "".join(c if c.isalnum() or c in "-_." else "_" for c in variant)
-        run_dir = os.path.join(run_root, f"{model_name}{'-' + tag if tag else ''}-s{seed}-lr{lr:g}")
+        run_dir = run_dir_of(run_root, model_name, variant, seed, lr)
         result, seconds, cli = fit_and_test(config, zoo, seed, max_epochs, run_dir, extra,
                                             patience)  # fmt: skip
         ckpt = next(cb for cb in cli.trainer.callbacks if hasattr(cb, "best_model_score"))
         val = float(ckpt.best_model_score) if ckpt.best_model_score is not None else float("nan")
         trial = {"lr": lr, "val_acc": val, "test_acc": float(result["test/acc"]),
+                 "train_acc": best_epoch_train_acc(cli.trainer.log_dir),
                  "epochs": int(cli.trainer.current_epoch), "fit_seconds": seconds}  # fmt: skip
         print(f"[glyphs] {model_name} seed {seed} lr {lr:g}: val {val:.3f} "
               f"({trial['epochs']} epochs, {seconds:.0f} s)", flush=True)  # fmt: skip
         trials.append(trial)
     best = max(trials, key=lambda t: t["val_acc"])
-    return {"val_acc": best["val_acc"], "test_acc": best["test_acc"], "epochs": best["epochs"],
+    return {"val_acc": best["val_acc"], "test_acc": best["test_acc"],
+            "train_acc": best["train_acc"], "epochs": best["epochs"],
             "chosen": {"lr": best["lr"]}, "trials": trials, "seconds": time.time() - start}
 
 
@@ -276,9 +310,9 @@ def run_cli(model_name: str, zoo: str, seed: int, lrs: Sequence[float], max_epoc
 # ------------------------------------------------------------------------------------------------
 def table(rows: Sequence[dict[str, Any]], chance: float, majority: float) -> str:
     """Markdown table of the JSON result rows: mean ± std over seeds per model."""
-    lines = ["| model | test accuracy | val accuracy | margin above chance | epochs | "
-             "wall time / seed (s) | chosen on val |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]  # fmt: skip
+    lines = ["| model | test accuracy | val accuracy | train accuracy | margin above chance | "
+             "epochs | wall time / seed (s) | chosen on val |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]  # fmt: skip
     by_model: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in rows:
         by_model.setdefault((r["model"], r.get("variant", "")), []).append(r)
@@ -288,13 +322,16 @@ def table(rows: Sequence[dict[str, Any]], chance: float, majority: float) -> str
         label = LABELS[name] + (f" [{variant}]" if variant else "")
         failed = [r for r in rs if "error" in r]
         if failed:
-            lines.append(f"| {label} | failed: {failed[0]['error']} | | | | | |")
+            lines.append(f"| {label} | failed: {failed[0]['error']} | | | | | | |")
             continue
         test = np.array([r["test_acc"] for r in rs])
         val = np.array([r["val_acc"] for r in rs])
         fmt = lambda a: f"{a.mean():.3f}" + (f" ± {a.std():.3f}" if len(a) > 1 else "")  # noqa: E731
+        train = np.array([r.get("train_acc", float("nan")) for r in rs], dtype=float)
+        train_text = "" if np.isnan(train).any() else fmt(train)
         chosen = "; ".join(sorted({json.dumps(r["chosen"], sort_keys=True) for r in rs}))
-        lines.append(f"| {label} | {fmt(test)} | {fmt(val)} | {test.mean() - chance:+.3f} "
+        lines.append(f"| {label} | {fmt(test)} | {fmt(val)} | {train_text} | "
+                     f"{test.mean() - chance:+.3f} "
                      f"| {np.mean([r['epochs'] for r in rs]):.0f} | "
                      f"{np.mean([r['seconds'] for r in rs]):.0f} | {chosen} |")  # fmt: skip
     seeds = sorted({r["seed"] for r in rows})
@@ -344,6 +381,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows = [json.loads(line) for line in f if line.strip()]
         if not rows:
             parser.error(f"--table {args.table} holds no result rows")
+        fill_train_acc(rows, args.run_root)
         print(table(rows, rows[0]["chance"], rows[0]["majority"]))
         return 0
     if not os.path.exists(args.zoo):
