@@ -61,6 +61,7 @@ AUGMENTATIONS: dict[str, list[dict[str, Any]]] = {
     "noise": [{"class_path": _AUG + "GaussianNoise", "init_args": {"sigma": 0.1}},
               {"class_path": _AUG + "WeightDropout", "init_args": {"p": 0.01}}],
     "mixup": [{"class_path": _AUG + "AlignedMixUp", "init_args": {"num_classes": 10}}],
+    "signflip": [{"class_path": _AUG + "RandomSignFlip"}],
 }  # fmt: skip
 AUGMENTATIONS["dwsnets"] = AUGMENTATIONS["input"] + AUGMENTATIONS["noise"]
 

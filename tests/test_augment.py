@@ -122,3 +122,40 @@ def test_compose_and_bad_arguments():
         ReLUScale(2.0, 1.0)
     with pytest.raises(TypeError, match="WeightSpace"):
         RandomPermutation()(torch.zeros(3))
+
+
+def _tanh_mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 12), nn.Tanh(),
+                         nn.Linear(12, 10))  # fmt: skip
+
+
+def _siren() -> nn.Module:
+    from metanet.zoo.architectures import build_module
+
+    return build_module({"type": "siren", "in": 64, "widths": [16, 12], "out": 10, "w0": 30.0})
+
+
+@pytest.mark.parametrize("make", [_tanh_mlp, _siren])
+def test_sign_flips_keep_the_function_of_odd_activation_networks(make):
+    from metanet.weightspace.augment import RandomSignFlip
+
+    ws = WeightSpace.from_modules([make() for _ in range(3)])
+    x = torch.randn(7, 64) * 0.1
+    out = RandomSignFlip()(ws, generator=torch.Generator().manual_seed(0))
+    assert out.max_abs_diff(ws) > 1e-3
+    with torch.no_grad():
+        torch.testing.assert_close(_outputs(out, make, x), _outputs(ws, make, x), atol=1e-5,
+                                   rtol=1e-4)  # fmt: skip
+
+
+def test_sign_flips_change_relu_networks_and_refuse_other_factors():
+    from metanet.weightspace import flip_signs
+
+    ws = WeightSpace.from_modules([_mlp() for _ in range(2)])
+    signs = [-torch.ones(n) for n in ws.spec.perm_sizes]
+    x = torch.randn(7, 64)
+    with torch.no_grad():
+        diff = (_outputs(flip_signs(ws, signs), _mlp, x) - _outputs(ws, _mlp, x)).abs().max()
+    assert diff > 1e-3  # ReLU is not odd: flipping its neurons changes the network
+    with pytest.raises(WeightSpaceError, match="-1 or \\+1"):
+        flip_signs(ws, [torch.full((n,), 2.0) for n in ws.spec.perm_sizes])

@@ -281,7 +281,8 @@ def _instantiate(spec: dict):
     return getattr(importlib.import_module(module), name)(**spec.get("init_args", {}))
 
 
-@pytest.mark.parametrize("preset", ["permutation", "input", "noise", "mixup", "dwsnets"])
+@pytest.mark.parametrize("preset", ["permutation", "input", "noise", "mixup", "signflip",
+                                    "dwsnets"])  # fmt: skip
 def test_bench_augmentation_presets_build_and_keep_the_batch(preset):
     """Each ``--augment`` preset of the benchmark is a Compose the CLI can build; it keeps the
     batch's shapes, and ``input`` changes only the first layer."""

@@ -13,6 +13,7 @@ from metanet.weightspace.augment import (
     GaussianNoise,
     RandomInputAffine,
     RandomPermutation,
+    RandomSignFlip,
     ReLUScale,
     WeightDropout,
     WeightSpaceTransform,
@@ -21,11 +22,13 @@ from metanet.weightspace.input_transform import affine_input, random_affine
 from metanet.weightspace.space import WeightSpace
 from metanet.weightspace.spec import LayerSpec, WeightSpaceError, WeightSpaceSpec
 from metanet.weightspace.symmetry import (
+    flip_signs,
     identity_permutation,
     invert_permutation,
     permute,
     random_permutation,
     random_relu_scale,
+    random_signs,
     relu_scale,
 )
 
@@ -35,6 +38,7 @@ __all__ = [
     "GaussianNoise",
     "RandomInputAffine",
     "RandomPermutation",
+    "RandomSignFlip",
     "ReLUScale",
     "WeightDropout",
     "WeightSpaceTransform",
@@ -47,11 +51,13 @@ __all__ = [
     "WeightSpace",
     "WeightSpaceError",
     "WeightSpaceSpec",
+    "flip_signs",
     "identity_permutation",
     "invert_permutation",
     "permute",
     "random_affine",
     "random_permutation",
     "random_relu_scale",
+    "random_signs",
     "relu_scale",
 ]

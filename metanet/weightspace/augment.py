@@ -9,6 +9,8 @@ DataModules of :mod:`metanet.data.datamodules` call them on every training batch
   of every network is unchanged).
 * :class:`ReLUScale` - positive per-neuron rescaling (function unchanged for ReLU / LeakyReLU
   networks without norm layers; do not use it on tanh/sine networks).
+* :class:`RandomSignFlip` - flip the sign of random hidden neurons (function unchanged for
+  networks with odd activations: SIRENs, tanh networks; not for ReLU).
 * :class:`GaussianNoise` - additive noise, per layer relative to that layer's weight std.
 * :class:`WeightDropout` - zeroes each weight with probability ``p``.
 * :class:`RandomInputAffine` - for coordinate networks (INRs): rotate, zoom and shift the input,
@@ -33,7 +35,13 @@ from metanet.weightspace.align import interpolate, weight_matching
 from metanet.weightspace.input_transform import affine_input, random_affine
 from metanet.weightspace.space import WeightSpace
 from metanet.weightspace.spec import WeightSpaceError
-from metanet.weightspace.symmetry import permute, random_relu_scale, relu_scale
+from metanet.weightspace.symmetry import (
+    flip_signs,
+    permute,
+    random_relu_scale,
+    random_signs,
+    relu_scale,
+)
 
 __all__ = [
     "AlignedMixUp",
@@ -41,6 +49,7 @@ __all__ = [
     "GaussianNoise",
     "RandomInputAffine",
     "RandomPermutation",
+    "RandomSignFlip",
     "ReLUScale",
     "WeightDropout",
     "WeightSpaceTransform",
@@ -109,6 +118,15 @@ class ReLUScale(WeightSpaceTransform):
     def apply(self, ws, target, generator):
         scales = random_relu_scale(ws.spec, len(ws), self.low, self.high, generator=generator)
         return relu_scale(ws, scales), target
+
+
+class RandomSignFlip(WeightSpaceTransform):
+    """Flip each hidden neuron's sign (incoming weights, bias and outgoing weights times -1) with
+    probability 1/2, independently per network (:func:`metanet.weightspace.symmetry.flip_signs`;
+    function-preserving for odd activations such as sine and tanh)."""
+
+    def apply(self, ws, target, generator):
+        return flip_signs(ws, random_signs(ws.spec, len(ws), generator)), target
 
 
 def _layer_std(t: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Symmetries of weight spaces: hidden-neuron permutations and positive scaling of ReLU neurons.
+"""Symmetries of weight spaces: hidden-neuron permutations, positive scaling of ReLU neurons and
+sign flips of neurons with odd activations (sine, tanh).
 
 Both act on a :class:`WeightSpace` without changing the function each network computes.
 Permutation ``p`` (of size ``spec.perm_sizes[p]``) reorders every axis the spec marks with ``p``:
@@ -93,6 +94,36 @@ def relu_scale(ws: WeightSpace, scales: Sequence[torch.Tensor]) -> WeightSpace:
     _check(ws.spec, scales, "scales")
     if any(bool((s <= 0).any()) for s in scales):
         raise WeightSpaceError("ReLU scaling factors must be positive")
+    return _scale_neurons(ws, scales)
+
+
+def flip_signs(ws: WeightSpace, signs: Sequence[torch.Tensor]) -> WeightSpace:
+    """Sign flips of hidden neurons: neuron ``j`` of permutation ``p`` has its incoming weights,
+    its bias and its outgoing weights multiplied by ``signs[p][..., j]`` in ``{-1, +1}``.
+
+    Networks whose hidden activations are odd (sine, tanh; ``act(-x) = -act(x)``, no norm layer
+    between) compute the same function afterwards: a SIREN's neurons have this symmetry on top
+    of permutations. ``signs[p]`` is ``[n]`` or ``[B, n]``.
+    """
+    _check(ws.spec, signs, "signs")
+    if any(bool((s.abs() != 1).any()) for s in signs):
+        raise WeightSpaceError("sign flips must be -1 or +1")
+    return _scale_neurons(ws, signs)
+
+
+def random_signs(
+    spec: WeightSpaceSpec, batch: int, generator: torch.Generator | None = None
+) -> list[torch.Tensor]:
+    """Uniform random signs ``[batch, n]`` in ``{-1, +1}`` per neuron permutation."""
+    return [
+        torch.randint(0, 2, (batch, n), generator=generator).float() * 2 - 1
+        for n in spec.perm_sizes
+    ]
+
+
+def _scale_neurons(ws: WeightSpace, scales: Sequence[torch.Tensor]) -> WeightSpace:
+    """Multiply each hidden neuron's incoming weights and bias by its factor and divide its
+    outgoing weights by it (no check of the factors)."""
     weights, biases = [], []
     for layer, w, b in zip(ws.spec.layers, ws.weights, ws.biases):
         extra = w.dim() - 3
