@@ -75,6 +75,20 @@ def augmentation_args(names: Sequence[str]) -> list[str]:
     return ["--data.init_args.transforms", json.dumps(compose)]
 
 
+def instantiate(spec: Any) -> Any:
+    """Build a ``{class_path, init_args}`` dict as the CLI builds it, nested specs (in lists or
+    as values) included; anything else is returned as it is."""
+    import importlib
+
+    if isinstance(spec, list):
+        return [instantiate(v) for v in spec]
+    if not (isinstance(spec, dict) and "class_path" in spec):
+        return spec
+    module, _, name = spec["class_path"].rpartition(".")
+    kwargs = {k: instantiate(v) for k, v in spec.get("init_args", {}).items()}
+    return getattr(importlib.import_module(module), name)(**kwargs)
+
+
 LINEAR_SWEEP = [{"lr": 1e-3, "weight_decay": wd} for wd in (0.0, 1e-3, 1e-2, 1e-1)]
 MLP_SWEEP = [{"lr": lr, "weight_decay": wd} for lr in (1e-3, 3e-4) for wd in (0.0, 1e-2)]
 
@@ -180,16 +194,10 @@ def weight_augmenter(zoo: str, seed: int, names: Sequence[str]) -> Any:
     ``indices``, transformed by the augmentation presets ``names`` (:data:`AUGMENTATIONS`, built
     as the CLI builds them), flattened and standardized with the un-augmented train split's
     per-coordinate mean and std (as :func:`raw_weights` standardizes)."""
-    import importlib
-
     from metanet.data.datamodules import WeightSpaceDataModule
     from metanet.weightspace.augment import Compose
 
-    def build(spec: dict[str, Any]) -> Any:
-        module, _, name = spec["class_path"].rpartition(".")
-        return getattr(importlib.import_module(module), name)(**spec.get("init_args", {}))
-
-    transform = Compose([build(t) for name in names for t in AUGMENTATIONS[name]])
+    transform = Compose([instantiate(t) for name in names for t in AUGMENTATIONS[name]])
     dm = WeightSpaceDataModule(zoo, target="label", splits=SPLITS, seed=seed)
     dm.setup()
     ws = dm.zoo[dm.group].weight_space(dm.splits["train"][1])
