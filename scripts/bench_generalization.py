@@ -147,7 +147,8 @@ def fit_and_test(
 ) -> tuple[dict[str, float], float, Any]:
     """Fit ``config`` through the CLI on ``zoo_path`` with seed ``seed`` (split by run, SPLITS),
     then test its best checkpoint: ``(test metrics, fit seconds, the LightningCLI)``.
-    ``patience`` replaces the config's early-stopping patience."""
+    ``patience`` replaces the config's early-stopping patience; a config without early stopping
+    gets it, on the checkpoint's monitor (validation tau)."""
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
     from metanet.cli import MetanetCLI
@@ -172,11 +173,21 @@ def fit_and_test(
         cli = MetanetCLI(args, run=False)
     finally:
         sys.argv = saved
+    checkpoint = None
     for cb in cli.trainer.callbacks:
         if isinstance(cb, ModelCheckpoint):
             cb.dirpath = os.path.join(run_dir, "checkpoints")
+            checkpoint = cb
         if isinstance(cb, EarlyStopping) and patience is not None:
             cb.patience = int(patience)
+    if patience is not None and not any(isinstance(cb, EarlyStopping)
+                                        for cb in cli.trainer.callbacks):  # fmt: skip
+        if checkpoint is None or checkpoint.monitor is None:
+            raise ValueError(f"{os.path.basename(config)}: --patience needs a ModelCheckpoint "
+                             "with a monitor to stop on")  # fmt: skip
+        stop = EarlyStopping(monitor=checkpoint.monitor, mode=checkpoint.mode,
+                             patience=int(patience))  # fmt: skip
+        cli.trainer.callbacks.insert(cli.trainer.callbacks.index(checkpoint), stop)
     cli.trainer.fit(cli.model, cli.datamodule)
     fit_seconds = time.time() - start
     (result,) = cli.trainer.test(cli.model, cli.datamodule, ckpt_path="best", verbose=False)
@@ -219,8 +230,9 @@ def sweep_config(
     patience: int | None = None,
 ) -> dict[str, Any]:
     """:func:`fit_config` once per learning rate in ``lrs``; the fit with the best validation
-    tau is the result (its test figures, ``chosen_lr``), ``seconds`` the whole sweep's fit time,
-    ``trials`` every fit's learning rate, validation tau and fit time."""
+    tau is the result (its test figures, ``chosen_lr``; ``seconds`` its fit time),
+    ``sweep_seconds`` the whole sweep's fit time, ``trials`` every fit's learning rate,
+    validation tau and fit time."""
     if len(lrs) == 1 and lrs[0] is None:
         return fit_config(config, zoo_path, seed, epochs, run_dir, extra, patience)
     trials = []
@@ -234,7 +246,7 @@ def sweep_config(
     if not scored:
         raise RuntimeError(f"no fit of {os.path.basename(config)} has a validation tau")
     best = max(scored, key=lambda t: t["val_tau"])
-    return {**best, "chosen_lr": best["lr"], "seconds": sum(t["seconds"] for t in trials),
+    return {**best, "chosen_lr": best["lr"], "sweep_seconds": sum(t["seconds"] for t in trials),
             "trials": [{k: t[k] for k in ("lr", "val_tau", "seconds", "epochs")}
                        for t in trials]}  # fmt: skip
 
@@ -250,18 +262,20 @@ def table(
     title: str, results: dict[str, list[dict]], seeds: Sequence[int], sweep: bool = False
 ) -> str:
     """Markdown table, mean ± std over seeds; with ``sweep``, also the validation tau of the
-    chosen fit, its epochs and the learning rate chosen on validation per seed."""
+    chosen fit, its epochs, the learning rate chosen on validation per seed and the fit time of
+    every trial of every seed together."""
     head = "| model | Kendall τ | R² | fit time / seed (s) |"
     rule = "| --- | --- | --- | --- |"
     if sweep:
-        head += " val τ | epochs | lr chosen on val (per seed) |"
-        rule += " --- | --- | --- |"
+        head += " val τ | epochs | lr chosen on val (per seed) | sweep time, all seeds (s) |"
+        rule += " --- | --- | --- | --- |"
     lines = [f"### {title}", "", head, rule]
     for model, runs in results.items():
         if not runs:
             continue
-        if "error" in runs[0]:
-            lines.append(f"| {LABELS[model]} | failed: {runs[0]['error']} | | |")
+        failed = next((r for r in runs if "error" in r), None)
+        if failed is not None:
+            lines.append(f"| {LABELS[model]} | failed: {failed['error']} | | |")
             continue
         tau = [r["kendall_tau"] for r in runs]
         r2 = [r["r2"] for r in runs]
@@ -271,18 +285,43 @@ def table(
             lrs = [r["chosen_lr"] for r in runs if "chosen_lr" in r]
             val = [r.get("val_tau", float("nan")) for r in runs]
             epochs = np.mean([r.get("epochs", 0) for r in runs])
-            row += (f" {_fmt(val)} | {epochs:.0f} | {', '.join(f'{v:g}' for v in lrs) or '-'} |")
+            sweep_secs = sum(r.get("sweep_seconds", r["seconds"]) for r in runs)
+            row += (f" {_fmt(val)} | {epochs:.0f} | {', '.join(f'{v:g}' for v in lrs) or '-'} |"
+                    f" {sweep_secs:.0f} |")  # fmt: skip
         lines.append(row)
     lines.append("")
     lines.append(f"seeds: {list(seeds)}; test split = 20% of training runs (mean ± std over seeds)")
     return "\n".join(lines)
 
 
+def table_of_rows(rows: Sequence[dict[str, Any]]) -> str:
+    """The tables of a ``--out`` results file: one per (zoo, split tag, train runs, patience),
+    rows from several invocations (e.g. a seed-0 sweep, then the other seeds at its lr) pooled
+    per model."""
+    groups: dict[tuple, dict[str, list[dict]]] = {}
+    for row in rows:
+        key = (row["zoo"], row["tag"], row.get("train_runs"), row.get("patience"))
+        groups.setdefault(key, {}).setdefault(row["model"], []).append(row)
+    out = []
+    for (zoo, tag, train_runs, patience), results in groups.items():
+        for runs in results.values():
+            runs.sort(key=lambda r: r.get("seed", 0))
+        seeds = sorted({r["seed"] for runs in results.values() for r in runs if "seed" in r})
+        title = f"Generalization prediction on {os.path.basename(zoo)} ({tag})"
+        title += f", {train_runs} train runs" if train_runs else ""
+        title += f", early-stopping patience {patience}" if patience is not None else ""
+        sweep = any("chosen_lr" in r for runs in results.values() for r in runs)
+        out.append(table(title, results, seeds, sweep=sweep))
+    return "\n\n".join(out)
+
+
 def run_table(
     models, zoo_path, seeds, epochs, graph_zoo: bool, tag: str, groups: list[str] | None = None,
     train_runs: int | None = None, lrs: Sequence[float | None] = (None,),
-    patience: int | None = None,
+    patience: int | None = None, out: str | None = None, command: str = "",
 ) -> dict[str, list[dict]]:
+    """Every model of ``models`` on every seed (a failed model is reported and skipped); each
+    finished (model, seed) is appended to the JSON-lines file ``out`` as it ends."""
     import json
 
     extra = ["--data.init_args.groups", json.dumps(groups)] if groups else []
@@ -309,11 +348,21 @@ def run_table(
                 import traceback
 
                 traceback.print_exc()
-                results[model] = [{"error": f"{type(err).__name__}: {err}"[:120]}]
+                r = {"error": f"{type(err).__name__}: {err}"[:120]}
+                results[model] = [r]
+            else:
+                print(f"[{tag}] {model} seed {seed}: tau {r['kendall_tau']:.3f} "
+                      f"r2 {r['r2']:.3f} ({r['seconds']:.0f} s)", flush=True)  # fmt: skip
+                results[model].append(r)
+            if out:
+                row = {"zoo": zoo_path, "tag": tag, "model": model, "seed": seed,
+                       "train_runs": train_runs, "patience": patience,
+                       "epochs_budget": epochs.get(model), "command": command,
+                       **{k: v for k, v in r.items() if k != "png"}}  # fmt: skip
+                with open(out, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            if "error" in r:
                 break
-            print(f"[{tag}] {model} seed {seed}: tau {r['kendall_tau']:.3f} r2 {r['r2']:.3f} "
-                  f"({r['seconds']:.0f} s)", flush=True)  # fmt: skip
-            results[model].append(r)
     return results
 
 
@@ -339,10 +388,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--patience", type=int, default=None,
                         help="early-stopping patience (epochs without a better validation tau; "
                              "default: the config's)")  # fmt: skip
+    parser.add_argument("--out", default=None,
+                        help="JSON-lines file; each finished (model, seed) is appended")
+    parser.add_argument("--table", default=None,
+                        help="only print the tables of this --out file (rows pooled per model)")
     parser.add_argument("--png", default=None,
                         help="where to copy the predicted-vs-true plot of the best model "
                              "(the README's is docs/predicted_vs_true.png)")
     args = parser.parse_args(argv)
+    if args.table:
+        import json
+
+        with open(args.table) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        if not rows:
+            parser.error(f"--table {args.table} holds no result rows")
+        print(table_of_rows(rows))
+        return 0
+    command = "python scripts/bench_generalization.py " + " ".join(
+        argv if argv is not None else sys.argv[1:])
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     torch.set_num_threads(1)  # 2 shared cores: one thread avoids OpenMP spinning
     seeds = args.seeds[:1] if args.quick else args.seeds
     budget = {"statnn": 40, "dws": 10, "nfn_np": 15, "nfn_hnp": 15, "unf": 15, "gmn": 8,
@@ -356,7 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cnn = args.cnn_zoo or ensure_zoo("digits-cnn")
         res_cnn = run_table(args.models, cnn, seeds, epochs, graph_zoo=False, tag="digits-cnn",
                             train_runs=args.train_runs, lrs=lrs,
-                            patience=args.patience)  # fmt: skip
+                            patience=args.patience, out=args.out, command=command)  # fmt: skip
         out.append(table("Generalization prediction on digits-cnn", res_cnn, seeds,
                          sweep=args.lrs is not None))  # fmt: skip
     if not args.skip_arch:
@@ -365,7 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         res_arch = run_table(args.arch_models, arch, seeds, epochs, graph_zoo=True,
                              tag="digits-arch", groups=groups,
                              train_runs=args.train_runs, lrs=lrs,
-                             patience=args.patience)  # fmt: skip
+                             patience=args.patience, out=args.out, command=command)  # fmt: skip
         text = table(f"Generalization prediction on digits-arch ({len(groups)} architectures)",
                      res_arch, seeds, sweep=args.lrs is not None)  # fmt: skip
         for name, err in failed.items():

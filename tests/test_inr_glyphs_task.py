@@ -25,13 +25,9 @@ SIREN = {"type": "siren", "widths": [32, 32], "w0": 30.0}
 
 
 def _bench_script():
-    import importlib.util
+    from script_module import load_script
 
-    path = os.path.join(ROOT, "scripts", "bench_inr_glyphs.py")
-    spec = importlib.util.spec_from_file_location("bench_inr_glyphs", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_inr_glyphs")
 
 
 def _params(arch: dict, seed: int) -> dict[str, torch.Tensor]:

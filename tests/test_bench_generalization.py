@@ -1,0 +1,90 @@
+"""The generalization benchmark's protocol: early stopping on validation for configs without it,
+and results pooled per model across invocations (a seed-0 sweep, then the other seeds)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _bench():
+    from script_module import load_script
+
+    return load_script("bench_generalization")
+
+
+def _mlp_group() -> str:
+    from tiny_zoo import MLP
+
+    from metanet.zoo.architectures import arch_name
+
+    return arch_name(MLP)
+
+
+def test_patience_adds_early_stopping_on_the_checkpoint_monitor(zoo_path, tmp_path):
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    bench = _bench()
+    config = os.path.join(ROOT, "configs", "predict_gen", "statnn.yaml")
+    groups = ["--data.init_args.group", _mlp_group()]
+    _, _, cli = bench.fit_and_test(config, zoo_path, seed=0, epochs=30,
+                                   run_dir=str(tmp_path / "run"), extra=groups, patience=1)
+    stops = [cb for cb in cli.trainer.callbacks if isinstance(cb, EarlyStopping)]
+    assert len(stops) == 1
+    assert (stops[0].monitor, stops[0].mode, stops[0].patience) == ("val/kendall_tau", "max", 1)
+    # with patience 1 the fit ends at the first epoch whose validation tau does not improve
+    assert cli.trainer.current_epoch < 30
+
+
+def test_patience_without_early_stopping_leaves_the_config_alone(zoo_path, tmp_path):
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    bench = _bench()
+    config = os.path.join(ROOT, "configs", "predict_gen", "statnn.yaml")
+    groups = ["--data.init_args.group", _mlp_group()]
+    _, _, cli = bench.fit_and_test(config, zoo_path, seed=0, epochs=2,
+                                   run_dir=str(tmp_path / "run"), extra=groups)
+    assert not any(isinstance(cb, EarlyStopping) for cb in cli.trainer.callbacks)
+    assert cli.trainer.current_epoch == 2
+
+
+def _row(model, seed, tau, **extra):
+    return {"zoo": "/z/digits-cnn-10k.h5", "tag": "digits-cnn", "model": model, "seed": seed,
+            "train_runs": None, "patience": 2, "kendall_tau": tau, "r2": 0.5, "val_tau": tau,
+            "seconds": 10.0, "epochs": 3, **extra}
+
+
+def test_table_pools_seeds_of_several_invocations_and_reports_failures():
+    bench = _bench()
+    rows = [
+        _row("dws", 0, 0.80, chosen_lr=1e-3, sweep_seconds=30.0),  # the seed-0 sweep
+        _row("dws", 2, 0.70, chosen_lr=1e-3, sweep_seconds=10.0),  # later, at its lr
+        _row("dws", 1, 0.75, chosen_lr=1e-3, sweep_seconds=10.0),
+        {**_row("gmn", 0, 0.0), "error": "RuntimeError: loss is NaN"},
+        {**_row("dws", 0, 0.60), "train_runs": 700},  # another table: a learning-curve point
+    ]
+    for r in rows[3:4]:
+        del r["kendall_tau"]
+    text = bench.table_of_rows(rows)
+    tables = text.split("### ")[1:]
+    assert len(tables) == 2
+    full, small = tables
+    dws = next(line for line in full.splitlines() if line.startswith("| DWS"))
+    cells = [c.strip() for c in dws.strip("|").split("|")]
+    assert cells[1] == "0.750 ± 0.041"  # mean ± std of 0.80, 0.75, 0.70
+    assert cells[-1] == "50"  # the sweep time of every seed together
+    assert "| GMN | failed: RuntimeError: loss is NaN |" in full
+    assert "seeds: [0, 1, 2]" in full
+    assert "700 train runs" in small and "0.600 ± 0.000" in small
+
+
+def test_table_mode_refuses_an_empty_results_file(tmp_path, capsys):
+    bench = _bench()
+    empty = tmp_path / "results.jsonl"
+    empty.write_text("")
+    with pytest.raises(SystemExit):
+        bench.main(["--table", str(empty)])
+    assert "holds no result rows" in capsys.readouterr().err
