@@ -17,6 +17,9 @@ HDF5 zoo (path or :class:`metanet.data.zoo_store.Zoo`) or a reader's
   metanet's tasks hand them to the model before training.
 * Sizes that follow from the data (:attr:`ParamGraphDataModule.node_in_dim` / ``edge_in_dim``)
   are attributes, linked to the model's arguments by ``metanet fit`` (see :mod:`metanet.cli`).
+* ``canonicalize``: a weight-space map applied to every record as it is read (all splits, the
+  statistics and the augmentations see its output; :class:`metanet.data.zoo_view.MappedZoo`),
+  e.g. the sign-canonical form of sine / tanh networks.
 * Batches are read from the store one batch at a time (one HDF5 read per group per batch) by a
   ``BatchSampler``; ``num_workers > 0`` works (the HDF5 file is reopened in every worker).
 """
@@ -35,6 +38,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from metanet.data.zoo_protocol import ZooGroupLike, ZooLike
+from metanet.data.zoo_view import MappedZoo
 from metanet.weightspace import WeightSpace
 
 __all__ = ["LayerStats", "ParamGraphDataModule", "WeightSpaceDataModule", "open_zoo"]
@@ -156,6 +160,7 @@ class _ZooDataModule(L.LightningDataModule):
         checkpoints: str | int = "all",
         stats_max_records: int | None = None,
         train_runs: int | None = None,
+        canonicalize: Callable | None = None,
     ) -> None:
         super().__init__()
         if train_runs is not None and train_runs < 1:
@@ -184,6 +189,7 @@ class _ZooDataModule(L.LightningDataModule):
         self.checkpoints = checkpoints
         self.stats_max_records = stats_max_records
         self.train_runs = train_runs
+        self.canonicalize = canonicalize
         self.zoo: ZooLike | None = None
         self.group_names: list[str] = []
         self.splits: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -209,6 +215,8 @@ class _ZooDataModule(L.LightningDataModule):
         if self.zoo is not None:
             return
         zoo = open_zoo(self.zoo_source)
+        if self.canonicalize is not None:  # every split, the statistics and the transforms
+            zoo = MappedZoo(zoo, self.canonicalize)
         names = self._select_groups(zoo)
         if not names:
             raise ValueError("no architecture groups selected")
@@ -418,6 +426,11 @@ class WeightSpaceDataModule(_ZooDataModule):
         train_runs: train on the first this many runs of the train split only (a seeded
             subset; validation and test keep every run of theirs): points of a learning curve
             over zoo size that share one test set.
+        canonicalize: a map ``WeightSpace -> WeightSpace`` applied to every record of every
+            split as it is read, before statistics and ``transforms``
+            (:class:`~metanet.data.zoo_view.MappedZoo`), e.g.
+            :func:`metanet.weightspace.symmetry.sign_canonical` for sine / tanh zoos (in YAML:
+            ``canonicalize: metanet.weightspace.symmetry.sign_canonical``).
     """
 
     def __init__(
@@ -436,10 +449,11 @@ class WeightSpaceDataModule(_ZooDataModule):
         checkpoints: str | int = "all",
         stats_max_records: int | None = None,
         train_runs: int | None = None,
+        canonicalize: Callable | None = None,
     ) -> None:
         super().__init__(
             zoo, group, target, task, splits, seed, batch_size, num_workers, normalize_target,
-            transforms, checkpoints, stats_max_records, train_runs,
+            transforms, checkpoints, stats_max_records, train_runs, canonicalize,
         )  # fmt: skip
         self.group = group
         self.normalize_weights = normalize_weights
@@ -630,13 +644,14 @@ class ParamGraphDataModule(_ZooDataModule):
         stats_max_records: int | None = None,
         max_kernel_size: int = 9,
         train_runs: int | None = None,
+        canonicalize: Callable | None = None,
     ) -> None:
         if max_kernel_size < 1:
             raise ValueError(f"max_kernel_size must be >= 1, got {max_kernel_size}")
         self.max_kernel_size = max_kernel_size
         super().__init__(
             zoo, groups, target, task, splits, seed, batch_size, num_workers, normalize_target,
-            transforms, checkpoints, stats_max_records, train_runs,
+            transforms, checkpoints, stats_max_records, train_runs, canonicalize,
         )  # fmt: skip
         self._graph_stats: Any = None
         self._graph_stats_done = False

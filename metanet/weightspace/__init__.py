@@ -22,6 +22,7 @@ from metanet.weightspace.input_transform import affine_input, random_affine
 from metanet.weightspace.space import WeightSpace
 from metanet.weightspace.spec import LayerSpec, WeightSpaceError, WeightSpaceSpec
 from metanet.weightspace.symmetry import (
+    canonical_signs,
     flip_signs,
     identity_permutation,
     invert_permutation,
@@ -30,6 +31,7 @@ from metanet.weightspace.symmetry import (
     random_relu_scale,
     random_signs,
     relu_scale,
+    sign_canonical,
 )
 
 __all__ = [
@@ -51,6 +53,7 @@ __all__ = [
     "WeightSpace",
     "WeightSpaceError",
     "WeightSpaceSpec",
+    "canonical_signs",
     "flip_signs",
     "identity_permutation",
     "invert_permutation",
@@ -60,4 +63,5 @@ __all__ = [
     "random_relu_scale",
     "random_signs",
     "relu_scale",
+    "sign_canonical",
 ]

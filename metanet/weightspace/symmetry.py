@@ -155,3 +155,38 @@ def random_relu_scale(
         torch.exp(lo + (hi - lo) * torch.rand(batch, n, generator=generator))
         for n in spec.perm_sizes
     ]
+
+
+def canonical_signs(ws: WeightSpace) -> list[torch.Tensor]:
+    """The sign flips ``[B, n]`` per permutation that put every network in sign-canonical form:
+    in each hidden neuron's incoming weights and bias, the entry of largest magnitude is
+    positive.
+
+    Neurons are decided layer by layer from the input, each on its incoming weights as the
+    flips of the layers before it leave them (so the result does not depend on the signs a
+    network came with: ``canonical_signs`` of any sign-flipped copy yields the same canonical
+    network). A permutation is decided by the first layer whose outputs it indexes. For
+    networks with odd activations (:func:`flip_signs`), ``flip_signs(ws, canonical_signs(ws))``
+    computes the same functions and is the same for every network of a sign orbit, up to ties
+    of largest magnitude (measure zero for continuous weights).
+    """
+    decided: dict[int, torch.Tensor] = {}
+    for layer, w, b in zip(ws.spec.layers, ws.weights, ws.biases):
+        p = layer.out_perm
+        if p is None or p in decided:
+            continue
+        w = w.flatten(3) if w.dim() > 3 else w.unsqueeze(-1)  # [B, out, in, k]
+        if layer.in_perm is not None:  # incoming weights after the earlier layers' flips
+            s = decided[layer.in_perm].repeat_interleave(layer.in_repeat, dim=-1).to(w)
+            w = w * s[:, None, :, None]
+        rows = torch.cat([w.flatten(2), b.unsqueeze(-1)], dim=-1)  # [B, out, in*k + 1]
+        top = rows.gather(-1, rows.abs().argmax(dim=-1, keepdim=True)).squeeze(-1)
+        decided[p] = torch.where(top < 0, -1.0, 1.0).to(torch.float32)
+    batch = len(ws)
+    return [decided.get(p, torch.ones(batch, n)) for p, n in enumerate(ws.spec.perm_sizes)]
+
+
+def sign_canonical(ws: WeightSpace) -> WeightSpace:
+    """``ws`` in sign-canonical form (:func:`canonical_signs`): one representative per orbit of
+    hidden-neuron sign flips. Function-preserving for odd activations (sine, tanh) only."""
+    return flip_signs(ws, canonical_signs(ws))
