@@ -154,6 +154,11 @@ def test_cat_index_and_stacked_params():
     out = torch.func.vmap(lambda p: torch.func.functional_call(nets[0], p, (x,)))(params)
     assert out.shape == (5, 3, 3)
     torch.testing.assert_close(out[4], nets[4](x))
+    assert WeightSpace.from_stacked_params(params, ws.spec).max_abs_diff(ws) == 0.0
+    no_bias = nn.Sequential(nn.Linear(5, 4, bias=False), nn.ReLU(), nn.Linear(4, 2))
+    ws_nb = WeightSpace.from_modules([no_bias, no_bias])
+    back = WeightSpace.from_stacked_params(ws_nb.stacked_params(), ws_nb.spec)
+    assert back.max_abs_diff(ws_nb) == 0.0 and back.biases[0].shape == (2, 4)
 
 
 def test_errors_name_the_key():

@@ -589,16 +589,7 @@ class ZooGroup:
 def _stacked_to_ws(params: Mapping[str, torch.Tensor], spec):
     from metanet.weightspace import WeightSpace
 
-    weights, biases = [], []
-    n = next(iter(params.values())).shape[0]
-    for layer in spec.layers:
-        w = params[layer.weight_key]
-        weights.append(w)
-        if layer.has_bias:
-            biases.append(params[layer.bias_key])
-        else:
-            biases.append(torch.zeros(n, layer.out_features, dtype=w.dtype))
-    return WeightSpace(spec, weights, biases)
+    return WeightSpace.from_stacked_params(params, spec)
 
 
 class Zoo:

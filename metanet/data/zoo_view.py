@@ -47,7 +47,10 @@ class MappedGroup:
 
     def weight_space(self, indices: Any = None) -> WeightSpace:
         """Records ``indices`` (None: all), mapped, as one ``WeightSpace`` batch."""
-        ws = self._fn(self._group.weight_space(indices))
+        return self._mapped(self._group.weight_space(indices))
+
+    def _mapped(self, ws: WeightSpace) -> WeightSpace:
+        ws = self._fn(ws)
         spec = self._group.spec
         if not isinstance(ws, WeightSpace) or (ws.spec is not spec and ws.spec != spec):
             raise TypeError(f"the zoo map {getattr(self._fn, '__name__', self._fn)} must return "
@@ -57,7 +60,9 @@ class MappedGroup:
     def params(self, indices: Any = None) -> dict[str, torch.Tensor]:
         """Stacked state_dict entries of records ``indices``: the mapped weights and biases, every
         other entry (buffers) as stored."""
-        return {**self._group.params(indices), **self.weight_space(indices).stacked_params()}
+        params = self._group.params(indices)
+        ws = WeightSpace.from_stacked_params(params, self._group.spec)
+        return {**params, **self._mapped(ws).stacked_params()}
 
     def state_dict(self, index: int) -> dict[str, torch.Tensor]:
         """The state_dict of record ``index``, mapped."""

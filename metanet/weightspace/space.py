@@ -115,6 +115,21 @@ class WeightSpace:
         return cls.from_state_dicts(sds, spec, **kwargs)
 
     @classmethod
+    def from_stacked_params(
+        cls, params: Mapping[str, torch.Tensor], spec: WeightSpaceSpec
+    ) -> WeightSpace:
+        """The inverse of :meth:`stacked_params`: a batch from ``{key: [B, ...]}`` (other keys,
+        such as buffers, are ignored; layers without a bias get zero biases)."""
+        weights, biases = [], []
+        n = next(iter(params.values())).shape[0]
+        for layer in spec.layers:
+            w = params[layer.weight_key]
+            weights.append(w)
+            biases.append(params[layer.bias_key] if layer.has_bias else
+                          torch.zeros(n, layer.out_features, dtype=w.dtype))  # fmt: skip
+        return cls(spec, weights, biases)
+
+    @classmethod
     def from_module(cls, module: nn.Module, spec: WeightSpaceSpec | None = None) -> WeightSpace:
         """A batch of one network."""
         return cls.from_modules([module], spec)
