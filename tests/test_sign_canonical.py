@@ -118,3 +118,17 @@ def test_canonicalize_is_a_dotted_path_in_the_cli(tmp_path):
             "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(tmp_path)]  # fmt: skip
     cli = MetanetCLI(args, run=False)
     assert cli.datamodule.canonicalize is sign_canonical
+
+
+def test_a_sign_canonical_zoo_loads_in_worker_processes(tmp_path):
+    from tiny_zoo import build_tiny_inr_zoo
+
+    from metanet.data.datamodules import WeightSpaceDataModule
+
+    path = build_tiny_inr_zoo(str(tmp_path / "inr.h5"), per_class=1, steps=5)
+    kwargs = dict(target="label", splits=(0.6, 0.2, 0.2), batch_size=4,
+                  canonicalize=sign_canonical)  # fmt: skip
+    inline = WeightSpaceDataModule(path, **kwargs)
+    workers = WeightSpaceDataModule(path, num_workers=2, **kwargs)
+    for (a, _), (b, _) in zip(inline.val_dataloader(), workers.val_dataloader()):
+        assert a.max_abs_diff(b) == 0.0

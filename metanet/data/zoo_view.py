@@ -40,6 +40,8 @@ class MappedGroup:
         self._group, self._fn = group, fn
 
     def __getattr__(self, name: str) -> Any:  # name, arch, keys, spec, path, metrics, hparams
+        if name.startswith("_"):  # not delegated (and no recursion while unpickling)
+            raise AttributeError(name)
         return getattr(self._group, name)
 
     def __len__(self) -> int:
