@@ -238,6 +238,27 @@ def test_inr_classification_fit_and_test(inr_zoo_path, tmp_path):
         wrong.logits(ws)
 
 
+def test_inr_classification_trains_on_aligned_mixup_soft_labels(inr_zoo_path, tmp_path):
+    from metanet.data.datamodules import WeightSpaceDataModule
+    from metanet.weightspace.augment import AlignedMixUp
+
+    dm = WeightSpaceDataModule(inr_zoo_path, target="label", batch_size=8, splits=(0.6, 0.2, 0.2),
+                               transforms=AlignedMixUp(num_classes=10, max_iter=2))  # fmt: skip
+    ws, y = next(iter(dm.train_dataloader()))
+    assert y.shape == (len(ws), 10) and y.is_floating_point()  # mixed: soft labels
+    task = INRClassificationTask(_small_nfn(mode="NP", out_dim=10), lr=3e-3)
+    task.build(dm.spec)
+    logits = task.logits(ws)
+    loss = task.training_step((ws, y), 0)
+    expected = torch.nn.functional.cross_entropy(logits, y)
+    torch.testing.assert_close(loss, expected)
+    with pytest.raises(TaskConfigError, match="soft labels have 3 classes"):
+        task.training_step((ws, y[:, :3]), 0)
+    trainer = _trainer(tmp_path, epochs=1)
+    trainer.fit(task, dm)  # validation batches keep their integer labels
+    assert math.isfinite(float(trainer.callback_metrics["val/loss"]))
+
+
 # ------------------------------------------------------------------------------------------------
 # StatNN baseline
 # ------------------------------------------------------------------------------------------------

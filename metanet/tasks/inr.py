@@ -69,6 +69,8 @@ class INRClassificationTask(MetanetTask):
 
     def _step(self, batch: Any, split: str) -> torch.Tensor:
         inputs, y = self.split(batch)
+        if y.is_floating_point() and y.dim() == 2:  # soft labels (AlignedMixUp): [B, classes]
+            return self._soft_step(inputs, y, split)
         y = y.reshape(-1).long()
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.hparams.num_classes):
             raise TaskConfigError(
@@ -78,7 +80,21 @@ class INRClassificationTask(MetanetTask):
         logits = self.logits(inputs)
         loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
         acc = (logits.argmax(1) == y).float().mean()
-        n = batch_size_of(inputs)
+        return self._log_step(split, loss, acc, batch_size_of(inputs))
+
+    def _soft_step(self, inputs: Any, y: torch.Tensor, split: str) -> torch.Tensor:
+        """Cross-entropy against class probabilities ``y [B, classes]``; accuracy against their
+        most probable class."""
+        k = self.hparams.num_classes
+        if y.shape[1] != k:
+            raise TaskConfigError(f"{split} soft labels have {y.shape[1]} classes, the task "
+                                  f"{k} (num_classes of AlignedMixUp?)")  # fmt: skip
+        logits = self.logits(inputs)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
+        acc = (logits.argmax(1) == y.argmax(1)).float().mean()
+        return self._log_step(split, loss, acc, batch_size_of(inputs))
+
+    def _log_step(self, split: str, loss: torch.Tensor, acc: torch.Tensor, n: int) -> torch.Tensor:
         self.log(f"{split}/loss", loss, batch_size=n, on_epoch=True, on_step=False,
                  prog_bar=split != "test")  # fmt: skip
         self.log(f"{split}/acc", acc, batch_size=n, on_epoch=True, on_step=False, prog_bar=True)
