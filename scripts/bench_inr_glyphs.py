@@ -67,10 +67,13 @@ AUGMENTATIONS["dwsnets"] = AUGMENTATIONS["input"] + AUGMENTATIONS["noise"]
 
 
 def augmentation_args(names: Sequence[str]) -> list[str]:
-    """CLI arguments that train with the augmentations ``names`` (applied in that order)."""
+    """CLI arguments that train with the augmentations ``names`` (applied in that order; no
+    names: the config's own ``transforms``; ``none``: no augmentation, whatever the config)."""
     transforms = [t for name in names for t in AUGMENTATIONS[name]]
-    if not transforms:
+    if not names:
         return []
+    if not transforms:
+        return ["--data.init_args.transforms", "null"]
     compose = {"class_path": _AUG + "Compose", "init_args": {"transforms": transforms}}
     return ["--data.init_args.transforms", json.dumps(compose)]
 

@@ -294,7 +294,25 @@ def test_bench_augmentation_presets_build_and_keep_the_batch(preset):
     if preset == "input":
         assert not torch.equal(out.weights[0], ws.weights[0])
         assert all(torch.equal(a, b) for a, b in zip(out.weights[1:], ws.weights[1:]))
-    assert bench.augmentation_args(["none"]) == []
+
+
+
+def test_bench_augment_none_overrides_the_configs_sign_flips(tmp_path):
+    """``glyphs_dws.yaml`` trains with RandomSignFlip; ``--augment none`` trains without it and
+    no ``--augment`` keeps the config's."""
+    from tiny_zoo import build_tiny_inr_zoo
+
+    from metanet.cli import MetanetCLI
+    from metanet.weightspace.augment import RandomSignFlip
+
+    bench = _bench_script()
+    assert bench.augmentation_args([]) == []
+    path = build_tiny_inr_zoo(str(tmp_path / "inr.h5"), per_class=1, steps=5)
+    base = ["--config", os.path.join(ROOT, "configs", "inr", "glyphs_dws.yaml"),
+            "--data.init_args.zoo", path, "--trainer.default_root_dir", str(tmp_path)]  # fmt: skip
+    assert isinstance(MetanetCLI(base, run=False).datamodule.transforms, RandomSignFlip)
+    none = MetanetCLI(base + bench.augmentation_args(["none"]), run=False)
+    assert none.datamodule.transforms is None
 
 
 def test_bench_weight_augmenter_permutes_the_mlps_networks_without_changing_them(tmp_path):
