@@ -559,7 +559,9 @@ class ZooGroup:
                 f"{self.path}: '{self.name}' has norm layers or residual blocks and no weight "
                 "space; read it as graphs (metanet.graph) via .module(i) / .state_dict(i)"
             )
-        return _stacked_to_ws(self.params(indices), spec)
+        from metanet.weightspace import WeightSpace
+
+        return WeightSpace.from_stacked_params(self.params(indices), spec)
 
     @property
     def metrics(self) -> dict[str, np.ndarray]:
@@ -584,12 +586,6 @@ class ZooGroup:
                 out[k] = v.astype(str) if v.dtype.kind == "S" else v
             self._hparams = out
         return self._hparams
-
-
-def _stacked_to_ws(params: Mapping[str, torch.Tensor], spec):
-    from metanet.weightspace import WeightSpace
-
-    return WeightSpace.from_stacked_params(params, spec)
 
 
 class Zoo:
