@@ -173,15 +173,16 @@ def fit_and_test(
         cli = MetanetCLI(args, run=False)
     finally:
         sys.argv = saved
-    checkpoint = None
+    checkpoint, stopping = None, False
     for cb in cli.trainer.callbacks:
         if isinstance(cb, ModelCheckpoint):
             cb.dirpath = os.path.join(run_dir, "checkpoints")
             checkpoint = cb
-        if isinstance(cb, EarlyStopping) and patience is not None:
-            cb.patience = int(patience)
-    if patience is not None and not any(isinstance(cb, EarlyStopping)
-                                        for cb in cli.trainer.callbacks):  # fmt: skip
+        if isinstance(cb, EarlyStopping):
+            stopping = True
+            if patience is not None:
+                cb.patience = int(patience)
+    if patience is not None and not stopping:
         if checkpoint is None or checkpoint.monitor is None:
             raise ValueError(f"{os.path.basename(config)}: --patience needs a ModelCheckpoint "
                              "with a monitor to stop on")  # fmt: skip
@@ -453,8 +454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     epochs_line = ", ".join(f"{LABELS[m]} {epochs[m]}" for m in budget if m in ran)
     out.append(f"epochs: {epochs_line}; total time {time.time() - t0:.0f} s; "
-               f"torch threads 1; command: python scripts/bench_generalization.py "
-               f"{' '.join(argv if argv is not None else sys.argv[1:])}")  # fmt: skip
+               f"torch threads 1; command: {command}")  # fmt: skip
     print("\n\n" + "\n\n".join(out))
     return 0
 
