@@ -10,7 +10,9 @@ Models, all on the same split of the INRs by run (70 / 10 / 20 % train / val / t
 * ``rendered`` - not a weight-space model but the task's reference: the same linear probe on each
   INR's *function*, its image rendered on the 28x28 pixel grid it was fitted on. It shows how much
   of the class the fitted functions hold, whatever the order of their hidden neurons.
-* ``dws``, ``nfn_np``, ``gmn``, ``ngt`` - the permutation-invariant metanetworks, trained through
+* ``dws``, ``nfn_np``, ``gmn``, ``ngt`` - the permutation-invariant metanetworks, and
+  ``sign_gmn`` - the graph metanetwork invariant to sign flips too (:class:`metanet.nn.SignGMN`),
+  trained through
   the CLI from ``configs/inr/glyphs_<model>.yaml`` (early stopping on validation accuracy, the
   best-on-validation checkpoint tested), optionally with a learning-rate sweep (``--lrs``) and a
   wall-time budget per fit (``--max-minutes``).
@@ -47,11 +49,12 @@ sys.path.insert(0, ROOT)
 
 SPLITS = (0.7, 0.1, 0.2)
 RAW_MODELS = ("linear", "mlp", "rendered")
-CLI_MODELS = ("dws", "nfn_np", "gmn", "ngt")
+CLI_MODELS = ("dws", "nfn_np", "gmn", "ngt", "sign_gmn")
 MODELS = RAW_MODELS + CLI_MODELS
 LABELS = {"linear": "linear probe (raw weights)", "mlp": "MLP (raw weights)",
           "rendered": "linear probe (rendered image, reference)", "dws": "DWS",
-          "nfn_np": "NFN-NP", "gmn": "NG-GNN / GMN", "ngt": "NG-T"}  # fmt: skip
+          "nfn_np": "NFN-NP", "gmn": "NG-GNN / GMN", "ngt": "NG-T",
+          "sign_gmn": "SignGMN (sign + permutation invariant)"}  # fmt: skip
 _AUG = "metanet.weightspace.augment."
 AUGMENTATIONS: dict[str, list[dict[str, Any]]] = {
     "none": [],

@@ -237,7 +237,7 @@ def test_metanetwork_contract(zoo, name, cls, variant, error, arch):
 def test_contract_covers_every_model_family():
     """The discovery finds the models the issue names (so a rename cannot empty the contract)."""
     names = {c[0].split("-")[0] for c in CASES}
-    for expected in ("NFN", "UNF", "DWSNet", "StatNN", "GMN", "NGT"):
+    for expected in ("NFN", "UNF", "DWSNet", "StatNN", "GMN", "NGT", "SignGMN"):
         assert expected in names, f"{expected} missing from the contract cases: {sorted(names)}"
 
 

@@ -15,7 +15,10 @@ subclasses of :class:`WeightSpaceModel` (:mod:`metanet.nn.base`), which owns the
 Graph models (``input_kind = "graph"``; input a PyG ``Batch`` of ``ParamGraph``):
 
 * :class:`GMN` / :class:`NGGNN` - message passing with edge updates (Lim et al. 2024; Kofinas
-  et al. 2024); :class:`NGT` - the relational transformer; :class:`GraphReadout`.
+  et al. 2024); :class:`NGT` - the relational transformer; :class:`GraphReadout`;
+* :class:`SignGMN` - invariant to hidden-neuron sign flips as well as permutations (networks
+  with odd activations: SIRENs, tanh MLPs/CNNs; the sign case of ScaleGMN, Kalogeropoulos et
+  al. 2024).
 """
 
 from metanet.nn.base import WeightSpaceModel
@@ -25,6 +28,7 @@ from metanet.nn.graph_features import probe_features
 from metanet.nn.nfn import NFN, HNPLinear, NFNEquivariant, NPLinear
 from metanet.nn.ngt import NGT
 from metanet.nn.readout import GraphReadout
+from metanet.nn.sign_gmn import SignGMN
 from metanet.nn.statnn import StatFeaturizer, StatNN, layer_statistics
 from metanet.nn.unf import UNF, UNFEquivariant, UNFLayer
 from metanet.nn.unf_terms import PermSpec
@@ -41,6 +45,7 @@ __all__ = [
     "NGT",
     "NPLinear",
     "PermSpec",
+    "SignGMN",
     "StatFeaturizer",
     "StatNN",
     "UNF",

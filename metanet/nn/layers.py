@@ -188,13 +188,19 @@ class FourierFeatures(nn.Module):
 
 
 def mlp_head(
-    in_dim: int, hidden: int, out_dim: int, num_layers: int = 2, dropout: float = 0.0
+    in_dim: int,
+    hidden: int,
+    out_dim: int,
+    num_layers: int = 2,
+    dropout: float = 0.0,
+    activation: type[nn.Module] = nn.ReLU,
 ) -> nn.Sequential:
-    """A ReLU MLP ``in_dim -> hidden (x num_layers) -> out_dim``, an invariant readout head."""
+    """An MLP ``in_dim -> hidden (x num_layers) -> out_dim`` (``activation`` after each hidden
+    layer, then dropout when ``dropout > 0``), an invariant readout head."""
     mods: list[nn.Module] = []
     d = in_dim
     for _ in range(num_layers):
-        mods += [nn.Linear(d, hidden), nn.ReLU()]
+        mods += [nn.Linear(d, hidden), activation()]
         if dropout > 0:
             mods.append(nn.Dropout(dropout))
         d = hidden

@@ -24,6 +24,7 @@ from metanet.nn.graph_features import (
     read_batch,
     set_encoder_statistics,
 )
+from metanet.nn.layers import mlp_head
 
 POOLS = ("sum", "mean", "max", "min")
 
@@ -40,9 +41,16 @@ def output_node_features(h: Tensor, g: GraphBatch, slots: int) -> Tensor:
 
     Output nodes with ``node_pos >= slots`` are ignored; missing slots stay 0.
     """
+    return fixed_node_features(h, g, NodeType.OUTPUT, slots)
+
+
+def fixed_node_features(h: Tensor, g: GraphBatch, node_type: NodeType, slots: int) -> Tensor:
+    """Features of each graph's fixed-position nodes of one type (``INPUT``, ``OUTPUT``) in
+    ``node_pos`` order: ``[G, slots * d]``; positions ``>= slots`` are ignored, missing slots
+    stay 0."""
     d = h.size(1)
     out = h.new_zeros(g.num_graphs * slots, d)
-    keep = (g.node_type == NodeType.OUTPUT) & (g.node_pos >= 0) & (g.node_pos < slots)
+    keep = (g.node_type == node_type) & (g.node_pos >= 0) & (g.node_pos < slots)
     idx = g.node_graph[keep] * slots + g.node_pos[keep]
     out = out.index_copy(0, idx, h[keep])
     return out.view(g.num_graphs, slots * d)
@@ -88,14 +96,7 @@ class GraphReadout(nn.Module):
             nn.Sequential(nn.Linear(edge_dim, hidden), nn.SiLU()) if self.edge_pool else None
         )
         width = hidden * (len(self.node_pool) + len(self.edge_pool)) + node_dim * output_slots
-        mods: list[nn.Module] = []
-        for _ in range(num_layers):
-            mods += [nn.Linear(width, hidden), nn.SiLU()]
-            if dropout > 0:
-                mods.append(nn.Dropout(dropout))
-            width = hidden
-        mods.append(nn.Linear(width, out_dim))
-        self.mlp = nn.Sequential(*mods)
+        self.mlp = mlp_head(width, hidden, out_dim, num_layers, dropout, nn.SiLU)
 
     def pooled(self, x: Tensor, e: Tensor | None, g: GraphBatch) -> Tensor:
         """The invariant graph embedding before the MLP: ``[G, width]``."""
