@@ -631,6 +631,23 @@ class EdgeEncoder(nn.Module):
 
 
 @torch.no_grad()
+def check_value_widths(stats: GraphStats, node_in_dim: int, edge_in_dim: int) -> None:
+    """Check that ``stats`` were collected from graphs with the value widths a model was built
+    for (``node_in_dim`` columns of ``x``, ``edge_in_dim`` of ``edge_attr``).
+
+    Raises:
+        ValueError: a width differs (one line naming it and the argument to pass).
+    """
+    for dim, width, what, name in (
+        (stats.node_dim, node_in_dim, "node values (x)", "node_in_dim"),
+        (stats.edge_dim, edge_in_dim, "edge values (edge_attr)", "edge_in_dim"),
+    ):
+        if dim != width:
+            raise ValueError(
+                f"{what} have {dim} columns, the model was built for {width} (pass {name})"
+            )
+
+
 def set_encoder_statistics(nodes: NodeEncoder, edges: EdgeEncoder, stats: GraphStats) -> None:
     """Hand the value statistics of ``stats`` to the encoders' standardizers (if any): per type,
     or per type and depth for encoders built with ``standardize="layer"``.
@@ -639,14 +656,7 @@ def set_encoder_statistics(nodes: NodeEncoder, edges: EdgeEncoder, stats: GraphS
         ValueError: the statistics' value widths differ from the encoders' input widths, or a
             per-layer encoder gets statistics without per-layer values.
     """
-    for enc, dim, what, name in ((nodes, stats.node_dim, "node values (x)", "node_in_dim"),
-                                 (edges, stats.edge_dim, "edge values (edge_attr)",
-                                  "edge_in_dim")):  # fmt: skip
-        width = enc.values.in_dim
-        if dim != width:
-            raise ValueError(
-                f"{what} have {dim} columns, the model was built for {width} (pass {name})"
-            )
+    check_value_widths(stats, nodes.values.in_dim, edges.values.in_dim)
     layered = [enc for enc in (nodes, edges) if enc.standardize_by == "layer"]
     if layered and not stats.has_layer_stats:
         raise ValueError("standardize='layer' needs per-layer statistics: these GraphStats were "

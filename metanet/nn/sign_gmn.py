@@ -46,6 +46,7 @@ from metanet.nn.graph_features import (
     GraphStats,
     NodeEncoder,
     UncalibratedWarning,
+    check_value_widths,
     layer_keys,
     read_batch,
 )
@@ -243,11 +244,10 @@ class SignGMN(nn.Module):
     @property
     def is_calibrated(self) -> bool:
         """Whether the value scales of the training graphs are set (or loaded)."""
-        std = self.fixed_nodes.standardize
         return (
             self.node_scale.is_calibrated
             and self.edge_scale.is_calibrated
-            and (std is None or std.is_calibrated)
+            and self.fixed_nodes.standardize.is_calibrated  # built with standardize="layer"
         )
 
     @torch.no_grad()
@@ -259,12 +259,7 @@ class SignGMN(nn.Module):
             ValueError: widths differ from ``node_in_dim`` / ``edge_in_dim``, or no per-layer
                 statistics.
         """
-        if stats.node_dim != self.node_in_dim or stats.edge_dim != self.edge_in_dim:
-            raise ValueError(
-                f"statistics of {stats.node_dim} node / {stats.edge_dim} edge value columns; the "
-                f"model was built for {self.node_in_dim} / {self.edge_in_dim} (pass node_in_dim "
-                "/ edge_in_dim)"
-            )
+        check_value_widths(stats, self.node_in_dim, self.edge_in_dim)
         if not stats.has_layer_stats:
             raise ValueError("SignGMN needs per-layer GraphStats (collected with node depths)")
         self.fixed_nodes.standardize.set_statistics(stats.node_layer_mean, stats.node_layer_std)
