@@ -147,7 +147,11 @@ def test_statistics_live_in_the_state_dict_and_a_reloaded_model_agrees():
     with torch.no_grad():
         torch.testing.assert_close(fresh(batch), model(batch))
     cnn_graph = Batch.from_data_list([from_module(_tanh_cnn(), torch.zeros(1, 1, 8, 8))])
-    with pytest.raises(ValueError, match=r"\(edge_attr\) have 9 columns, the model was built for"):
+    with pytest.raises(
+        ValueError,
+        match=r"\(edge_attr\) have 9 columns, the model was built "
+        r"for 1 \(pass edge_in_dim\)",
+    ):
         SignGMN(edge_in_dim=1).calibrate(cnn_graph)  # conv kernels: 9 edge columns
 
 

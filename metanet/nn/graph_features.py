@@ -630,7 +630,6 @@ class EdgeEncoder(nn.Module):
         return self.values(v, "edge values (edge_attr)") + self.type_emb(g.edge_type)
 
 
-@torch.no_grad()
 def check_value_widths(stats: GraphStats, node_in_dim: int, edge_in_dim: int) -> None:
     """Check that ``stats`` were collected from graphs with the value widths a model was built
     for (``node_in_dim`` columns of ``x``, ``edge_in_dim`` of ``edge_attr``).
@@ -648,6 +647,7 @@ def check_value_widths(stats: GraphStats, node_in_dim: int, edge_in_dim: int) ->
             )
 
 
+@torch.no_grad()
 def set_encoder_statistics(nodes: NodeEncoder, edges: EdgeEncoder, stats: GraphStats) -> None:
     """Hand the value statistics of ``stats`` to the encoders' standardizers (if any): per type,
     or per type and depth for encoders built with ``standardize="layer"``.
