@@ -695,23 +695,30 @@ def _alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
-def test_sigkill_of_a_build_with_workers_leaves_no_orphan_worker(tmp_path):
-    """SIGKILL of ``metanet zoo build --workers 2`` while both workers train: the workers exit
-    on their own (no orphan keeps training or idling)."""
+def _held_build(tmp_path: Path, out: Path, workers: int) -> tuple[subprocess.Popen, list[int]]:
+    """A ``metanet zoo build`` subprocess of TINY into ``out`` whose chunk workers (``workers``
+    of them; the build process itself when 1) sleep once they start; returns it once all train."""
     pid_dir = tmp_path / "pids"
     pid_dir.mkdir()
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PID_DIR": str(pid_dir)}
     proc = subprocess.Popen(
-        [sys.executable, "-c", _KILL_WORKERS_DRIVER, "build", str(TINY), "-o",
-         str(tmp_path / "w.h5"), "--no-progress", "--workers", "2"],  # fmt: skip
+        [sys.executable, "-c", _KILL_WORKERS_DRIVER, "build", str(TINY), "-o", str(out),
+         "--no-progress", "--workers", str(workers)],  # fmt: skip
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     deadline = time.time() + 120
-    while len(list(pid_dir.iterdir())) < 2 and proc.poll() is None and time.time() < deadline:
+    while len(list(pid_dir.iterdir())) < workers and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
-    workers = [int(p.name) for p in pid_dir.iterdir()]
-    assert len(workers) == 2 and all(_alive(w) for w in workers), proc.stderr.read()[-2000:]
+    pids = [int(p.name) for p in pid_dir.iterdir()]
+    assert len(pids) == workers, proc.stderr.read()[-2000:]
+    return proc, pids
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_sigkill_of_a_build_with_workers_leaves_no_orphan_worker(tmp_path):
+    """SIGKILL of ``metanet zoo build --workers 2`` while both workers train: the workers exit
+    on their own (no orphan keeps training or idling)."""
+    proc, workers = _held_build(tmp_path, tmp_path / "w.h5", workers=2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     deadline = time.time() + 10
@@ -721,6 +728,50 @@ def test_sigkill_of_a_build_with_workers_leaves_no_orphan_worker(tmp_path):
     for w in orphans:  # do not leave them sleeping if the test fails
         os.kill(w, signal.SIGKILL)
     assert not orphans
+
+
+def test_a_second_build_of_the_same_zoo_is_refused_while_the_first_runs(tmp_path, capsys):
+    """While one build of ``out`` runs, another (API or CLI) fails at once naming the PID of the
+    first, and writes nothing; once the first is killed, the lock is free without any clean-up."""
+    from metanet.zoo.cli import main
+    from metanet.zoo.lock import ZooBuildLocked, lock_path
+
+    out = tmp_path / "locked.h5"
+    proc, _ = _held_build(tmp_path, out, workers=1)
+    try:
+        with pytest.raises(ZooBuildLocked, match=rf"another build of this zoo .*PID {proc.pid}"):
+            build_zoo(TINY, out, progress=False)
+        assert main(["build", str(TINY), "-o", str(out), "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("metanet zoo build: error:") and f"PID {proc.pid}" in err
+        assert "\n" not in err and not out.exists()
+        # a different output is not locked by this build
+        other = build_zoo(TINY, tmp_path / "other.h5", progress=False)
+        assert Zoo.open(other).architectures
+    finally:
+        proc.kill()
+        proc.wait()
+    zoo = Zoo.open(build_zoo(TINY, out, progress=False))  # SIGKILL left no stale lock
+    assert zoo.architectures and not lock_path(out).exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_ctrl_c_stops_a_build_with_workers_at_once(tmp_path):
+    """SIGINT to ``metanet zoo build --workers 2`` while both workers train: the build exits
+    within seconds with status 130 and a one-line message, its workers killed, not waited for."""
+    proc, workers = _held_build(tmp_path, tmp_path / "w.h5", workers=2)
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    for w in workers:
+        if _alive(w):  # do not leave them sleeping if the test fails
+            os.kill(w, signal.SIGKILL)
+    err = proc.stderr.read().decode().strip()
+    assert proc.returncode == 130, err[-2000:]
+    assert err.splitlines()[-1].startswith("metanet zoo build: interrupted")
+    assert not any(_alive(w) for w in workers)
 
 
 @pytest.mark.slow

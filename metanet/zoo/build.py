@@ -15,7 +15,9 @@ How a build proceeds (``build_zoo``):
 Killing the build at any moment therefore loses at most the chunks in training; running the same
 command again skips finished chunks (each network is trained and stored exactly once, and the
 result is bit-identical to an uninterrupted build: every chunk's randomness derives from the
-recipe seed and the chunk index).
+recipe seed and the chunk index). Ctrl-C stops the build at once (workers are killed, not waited
+for). While a build runs it holds a lock on its output (:mod:`metanet.zoo.lock`): a second build
+of the same file fails at once with :class:`~metanet.zoo.lock.ZooBuildLocked`, naming the PID.
 
 Several cores of one machine (``workers > 1``): chunks are trained by a pool of forked worker
 processes (one torch thread each by default), each writing its own chunk files as above; the
@@ -55,6 +57,7 @@ from metanet.data.zoo_store import (
     merge_zoos,
     write_virtual_zoo,
 )
+from metanet.zoo.lock import build_lock
 from metanet.zoo.recipe import NetworkPlan, Recipe
 
 DEFAULT_CACHE = Path(".cache") / "zoos"
@@ -293,9 +296,22 @@ def train_chunks(
                 future.result()
                 if on_done is not None:
                     on_done(futures[future])
-        except BaseException:
+        except KeyboardInterrupt:  # the user wants out now: chunks in training are lost anyway
+            _stop_workers(pool)
+            raise
+        except BaseException:  # a failing chunk: let the running ones finish and be written
             pool.shutdown(wait=True, cancel_futures=True)
             raise
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Cancel the pool's queued chunks and kill its workers at once (Ctrl-C of a build)."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.kill()
+    for process in processes:
+        process.join(timeout=5)
 
 
 def _run(
@@ -437,16 +453,17 @@ def build_zoo(
         torch.set_num_threads(threads)
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    if devices * num_nodes == 1:
-        device = "cuda" if accelerator in ("cuda", "gpu") else "cpu"
-        if accelerator == "auto" and torch.cuda.is_available():
-            device = "cuda"
-        return Path(_run(None, *args, device, threads, engine, workers))
-    from lightning.fabric import Fabric
+    with build_lock(output):  # one build per output file (ZooBuildLocked names the holder)
+        if devices * num_nodes == 1:
+            device = "cuda" if accelerator in ("cuda", "gpu") else "cpu"
+            if accelerator == "auto" and torch.cuda.is_available():
+                device = "cuda"
+            return Path(_run(None, *args, device, threads, engine, workers))
+        from lightning.fabric import Fabric
 
-    fabric = Fabric(
-        accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy="ddp_spawn"
-    )
-    per_rank = threads or max(1, (os.cpu_count() or 1) // devices)
-    result = fabric.launch(_fabric_entry, *args, "cpu", per_rank, engine, workers)
-    return Path(result if result is not None else output)
+        fabric = Fabric(
+            accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy="ddp_spawn"
+        )
+        per_rank = threads or max(1, (os.cpu_count() or 1) // devices)
+        result = fabric.launch(_fabric_entry, *args, "cpu", per_rank, engine, workers)
+        return Path(result if result is not None else output)

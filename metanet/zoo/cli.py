@@ -120,6 +120,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (RecipeError, ArchError, OSError, ValueError, MemoryLimitError) as err:
         print(f"metanet zoo build: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("metanet zoo build: interrupted; finished chunks are kept, run the same command "
+              "to resume", file=sys.stderr)  # fmt: skip
+        return 130
     print(out)
     return 0
 
