@@ -33,6 +33,7 @@ as one zoo. Keep the ``.shards`` folder next to the zoo file.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import math
 import multiprocessing
@@ -433,6 +434,10 @@ def build_zoo(
             use one core far better per process than per thread; results are identical.
 
     Running the same call again after an interruption resumes from the finished chunks.
+
+    Raises:
+        ZooBuildLocked: another process is building ``output`` (single-node builds; see
+            :mod:`metanet.zoo.lock`).
     """
     if not isinstance(recipe, Recipe):
         recipe = Recipe.load(recipe)
@@ -453,7 +458,10 @@ def build_zoo(
         torch.set_num_threads(threads)
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    with build_lock(output):  # one build per output file (ZooBuildLocked names the holder)
+    # one build per output file (ZooBuildLocked names the holder); on several nodes each node
+    # runs this same call on a shared file system, so there the scheduler keeps builds apart
+    lock = build_lock(output) if num_nodes == 1 else contextlib.nullcontext()
+    with lock:
         if devices * num_nodes == 1:
             device = "cuda" if accelerator in ("cuda", "gpu") else "cpu"
             if accelerator == "auto" and torch.cuda.is_available():
