@@ -17,6 +17,7 @@ of each repetition. Missing zoos are built from ``datasets/*.yaml`` first.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import shutil
 import sys
@@ -195,6 +196,19 @@ def fit_and_test(
     return result, fit_seconds, cli
 
 
+def override_args(overrides: Sequence[str]) -> list[str]:
+    """Config overrides ``key=value`` (``data.init_args.canonicalize=...``) as LightningCLI
+    arguments ``--key value``."""
+    bad = [item for item in overrides if "=" not in item]
+    if bad:
+        raise ValueError(f"config overrides must be KEY=VALUE, got {bad}")
+    args: list[str] = []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        args += [f"--{key}", value]
+    return args
+
+
 def fit_config(
     config: str,
     zoo_path: str,
@@ -301,16 +315,18 @@ def table_of_rows(rows: Sequence[dict[str, Any]]) -> str:
     per model."""
     groups: dict[tuple, dict[str, list[dict]]] = {}
     for row in rows:
-        key = (row["zoo"], row["tag"], row.get("train_runs"), row.get("patience"))
+        key = (row["zoo"], row["tag"], row.get("train_runs"), row.get("patience"),
+               row.get("variant", ""))  # fmt: skip
         groups.setdefault(key, {}).setdefault(row["model"], []).append(row)
     out = []
-    for (zoo, tag, train_runs, patience), results in groups.items():
+    for (zoo, tag, train_runs, patience, variant), results in groups.items():
         for runs in results.values():
             runs.sort(key=lambda r: r.get("seed", 0))
         seeds = sorted({r["seed"] for runs in results.values() for r in runs if "seed" in r})
         title = f"Generalization prediction on {os.path.basename(zoo)} ({tag})"
         title += f", {train_runs} train runs" if train_runs else ""
         title += f", early-stopping patience {patience}" if patience is not None else ""
+        title += f", {variant}" if variant else ""
         sweep = any("chosen_lr" in r for runs in results.values() for r in runs)
         out.append(table(title, results, seeds, sweep=sweep))
     return "\n\n".join(out)
@@ -320,12 +336,16 @@ def run_table(
     models, zoo_path, seeds, epochs, graph_zoo: bool, tag: str, groups: list[str] | None = None,
     train_runs: int | None = None, lrs: Sequence[float | None] = (None,),
     patience: int | None = None, out: str | None = None, command: str = "",
+    overrides: Sequence[str] = (),
 ) -> dict[str, list[dict]]:
     """Every model of ``models`` on every seed (a failed model is reported and skipped); each
-    finished (model, seed) is appended to the JSON-lines file ``out`` as it ends."""
+    finished (model, seed) is appended to the JSON-lines file ``out`` as it ends. ``overrides``
+    (``key=value``) change every metanetwork's config; they name the rows' variant."""
     import json
 
+    variant = " ".join(overrides)
     extra = ["--data.init_args.groups", json.dumps(groups)] if groups else []
+    extra += override_args(overrides)
     if train_runs:
         extra += ["--data.init_args.train_runs", str(train_runs)]
     if graph_zoo:
@@ -341,8 +361,9 @@ def run_table(
                                    train_runs=train_runs)  # fmt: skip
                 else:
                     config = os.path.join(ROOT, "configs", "predict_gen", f"{model}.yaml")
+                    suffix = f"-{hashlib.sha1(variant.encode()).hexdigest()[:8]}" * bool(variant)
                     run_dir = os.path.join(ROOT, "runs", "bench_generalization", tag,
-                                           f"{model}-s{seed}")  # fmt: skip
+                                           f"{model}{suffix}-s{seed}")  # fmt: skip
                     r = sweep_config(config, zoo_path, seed, epochs[model], run_dir, lrs,
                                      extra, patience)  # fmt: skip
             except Exception as err:  # noqa: BLE001 - reported in the table, the rest goes on
@@ -357,7 +378,7 @@ def run_table(
                 results[model].append(r)
             if out:
                 row = {"zoo": zoo_path, "tag": tag, "model": model, "seed": seed,
-                       "train_runs": train_runs, "patience": patience,
+                       "train_runs": train_runs, "patience": patience, "variant": variant,
                        "epochs_budget": epochs.get(model), "command": command,
                        **{k: v for k, v in r.items() if k != "png"}}  # fmt: skip
                 with open(out, "a") as f:
@@ -393,10 +414,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="JSON-lines file; each finished (model, seed) is appended")
     parser.add_argument("--table", default=None,
                         help="only print the tables of this --out file (rows pooled per model)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="config overrides of every metanetwork, e.g. data.init_args."
+                        "canonicalize=metanet.weightspace.symmetry.relu_scale_canonical")
     parser.add_argument("--png", default=None,
                         help="where to copy the predicted-vs-true plot of the best model "
                              "(the README's is docs/predicted_vs_true.png)")
     args = parser.parse_args(argv)
+    try:
+        override_args(args.set)
+    except ValueError as err:
+        parser.error(str(err))
     if args.table:
         import json
 
@@ -423,7 +451,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cnn = args.cnn_zoo or ensure_zoo("digits-cnn")
         res_cnn = run_table(args.models, cnn, seeds, epochs, graph_zoo=False, tag="digits-cnn",
                             train_runs=args.train_runs, lrs=lrs,
-                            patience=args.patience, out=args.out, command=command)  # fmt: skip
+                            patience=args.patience, out=args.out, command=command,
+                            overrides=args.set)  # fmt: skip
         out.append(table("Generalization prediction on digits-cnn", res_cnn, seeds,
                          sweep=args.lrs is not None))  # fmt: skip
     if not args.skip_arch:
@@ -432,7 +461,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         res_arch = run_table(args.arch_models, arch, seeds, epochs, graph_zoo=True,
                              tag="digits-arch", groups=groups,
                              train_runs=args.train_runs, lrs=lrs,
-                             patience=args.patience, out=args.out, command=command)  # fmt: skip
+                             patience=args.patience, out=args.out, command=command,
+                             overrides=args.set)  # fmt: skip
         text = table(f"Generalization prediction on digits-arch ({len(groups)} architectures)",
                      res_arch, seeds, sweep=args.lrs is not None)  # fmt: skip
         for name, err in failed.items():

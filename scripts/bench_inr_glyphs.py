@@ -288,7 +288,7 @@ def run_cli(model_name: str, zoo: str, seed: int, lrs: Sequence[float], max_epoc
     """Fit ``configs/inr/glyphs_<model>.yaml`` once per learning rate (early stopping on
     validation accuracy, ``patience`` epochs), with the augmentations ``augment`` and the config
     ``overrides`` (``key=value``); test the checkpoint of the run best on validation."""
-    from scripts.bench_generalization import fit_and_test
+    from scripts.bench_generalization import fit_and_test, override_args
 
     config = os.path.join(ROOT, "configs", "inr", f"glyphs_{model_name}.yaml")
     start = time.time()
@@ -296,9 +296,7 @@ def run_cli(model_name: str, zoo: str, seed: int, lrs: Sequence[float], max_epoc
     for lr in lrs:
         extra = ["--data.init_args.splits", json.dumps(list(SPLITS)),
                  "--model.init_args.lr", str(lr), *augmentation_args(augment)]  # fmt: skip
-        for item in overrides:
-            key, _, value = item.partition("=")
-            extra += [f"--{key}", value]
+        extra += override_args(overrides)
         if max_minutes:
             total = int(max_minutes * 60)
             extra += ["--trainer.max_time", f"00:{total // 3600:02d}:{total % 3600 // 60:02d}:"

@@ -88,3 +88,25 @@ def test_table_mode_refuses_an_empty_results_file(tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--table", str(empty)])
     assert "holds no result rows" in capsys.readouterr().err
+
+
+def test_config_overrides_make_their_own_table_and_reach_the_cli(zoo_path, tmp_path, capsys):
+    bench = _bench()
+    canon = "data.init_args.canonicalize=metanet.weightspace.symmetry.relu_scale_canonical"
+    rows = [_row("nfn_hnp", 0, 0.80), {**_row("nfn_hnp", 0, 0.85), "variant": canon}]
+    plain, mapped = bench.table_of_rows(rows).split("### ")[1:]
+    assert "canonicalize" not in plain and "0.800" in plain
+    assert mapped.splitlines()[0].endswith(f", {canon}") and "0.850" in mapped
+    assert bench.override_args([canon, "trainer.max_time=00:00:01:00"]) == [
+        "--data.init_args.canonicalize", "metanet.weightspace.symmetry.relu_scale_canonical",
+        "--trainer.max_time", "00:00:01:00"]  # fmt: skip
+    with pytest.raises(SystemExit):
+        bench.main(["--set", "data.init_args.canonicalize", "--table", str(tmp_path / "x")])
+    assert "must be KEY=VALUE, got ['data.init_args.canonicalize']" in capsys.readouterr().err
+    from metanet.weightspace import relu_scale_canonical
+
+    config = os.path.join(ROOT, "configs", "predict_gen", "statnn.yaml")
+    extra = ["--data.init_args.group", _mlp_group(), *bench.override_args([canon])]
+    _, _, cli = bench.fit_and_test(config, zoo_path, seed=0, epochs=1,
+                                   run_dir=str(tmp_path / "run"), extra=extra)  # fmt: skip
+    assert cli.datamodule.canonicalize is relu_scale_canonical

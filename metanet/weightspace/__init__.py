@@ -22,6 +22,7 @@ from metanet.weightspace.input_transform import affine_input, random_affine
 from metanet.weightspace.space import WeightSpace
 from metanet.weightspace.spec import LayerSpec, WeightSpaceError, WeightSpaceSpec
 from metanet.weightspace.symmetry import (
+    canonical_relu_scales,
     canonical_signs,
     flip_signs,
     identity_permutation,
@@ -31,6 +32,7 @@ from metanet.weightspace.symmetry import (
     random_relu_scale,
     random_signs,
     relu_scale,
+    relu_scale_canonical,
     sign_canonical,
 )
 
@@ -53,6 +55,7 @@ __all__ = [
     "WeightSpace",
     "WeightSpaceError",
     "WeightSpaceSpec",
+    "canonical_relu_scales",
     "canonical_signs",
     "flip_signs",
     "identity_permutation",
@@ -63,5 +66,6 @@ __all__ = [
     "random_relu_scale",
     "random_signs",
     "relu_scale",
+    "relu_scale_canonical",
     "sign_canonical",
 ]

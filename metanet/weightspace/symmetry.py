@@ -121,6 +121,39 @@ def random_signs(
     ]
 
 
+def canonical_relu_scales(ws: WeightSpace, eps: float = 1e-12) -> list[torch.Tensor]:
+    """The positive scales ``[B, n]`` per permutation that put every network in scale-canonical
+    form: each hidden neuron's incoming weights and bias together have unit Euclidean norm, and
+    the factor is pushed into its outgoing weights (:func:`relu_scale`).
+
+    Neurons are decided layer by layer from the input, each on its incoming weights as the
+    scales of the layers before it leave them, so ``canonical_relu_scales`` of any rescaled copy
+    yields the same canonical network: all the scale freedom ends in the output layer. A
+    permutation is decided by the first layer whose outputs it indexes; a neuron whose incoming
+    weights and bias are all zero (norm below ``eps``) keeps scale 1.
+    """
+    decided: dict[int, torch.Tensor] = {}
+    for layer, w, b in zip(ws.spec.layers, ws.weights, ws.biases):
+        p = layer.out_perm
+        if p is None or p in decided:
+            continue
+        w = w.flatten(3) if w.dim() > 3 else w.unsqueeze(-1)  # [B, out, in, k]
+        if layer.in_perm is not None:  # incoming weights after the earlier layers' scales
+            s = decided[layer.in_perm].repeat_interleave(layer.in_repeat, dim=-1).to(w)
+            w = w / s[:, None, :, None]
+        norm = torch.cat([w.flatten(2), b.unsqueeze(-1)], dim=-1).norm(dim=-1)  # [B, out]
+        decided[p] = torch.where(norm > eps, 1.0 / norm.clamp_min(eps), torch.ones_like(norm))
+    batch = len(ws)
+    return [decided.get(p, torch.ones(batch, n)) for p, n in enumerate(ws.spec.perm_sizes)]
+
+
+def relu_scale_canonical(ws: WeightSpace) -> WeightSpace:
+    """``ws`` in scale-canonical form (:func:`canonical_relu_scales`): one representative per
+    orbit of positive hidden-neuron rescalings. Function-preserving only for positively
+    homogeneous activations (ReLU, LeakyReLU) with no norm layer between."""
+    return _scale_neurons(ws, canonical_relu_scales(ws))
+
+
 def _scale_neurons(ws: WeightSpace, scales: Sequence[torch.Tensor]) -> WeightSpace:
     """Multiply each hidden neuron's incoming weights and bias by its factor and divide its
     outgoing weights by it (no check of the factors)."""
