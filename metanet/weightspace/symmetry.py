@@ -10,7 +10,7 @@ Permutations may differ per network: each is ``[n]`` (shared) or ``[B, n]``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -132,17 +132,32 @@ def canonical_relu_scales(ws: WeightSpace, eps: float = 1e-12) -> list[torch.Ten
     permutation is decided by the first layer whose outputs it indexes; a neuron whose incoming
     weights and bias are all zero (norm below ``eps``) keeps scale 1.
     """
+
+    def decide(rows: torch.Tensor) -> torch.Tensor:
+        norm = rows.norm(dim=-1)
+        return torch.where(norm > eps, 1.0 / norm.clamp_min(eps), torch.ones_like(norm))
+
+    return _canonical_factors(ws, decide)
+
+
+def _canonical_factors(
+    ws: WeightSpace, decide: Callable[[torch.Tensor], torch.Tensor]
+) -> list[torch.Tensor]:
+    """Per-neuron factors ``[B, n]`` per permutation (for :func:`_scale_neurons`), decided layer
+    by layer from the input: ``decide(rows [B, out, in*k + 1]) -> [B, out]`` sees each neuron's
+    incoming weights and bias as the factors of the layers before leave them (divided by the
+    factor of each input neuron). A permutation is decided by the first layer it indexes the
+    outputs of; one no layer decides gets factor 1."""
     decided: dict[int, torch.Tensor] = {}
     for layer, w, b in zip(ws.spec.layers, ws.weights, ws.biases):
         p = layer.out_perm
         if p is None or p in decided:
             continue
         w = w.flatten(3) if w.dim() > 3 else w.unsqueeze(-1)  # [B, out, in, k]
-        if layer.in_perm is not None:  # incoming weights after the earlier layers' scales
+        if layer.in_perm is not None:  # incoming weights after the earlier layers' factors
             s = decided[layer.in_perm].repeat_interleave(layer.in_repeat, dim=-1).to(w)
             w = w / s[:, None, :, None]
-        norm = torch.cat([w.flatten(2), b.unsqueeze(-1)], dim=-1).norm(dim=-1)  # [B, out]
-        decided[p] = torch.where(norm > eps, 1.0 / norm.clamp_min(eps), torch.ones_like(norm))
+        decided[p] = decide(torch.cat([w.flatten(2), b.unsqueeze(-1)], dim=-1))
     batch = len(ws)
     return [decided.get(p, torch.ones(batch, n)) for p, n in enumerate(ws.spec.perm_sizes)]
 
@@ -203,20 +218,12 @@ def canonical_signs(ws: WeightSpace) -> list[torch.Tensor]:
     computes the same functions and is the same for every network of a sign orbit, up to ties
     of largest magnitude (measure zero for continuous weights).
     """
-    decided: dict[int, torch.Tensor] = {}
-    for layer, w, b in zip(ws.spec.layers, ws.weights, ws.biases):
-        p = layer.out_perm
-        if p is None or p in decided:
-            continue
-        w = w.flatten(3) if w.dim() > 3 else w.unsqueeze(-1)  # [B, out, in, k]
-        if layer.in_perm is not None:  # incoming weights after the earlier layers' flips
-            s = decided[layer.in_perm].repeat_interleave(layer.in_repeat, dim=-1).to(w)
-            w = w * s[:, None, :, None]
-        rows = torch.cat([w.flatten(2), b.unsqueeze(-1)], dim=-1)  # [B, out, in*k + 1]
+
+    def decide(rows: torch.Tensor) -> torch.Tensor:
         top = rows.gather(-1, rows.abs().argmax(dim=-1, keepdim=True)).squeeze(-1)
-        decided[p] = torch.where(top < 0, -1.0, 1.0).to(torch.float32)
-    batch = len(ws)
-    return [decided.get(p, torch.ones(batch, n)) for p, n in enumerate(ws.spec.perm_sizes)]
+        return torch.where(top < 0, -1.0, 1.0).to(torch.float32)
+
+    return _canonical_factors(ws, decide)
 
 
 def sign_canonical(ws: WeightSpace) -> WeightSpace:
