@@ -20,8 +20,11 @@ HDF5 zoo (path or :class:`metanet.data.zoo_store.Zoo`) or a reader's
 * ``canonicalize``: a weight-space map applied to every record as it is read (all splits, the
   statistics and the augmentations see its output; :class:`metanet.data.zoo_view.MappedZoo`),
   e.g. the sign-canonical form of sine / tanh networks.
-* Batches are read from the store one batch at a time (one HDF5 read per group per batch) by a
-  ``BatchSampler``; ``num_workers > 0`` works (the HDF5 file is reopened in every worker).
+* ``in_memory``: the selected groups' parameters are read once and batches index them in memory
+  (:class:`metanet.data.zoo_view.PreloadedZoo`); by default (``"auto"``) when they fit in
+  :data:`PRELOAD_AUTO_BYTES` and a quarter of the memory limit. Otherwise batches are read from
+  the store one batch at a time (one HDF5 read per group per batch) by a ``BatchSampler``.
+  ``num_workers > 0`` works either way (the HDF5 file is reopened in every worker).
 """
 
 from __future__ import annotations
@@ -38,12 +41,13 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from metanet.data.zoo_protocol import ZooGroupLike, ZooLike
-from metanet.data.zoo_view import MappedZoo
+from metanet.data.zoo_view import MappedZoo, PreloadedZoo, preload_bytes
 from metanet.weightspace import WeightSpace
 
 __all__ = ["LayerStats", "ParamGraphDataModule", "WeightSpaceDataModule", "open_zoo"]
 
 SPLITS = ("train", "val", "test")
+PRELOAD_AUTO_BYTES = 2 * 1024**3  # in_memory="auto" holds zoos up to this size in memory
 
 
 def open_zoo(zoo: str | os.PathLike | ZooLike | ZooGroupLike) -> ZooLike:
@@ -161,8 +165,11 @@ class _ZooDataModule(L.LightningDataModule):
         stats_max_records: int | None = None,
         train_runs: int | None = None,
         canonicalize: Callable | None = None,
+        in_memory: bool | str = "auto",
     ) -> None:
         super().__init__()
+        if in_memory not in (True, False, "auto"):
+            raise ValueError(f"in_memory must be true, false or 'auto', got {in_memory!r}")
         if train_runs is not None and train_runs < 1:
             raise ValueError(f"train_runs must be >= 1 (None: every train run), got {train_runs}")
         if task not in (None, "regression", "classification"):
@@ -190,6 +197,7 @@ class _ZooDataModule(L.LightningDataModule):
         self.stats_max_records = stats_max_records
         self.train_runs = train_runs
         self.canonicalize = canonicalize
+        self.in_memory = in_memory
         self.zoo: ZooLike | None = None
         self.group_names: list[str] = []
         self.splits: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -220,6 +228,8 @@ class _ZooDataModule(L.LightningDataModule):
         names = self._select_groups(zoo)
         if not names:
             raise ValueError("no architecture groups selected")
+        if self._preload(zoo, names):
+            zoo = PreloadedZoo(zoo)
         gid, rid, run_keys, ys = [], [], [], []
         for g_i, name in enumerate(names):
             group = zoo[name]
@@ -265,6 +275,17 @@ class _ZooDataModule(L.LightningDataModule):
         self.group_names = names
         self.zoo = zoo
         self._check_groups()
+
+    def _preload(self, zoo: ZooLike, names: Sequence[str]) -> bool:
+        """Whether to hold the selected groups' parameters in memory (``in_memory``; ``"auto"``:
+        when they are read from a file and take at most :data:`PRELOAD_AUTO_BYTES` and a quarter
+        of metanet's memory limit)."""
+        if self.in_memory != "auto":
+            return bool(self.in_memory)
+        from metanet.limits import memory_limit_bytes
+
+        size = preload_bytes(zoo, names)
+        return size is not None and size <= min(PRELOAD_AUTO_BYTES, memory_limit_bytes() // 4)
 
     def _check_groups(self) -> None:
         """Subclass hook: validate the selected groups."""
@@ -431,6 +452,9 @@ class WeightSpaceDataModule(_ZooDataModule):
             (:class:`~metanet.data.zoo_view.MappedZoo`), e.g.
             :func:`metanet.weightspace.symmetry.sign_canonical` for sine / tanh zoos (in YAML:
             ``canonicalize: metanet.weightspace.symmetry.sign_canonical``).
+        in_memory: hold the selected groups' parameters in memory once read (``true``), read
+            every batch from the store (``false``), or decide by size (``"auto"``, see the
+            module docstring). Batches are the same either way.
     """
 
     def __init__(
@@ -450,10 +474,12 @@ class WeightSpaceDataModule(_ZooDataModule):
         stats_max_records: int | None = None,
         train_runs: int | None = None,
         canonicalize: Callable | None = None,
+        in_memory: bool | str = "auto",
     ) -> None:
         super().__init__(
             zoo, group, target, task, splits, seed, batch_size, num_workers, normalize_target,
             transforms, checkpoints, stats_max_records, train_runs, canonicalize,
+            in_memory,
         )  # fmt: skip
         self.group = group
         self.normalize_weights = normalize_weights
@@ -645,6 +671,7 @@ class ParamGraphDataModule(_ZooDataModule):
         max_kernel_size: int = 9,
         train_runs: int | None = None,
         canonicalize: Callable | None = None,
+        in_memory: bool | str = "auto",
     ) -> None:
         if max_kernel_size < 1:
             raise ValueError(f"max_kernel_size must be >= 1, got {max_kernel_size}")
@@ -652,6 +679,7 @@ class ParamGraphDataModule(_ZooDataModule):
         super().__init__(
             zoo, groups, target, task, splits, seed, batch_size, num_workers, normalize_target,
             transforms, checkpoints, stats_max_records, train_runs, canonicalize,
+            in_memory,
         )  # fmt: skip
         self._graph_stats: Any = None
         self._graph_stats_done = False

@@ -98,18 +98,9 @@ class LazyArray:
         return f"LazyArray(shape={self.shape}, where={self.where!r})"
 
     def _positions(self, index: Any) -> np.ndarray:
-        n = len(self)
-        if isinstance(index, slice):
-            return np.arange(n)[index]
-        if isinstance(index, torch.Tensor):
-            index = index.cpu().numpy()
-        idx = np.asarray(index).reshape(-1)
-        if idx.dtype.kind not in "iu":
-            raise TypeError(f"LazyArray indices must be integers, got {idx.dtype}")
-        idx = np.where(idx < 0, idx + n, idx).astype(np.int64)
-        if idx.size and (idx.min() < 0 or idx.max() >= n):
-            raise IndexError(f"{self.where}: index out of range for {n} samples")
-        return idx
+        from metanet.data.zoo_protocol import record_indices
+
+        return record_indices(index, len(self), self.where, unit="samples")
 
     def _source_rows(self, positions: np.ndarray) -> np.ndarray:
         return positions if self._rows is None else self._rows[positions]

@@ -20,7 +20,34 @@ if TYPE_CHECKING:
 
     from metanet.weightspace import WeightSpace, WeightSpaceSpec
 
-__all__ = ["ZooGroupLike", "ZooLike"]
+__all__ = ["ZooGroupLike", "ZooLike", "record_indices"]
+
+
+def record_indices(indices: Any, num: int, name: str, unit: str = "records") -> np.ndarray:
+    """The record positions ``int64 [k]`` that ``indices`` of a group of ``num`` records means
+    (``None``: all; a slice; ints, as a sequence, array or tensor, negative from the end), as
+    every group's ``params`` reads them (and :class:`metanet.data.tasks.LazyArray` its samples).
+
+    Raises:
+        TypeError: the indices are not integers.
+        IndexError: one is out of range (the message names ``name`` and counts ``unit``).
+    """
+    import numpy as np
+    import torch
+
+    if indices is None:
+        return np.arange(num)
+    if isinstance(indices, slice):
+        return np.arange(num)[indices]
+    idx = np.asarray(
+        indices.cpu().numpy() if isinstance(indices, torch.Tensor) else indices
+    ).reshape(-1)
+    if idx.dtype.kind not in "iu":
+        raise TypeError(f"indices must be integers, got {idx.dtype}")
+    idx = np.where(idx < 0, idx + num, idx).astype(np.int64)
+    if idx.size and (idx.min() < 0 or idx.max() >= num):
+        raise IndexError(f"{name}: index out of range for {num} {unit}")
+    return idx
 
 
 @runtime_checkable

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from metanet.data.zoo_protocol import record_indices
 from metanet.limits import check_memory, format_bytes, tensor_bytes
 
 FORMAT_VERSION = 1
@@ -499,20 +500,7 @@ class ZooGroup:
 
     def _rows(self, indices: Any) -> tuple[np.ndarray, np.ndarray]:
         """Sorted unique rows to read and the positions that put them back in request order."""
-        if indices is None:
-            idx = np.arange(self._num)
-        elif isinstance(indices, slice):
-            idx = np.arange(self._num)[indices]
-        else:
-            idx = np.asarray(
-                indices.cpu().numpy() if isinstance(indices, torch.Tensor) else indices
-            ).reshape(-1)
-            if idx.dtype.kind not in "iu":
-                raise TypeError(f"indices must be integers, got {idx.dtype}")
-            idx = idx.astype(np.int64)
-            idx = np.where(idx < 0, idx + self._num, idx)
-        if idx.size and (idx.min() < 0 or idx.max() >= self._num):
-            raise IndexError(f"{self.name}: index out of range for {self._num} records")
+        idx = record_indices(indices, self._num, self.name)
         rows, inverse = np.unique(idx, return_inverse=True)
         return rows, inverse
 

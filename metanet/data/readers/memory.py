@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from metanet.data.readers.base import ZooReadError
+from metanet.data.zoo_protocol import record_indices
 from metanet.limits import check_memory
 from metanet.weightspace import WeightSpace, WeightSpaceSpec
 
@@ -77,19 +78,7 @@ class InMemoryZooGroup:
         return f"{type(self).__name__}({self.name!r}, records={self._num})"
 
     def _index(self, indices: Any) -> np.ndarray:
-        if indices is None:
-            return np.arange(self._num)
-        if isinstance(indices, slice):
-            return np.arange(self._num)[indices]
-        idx = np.asarray(
-            indices.cpu().numpy() if isinstance(indices, torch.Tensor) else indices
-        ).reshape(-1)
-        if idx.dtype.kind not in "iu":
-            raise TypeError(f"indices must be integers, got {idx.dtype}")
-        idx = np.where(idx < 0, idx + self._num, idx).astype(np.int64)
-        if idx.size and (idx.min() < 0 or idx.max() >= self._num):
-            raise IndexError(f"{self.name}: index out of range for {self._num} records")
-        return idx
+        return record_indices(indices, self._num, self.name)
 
     def params(self, indices: Any = None) -> dict[str, torch.Tensor]:
         """Stacked state_dict entries ``{key: [k, *shape]}`` of records ``indices`` (None: all).

@@ -1,0 +1,74 @@
+"""Reading zoo batches: from the HDF5 file every batch, against held in memory once read.
+
+For the WeightSpace and the ParamGraph DataModules on one zoo (default: digits-cnn-10k): the
+time of ``setup`` plus the first training batch (with ``in_memory=True`` that includes reading
+every record once) and the mean time of the next ``--batches`` shuffled training batches, with
+``in_memory=False`` and ``True``; the batches of both are checked to be identical.
+
+    python scripts/bench_data_loading.py [--zoo .cache/zoos/digits-cnn-10k.h5] [--batches 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from metanet.data.datamodules import ParamGraphDataModule, WeightSpaceDataModule  # noqa: E402
+
+
+def _same(a, b) -> bool:
+    (xa, ya), (xb, yb) = a, b
+    if hasattr(xa, "edge_attr"):  # PyG batches of ParamGraphs
+        same = torch.equal(xa.x, xb.x) and torch.equal(xa.edge_attr, xb.edge_attr)
+    else:  # WeightSpace batches
+        same = xa.max_abs_diff(xb) == 0.0
+    return same and torch.equal(ya, yb)
+
+
+def time_module(cls, zoo: str, in_memory: bool, batches: int, batch_size: int):
+    """``(setup + first batch s, ms per later batch, the batches read)``."""
+    dm = cls(zoo, batch_size=batch_size, splits=(0.7, 0.1, 0.2), seed=0, in_memory=in_memory)
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    dm.setup()
+    it = iter(dm.train_dataloader())
+    read = [next(it)]
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    read += [next(it) for _ in range(batches)]
+    return first, (time.perf_counter() - start) / batches * 1e3, read
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--zoo", default=os.path.join(ROOT, ".cache", "zoos", "digits-cnn-10k.h5"))
+    parser.add_argument("--batches", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=32)
+    args = parser.parse_args(argv)
+    if not os.path.exists(args.zoo):
+        parser.error(f"--zoo {args.zoo} does not exist (metanet zoo build datasets/...yaml)")
+    torch.set_num_threads(1)
+    print(f"zoo {os.path.basename(args.zoo)}, batch {args.batch_size}, {args.batches} batches, "
+          f"torch 1 thread, {platform.processor() or platform.machine()}")  # fmt: skip
+    print("\n| DataModule | from the file: ms / batch | in memory: ms / batch | speed-up | "
+          "in memory: setup + first batch (s) | batches identical |")
+    print("| --- | ---: | ---: | ---: | ---: | --- |")
+    for cls in (WeightSpaceDataModule, ParamGraphDataModule):
+        _, file_ms, file_b = time_module(cls, args.zoo, False, args.batches, args.batch_size)
+        first, mem_ms, mem_b = time_module(cls, args.zoo, True, args.batches, args.batch_size)
+        same = all(_same(a, b) for a, b in zip(file_b, mem_b))
+        print(f"| {cls.__name__} | {file_ms:.1f} | {mem_ms:.1f} | {file_ms / mem_ms:.1f}x | "
+              f"{first:.1f} | {same} |")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
