@@ -233,3 +233,32 @@ def test_graph_datamodule_reads_5x5_kernels_narrow_or_wide(tmp_path):
     sd = ParamGraph.state_dicts_from_batch(batch)[0]
     want = h5[dm.group_names[gid[0]]].params([rid[0]])
     assert all(torch.equal(sd[k], v[0]) for k, v in want.items())  # 5x5 kernels round-trip
+
+
+def test_one_group_graph_batches_equal_collated_graphs_of_every_record(zoo_path):
+    """A batch of one architecture is written into a cached collated structure: it must equal
+    ``Batch.from_data_list`` of each record's graph in every stored tensor, and give the records
+    back."""
+    pytest.importorskip("metanet.graph.tracing")
+    from torch_geometric.data import Batch
+
+    from metanet.graph import ParamGraph
+
+    dm = ParamGraphDataModule(zoo_path, groups=arch_name(MLP), batch_size=5, splits=(0.5, 0.5))
+    dm.setup()
+    group = dm.zoo[arch_name(MLP)]
+    _, rid = dm.splits["val"]
+    template = dm.val_dataloader().dataset.template(arch_name(MLP))
+    seen = 0
+    for batch, y in dm.val_dataloader():  # the last batch is smaller: a second cached size
+        params = group.params(rid[seen : seen + len(y)])
+        want = Batch.from_data_list([template.with_state_dict({k: v[j] for k, v in
+                                     params.items()}) for j in range(len(y))])  # fmt: skip
+        assert set(batch.keys()) == set(want.keys())
+        for key in want.keys():
+            if isinstance(want[key], torch.Tensor):
+                assert torch.equal(batch[key], want[key]), key
+        for sd, j in zip(ParamGraph.state_dicts_from_batch(batch), range(len(y))):
+            assert all(torch.equal(sd[k], params[k][j]) for k in params)
+        seen += len(y)
+    assert seen == len(rid) and len(rid) % 5 != 0

@@ -584,7 +584,10 @@ class _GraphBatches(Dataset):
     """Item = a list of positions; returns ``(torch_geometric Batch, target [k])``.
 
     The graph structure of every architecture is traced once per process (from the group's first
-    record) and reused: later records only swap the values (``ParamGraph.with_state_dict``).
+    record) and reused: later records only swap the values (``ParamGraph.with_state_dict``). A
+    batch of ``k`` records of one architecture (every batch of a one-group zoo) goes faster: the
+    collated structure of ``k`` copies of the graph is built once and each batch only writes its
+    values into it (:func:`_stacked_values`); the result equals ``Batch.from_data_list``'s.
     """
 
     def __init__(
@@ -594,6 +597,7 @@ class _GraphBatches(Dataset):
         self.transform, self.normalize_target = transform, normalize_target
         self.max_kernel_size = max_kernel_size
         self._templates: dict[str, Any] = {}
+        self._collated: dict[tuple[str, int], Any] = {}  # (group, k) -> Batch of k templates
         self._warned = False
 
     def __len__(self) -> int:
@@ -629,10 +633,29 @@ class _GraphBatches(Dataset):
                     )
                     self._warned = True
             template = self.template(name)
+            if len(where) == len(pos):  # one architecture: write the values into its structure
+                return self._one_group_batch(name, template, params), y_sub
             for j, w in enumerate(where.tolist()):
                 graphs[w] = template.with_state_dict({k: v[j] for k, v in params.items()})
                 y_out[w] = y_sub[j]
         return Batch.from_data_list(graphs), torch.stack(y_out)
+
+    def _one_group_batch(self, name: str, template: Any, params: dict[str, torch.Tensor]):
+        """The PyG Batch of ``k`` records of group ``name`` (stacked ``params``): a shallow copy
+        of the cached collated structure with new ``x`` / ``edge_attr``."""
+        import copy
+
+        from torch_geometric.data import Batch
+
+        k = len(next(iter(params.values())))
+        key = (name, k)
+        if key not in self._collated:
+            self._collated[key] = Batch.from_data_list([template] * k)
+        x, edge_attr = _stacked_values(template, params, name)
+        batch = copy.copy(self._collated[key])
+        batch.x = x.reshape(-1, x.size(-1))
+        batch.edge_attr = edge_attr.reshape(-1, edge_attr.size(-1))
+        return batch
 
 
 class ParamGraphDataModule(_ZooDataModule):
