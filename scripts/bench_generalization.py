@@ -22,7 +22,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -243,19 +243,29 @@ def sweep_config(
     lrs: Sequence[float],
     extra: Sequence[str] = (),
     patience: int | None = None,
+    done: dict[float, dict[str, Any]] | None = None,
+    on_trial: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """:func:`fit_config` once per learning rate in ``lrs``; the fit with the best validation
     tau is the result (its test figures, ``chosen_lr``; ``seconds`` its fit time),
     ``sweep_seconds`` the whole sweep's fit time, ``trials`` every fit's learning rate,
-    validation tau and fit time."""
+    validation tau and fit time. ``done`` maps learning rates already fitted (by an earlier,
+    interrupted sweep) to their results, which are reused; ``on_trial`` gets each new fit's
+    result as it ends, so that a sweep can be resumed."""
     if len(lrs) == 1 and lrs[0] is None:
         return fit_config(config, zoo_path, seed, epochs, run_dir, extra, patience)
     trials = []
     for lr in lrs:
-        r = fit_config(config, zoo_path, seed, epochs, f"{run_dir}-lr{lr:g}",
-                       [*extra, "--model.init_args.lr", str(lr)], patience)  # fmt: skip
-        print(f"    lr {lr:g}: val tau {r['val_tau']:.3f} ({r['seconds']:.0f} s, "
-              f"{r['epochs']} epochs)", flush=True)  # fmt: skip
+        if done and lr in done:
+            r = {k: done[lr][k] for k in ("kendall_tau", "r2", "val_tau", "seconds", "epochs")}
+            print(f"    lr {lr:g}: val tau {r['val_tau']:.3f} (fitted before)", flush=True)
+        else:
+            r = fit_config(config, zoo_path, seed, epochs, f"{run_dir}-lr{lr:g}",
+                           [*extra, "--model.init_args.lr", str(lr)], patience)  # fmt: skip
+            print(f"    lr {lr:g}: val tau {r['val_tau']:.3f} ({r['seconds']:.0f} s, "
+                  f"{r['epochs']} epochs)", flush=True)  # fmt: skip
+            if on_trial is not None:
+                on_trial({**r, "lr": lr})
         trials.append({**r, "lr": lr})
     scored = [t for t in trials if not np.isnan(t["val_tau"])]
     if not scored:
@@ -309,12 +319,28 @@ def table(
     return "\n".join(lines)
 
 
+def read_rows(path: str) -> list[dict[str, Any]]:
+    """The JSON rows of a ``--out`` file (a line cut short by a kill is skipped)."""
+    import json
+
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
 def table_of_rows(rows: Sequence[dict[str, Any]]) -> str:
     """The tables of a ``--out`` results file: one per (zoo, split tag, train runs, patience),
     rows from several invocations (e.g. a seed-0 sweep, then the other seeds at its lr) pooled
-    per model."""
+    per model. The rows of single sweep trials (``kind: trial``) are not results."""
     groups: dict[tuple, dict[str, list[dict]]] = {}
     for row in rows:
+        if row.get("kind") == "trial":
+            continue
         key = (row["zoo"], row["tag"], row.get("train_runs"), row.get("patience"),
                row.get("variant", ""))  # fmt: skip
         groups.setdefault(key, {}).setdefault(row["model"], []).append(row)
@@ -351,9 +377,23 @@ def run_table(
     if graph_zoo:
         extra += ["--data.init_args.max_kernel_size", str(ARCH_KERNEL)]
     results: dict[str, list[dict]] = {}
+    earlier = read_rows(out) if out and os.path.exists(out) else []
     for model in models:
         results[model] = []
         for seed in seeds:
+            key = {"zoo": zoo_path, "tag": tag, "model": model, "seed": seed,
+                   "train_runs": train_runs, "patience": patience, "variant": variant,
+                   "epochs_budget": epochs.get(model)}  # fmt: skip
+            done = {r["lr"]: r for r in earlier if r.get("kind") == "trial"
+                    and all(r.get(k) == v for k, v in key.items())}  # fmt: skip
+
+            def on_trial(trial: dict[str, Any], key: dict = key) -> None:
+                if out:
+                    with open(out, "a") as f:
+                        f.write(json.dumps({"kind": "trial", **key, "command": command,
+                                            **{k: v for k, v in trial.items() if k != "png"}})
+                                + "\n")  # fmt: skip
+
             print(f"[{tag}] {model} seed {seed} ...", flush=True)
             try:
                 if model == "statnn_gbt":
@@ -365,7 +405,7 @@ def run_table(
                     run_dir = os.path.join(ROOT, "runs", "bench_generalization", tag,
                                            f"{model}{suffix}-s{seed}")  # fmt: skip
                     r = sweep_config(config, zoo_path, seed, epochs[model], run_dir, lrs,
-                                     extra, patience)  # fmt: skip
+                                     extra, patience, done, on_trial)  # fmt: skip
             except Exception as err:  # noqa: BLE001 - reported in the table, the rest goes on
                 import traceback
 
@@ -426,10 +466,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         parser.error(str(err))
     if args.table:
-        import json
-
-        with open(args.table) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+        rows = [r for r in read_rows(args.table) if r.get("kind") != "trial"]
         if not rows:
             parser.error(f"--table {args.table} holds no result rows")
         print(table_of_rows(rows))

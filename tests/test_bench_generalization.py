@@ -110,3 +110,38 @@ def test_config_overrides_make_their_own_table_and_reach_the_cli(zoo_path, tmp_p
     _, _, cli = bench.fit_and_test(config, zoo_path, seed=0, epochs=1,
                                    run_dir=str(tmp_path / "run"), extra=extra)  # fmt: skip
     assert cli.datamodule.canonicalize is relu_scale_canonical
+
+
+def test_an_interrupted_sweep_resumes_from_its_finished_trials(tmp_path, monkeypatch):
+    """Each finished learning rate is written to ``--out`` as it ends; the same command run
+    again after a kill fits only the learning rates not yet done, and the tables skip the trial
+    rows."""
+    bench = _bench()
+    calls = []
+
+    def fake_fit(config, zoo, seed, epochs, run_dir, extra, patience):
+        lr = float(extra[extra.index("--model.init_args.lr") + 1])
+        calls.append(lr)
+        if lr == 3e-3 and len(calls) == 2:
+            raise KeyboardInterrupt  # the kill, during the second fit
+        return {"kendall_tau": lr * 100, "r2": 0.5, "val_tau": {1e-3: 0.7, 3e-3: 0.6}[lr],
+                "seconds": 1.0, "png": None, "epochs": 2}  # fmt: skip
+
+    monkeypatch.setattr(bench, "fit_config", fake_fit)
+    out = str(tmp_path / "sweep.jsonl")
+    kwargs = dict(graph_zoo=False, tag="digits-cnn", lrs=[1e-3, 3e-3], patience=2, out=out)
+    with pytest.raises(KeyboardInterrupt):
+        bench.run_table(["dws"], "/z.h5", [0], {"dws": 5}, **kwargs)
+    rows = bench.read_rows(out)
+    assert [(r["kind"], r["lr"]) for r in rows] == [("trial", 1e-3)]
+    with open(out, "a") as f:
+        f.write('{"kind": "tri')  # a line cut short by the kill
+    res = bench.run_table(["dws"], "/z.h5", [0], {"dws": 5}, **kwargs)
+    assert calls == [1e-3, 3e-3, 3e-3]  # 1e-3 was not fitted again
+    (row,) = res["dws"]
+    assert row["chosen_lr"] == 1e-3 and row["kendall_tau"] == pytest.approx(0.1)
+    assert [t["lr"] for t in row["trials"]] == [1e-3, 3e-3]
+    assert "| DWS | 0.100 ± 0.000 |" in bench.table_of_rows(bench.read_rows(out))
+    # another epoch budget is another sweep: nothing is reused
+    bench.run_table(["dws"], "/z.h5", [0], {"dws": 3}, **kwargs)
+    assert calls[3:] == [1e-3, 3e-3]
