@@ -6,6 +6,7 @@ every record once) and the mean time of the next ``--batches`` shuffled training
 ``in_memory=False`` and ``True``; the batches of both are checked to be identical.
 
     python scripts/bench_data_loading.py [--zoo .cache/zoos/digits-cnn-10k.h5] [--batches 100]
+                                         [--group NAME]
 """
 
 from __future__ import annotations
@@ -33,9 +34,13 @@ def _same(a, b) -> bool:
     return same and torch.equal(ya, yb)
 
 
-def time_module(cls, zoo: str, in_memory: bool, batches: int, batch_size: int):
-    """``(setup + first batch s, ms per later batch, the batches read)``."""
-    dm = cls(zoo, batch_size=batch_size, splits=(0.7, 0.1, 0.2), seed=0, in_memory=in_memory)
+def time_module(cls, zoo: str, in_memory: bool, batches: int, batch_size: int,
+                group: str | None = None):  # fmt: skip
+    """``(setup + first batch s, ms per later batch, the batches read)`` of group ``group``
+    (default: the zoo's only one)."""
+    where = {"group" if cls is WeightSpaceDataModule else "groups": group}
+    dm = cls(zoo, batch_size=batch_size, splits=(0.7, 0.1, 0.2), seed=0, in_memory=in_memory,
+             **where)  # fmt: skip
     torch.manual_seed(0)
     start = time.perf_counter()
     dm.setup()
@@ -52,6 +57,7 @@ def main(argv=None) -> int:
     parser.add_argument("--zoo", default=os.path.join(ROOT, ".cache", "zoos", "digits-cnn-10k.h5"))
     parser.add_argument("--batches", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--group", default=None, help="architecture group (zoos with several)")
     args = parser.parse_args(argv)
     if not os.path.exists(args.zoo):
         parser.error(f"--zoo {args.zoo} does not exist (metanet zoo build datasets/...yaml)")
@@ -62,8 +68,9 @@ def main(argv=None) -> int:
           "in memory: setup + first batch (s) | batches identical |")
     print("| --- | ---: | ---: | ---: | ---: | --- |")
     for cls in (WeightSpaceDataModule, ParamGraphDataModule):
-        _, file_ms, file_b = time_module(cls, args.zoo, False, args.batches, args.batch_size)
-        first, mem_ms, mem_b = time_module(cls, args.zoo, True, args.batches, args.batch_size)
+        timed = [time_module(cls, args.zoo, in_memory, args.batches, args.batch_size, args.group)
+                 for in_memory in (False, True)]  # fmt: skip
+        (_, file_ms, file_b), (first, mem_ms, mem_b) = timed
         same = all(_same(a, b) for a, b in zip(file_b, mem_b))
         print(f"| {cls.__name__} | {file_ms:.1f} | {mem_ms:.1f} | {file_ms / mem_ms:.1f}x | "
               f"{first:.1f} | {same} |")  # fmt: skip

@@ -104,3 +104,16 @@ def test_a_held_zoo_loads_in_worker_processes_without_its_copy(zoo_path):
     workers = _ws_module(zoo_path, in_memory=True, num_workers=2)
     for (a, _), (b, _) in zip(held.val_dataloader(), workers.val_dataloader()):
         assert a.max_abs_diff(b) == 0.0
+
+
+def test_the_data_loading_benchmark_prints_identical_batches(zoo_path, capsys):
+    from script_module import load_script
+    from tiny_zoo import MLP
+
+    from metanet.zoo.architectures import arch_name
+
+    bench = load_script("bench_data_loading")
+    argv = ["--zoo", zoo_path, "--batches", "2", "--batch-size", "2", "--group", arch_name(MLP)]
+    assert bench.main(argv) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][2:]
+    assert len(rows) == 2 and all(row.rstrip(" |").endswith("True") for row in rows)
