@@ -3,10 +3,12 @@
 For the WeightSpace and the ParamGraph DataModules on one zoo (default: digits-cnn-10k): the
 time of ``setup`` plus the first training batch (with ``in_memory=True`` that includes reading
 every record once) and the mean time of the next ``--batches`` shuffled training batches, with
-``in_memory=False`` and ``True``; the batches of both are checked to be identical.
+``in_memory=False`` and ``True``; the batches of both are checked to be identical. With
+``--steps N``, also N batch reads plus AdamW training steps of NFN-HNP (WeightSpace) and GMN
+(graphs) per read mode, the two modes in turns so that the machine's load hits them alike.
 
     python scripts/bench_data_loading.py [--zoo .cache/zoos/digits-cnn-10k.h5] [--batches 100]
-                                         [--group NAME]
+                                         [--group NAME] [--steps 30]
 """
 
 from __future__ import annotations
@@ -52,12 +54,59 @@ def time_module(cls, zoo: str, in_memory: bool, batches: int, batch_size: int,
     return first, (time.perf_counter() - start) / batches * 1e3, read
 
 
+def _model_for(dm):
+    """The model whose training step ``--step`` times: NFN-HNP on WeightSpace batches, GMN on
+    graph batches (the sizes of ``configs/predict_gen/{nfn_hnp,gmn}.yaml``)."""
+    if isinstance(dm, ParamGraphDataModule):
+        from metanet.nn.gmn import GMN
+
+        model = GMN(hidden=32, num_layers=3)
+        model.set_data_statistics(dm.graph_stats)
+        return "GMN", model
+    from metanet.nn.nfn import NFN
+
+    spec = dm.zoo[dm.group_names[0]].spec
+    return "NFN-HNP", NFN(spec=spec, mode="HNP", hidden=8, num_layers=2, head_hidden=64)
+
+
+def time_steps(cls, zoo: str, batches: int, batch_size: int, group: str | None = None):
+    """``(model name, {in_memory: ms per batch read + AdamW training step})``, both read modes
+    timed in turns on the same model so that the machine's load hits them alike."""
+    where = {"group" if cls is WeightSpaceDataModule else "groups": group}
+    loaders = {}
+    for in_memory in (False, True):
+        dm = cls(zoo, batch_size=batch_size, splits=(0.7, 0.1, 0.2), seed=0,
+                 in_memory=in_memory, **where)  # fmt: skip
+        dm.setup()
+        loaders[in_memory] = iter(dm.train_dataloader())
+    name, model = _model_for(dm)
+    opt = torch.optim.AdamW(model.parameters(), 1e-3)
+
+    def step(x, y) -> None:
+        opt.zero_grad()
+        ((model(x).squeeze(-1) - y) ** 2).mean().backward()
+        opt.step()
+
+    for it in loaders.values():  # warm-up: first batch, statistics, allocations
+        step(*next(it))
+    spent = {False: 0.0, True: 0.0}
+    for _ in range(batches):
+        for in_memory, it in loaders.items():
+            start = time.perf_counter()
+            step(*next(it))
+            spent[in_memory] += time.perf_counter() - start
+    return name, {k: v / batches * 1e3 for k, v in spent.items()}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--zoo", default=os.path.join(ROOT, ".cache", "zoos", "digits-cnn-10k.h5"))
     parser.add_argument("--batches", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--group", default=None, help="architecture group (zoos with several)")
+    parser.add_argument("--steps", type=int, default=0,
+                        help="also time this many batch reads + training steps of a model "
+                        "(NFN-HNP, GMN) per read mode")  # fmt: skip
     args = parser.parse_args(argv)
     if not os.path.exists(args.zoo):
         parser.error(f"--zoo {args.zoo} does not exist (metanet zoo build datasets/...yaml)")
@@ -74,6 +123,14 @@ def main(argv=None) -> int:
         same = all(_same(a, b) for a, b in zip(file_b, mem_b))
         print(f"| {cls.__name__} | {file_ms:.1f} | {mem_ms:.1f} | {file_ms / mem_ms:.1f}x | "
               f"{first:.1f} | {same} |")  # fmt: skip
+    if args.steps:
+        print("\n| DataModule | model | from the file: ms / step | in memory: ms / step | "
+              "speed-up |")
+        print("| --- | --- | ---: | ---: | ---: |")
+        for cls in (WeightSpaceDataModule, ParamGraphDataModule):
+            name, ms = time_steps(cls, args.zoo, args.steps, args.batch_size, args.group)
+            print(f"| {cls.__name__} | {name} | {ms[False]:.1f} | {ms[True]:.1f} | "
+                  f"{ms[False] / ms[True]:.2f}x |")  # fmt: skip
     return 0
 
 

@@ -113,7 +113,10 @@ def test_the_data_loading_benchmark_prints_identical_batches(zoo_path, capsys):
     from metanet.zoo.architectures import arch_name
 
     bench = load_script("bench_data_loading")
-    argv = ["--zoo", zoo_path, "--batches", "2", "--batch-size", "2", "--group", arch_name(MLP)]
+    argv = ["--zoo", zoo_path, "--batches", "2", "--batch-size", "2", "--group", arch_name(MLP),
+            "--steps", "2"]  # fmt: skip
     assert bench.main(argv) == 0
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][2:]
-    assert len(rows) == 2 and all(row.rstrip(" |").endswith("True") for row in rows)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    reads, steps = lines[2:4], lines[6:]
+    assert all(row.rstrip(" |").endswith("True") for row in reads)
+    assert [row.split("|")[2].strip() for row in steps] == ["NFN-HNP", "GMN"]
