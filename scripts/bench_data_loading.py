@@ -36,13 +36,19 @@ def _same(a, b) -> bool:
     return same and torch.equal(ya, yb)
 
 
+def _datamodule(cls, zoo: str, in_memory: bool, batch_size: int, group: str | None):
+    """A DataModule ``cls`` over group ``group`` of ``zoo`` (default: its only one), split as
+    the generalization benchmark splits it."""
+    where = {"group" if cls is WeightSpaceDataModule else "groups": group}
+    return cls(zoo, batch_size=batch_size, splits=(0.7, 0.1, 0.2), seed=0, in_memory=in_memory,
+               **where)  # fmt: skip
+
+
 def time_module(cls, zoo: str, in_memory: bool, batches: int, batch_size: int,
                 group: str | None = None):  # fmt: skip
     """``(setup + first batch s, ms per later batch, the batches read)`` of group ``group``
     (default: the zoo's only one)."""
-    where = {"group" if cls is WeightSpaceDataModule else "groups": group}
-    dm = cls(zoo, batch_size=batch_size, splits=(0.7, 0.1, 0.2), seed=0, in_memory=in_memory,
-             **where)  # fmt: skip
+    dm = _datamodule(cls, zoo, in_memory, batch_size, group)
     torch.manual_seed(0)
     start = time.perf_counter()
     dm.setup()
@@ -72,11 +78,9 @@ def _model_for(dm):
 def time_steps(cls, zoo: str, batches: int, batch_size: int, group: str | None = None):
     """``(model name, {in_memory: ms per batch read + AdamW training step})``, both read modes
     timed in turns on the same model so that the machine's load hits them alike."""
-    where = {"group" if cls is WeightSpaceDataModule else "groups": group}
     loaders = {}
     for in_memory in (False, True):
-        dm = cls(zoo, batch_size=batch_size, splits=(0.7, 0.1, 0.2), seed=0,
-                 in_memory=in_memory, **where)  # fmt: skip
+        dm = _datamodule(cls, zoo, in_memory, batch_size, group)
         dm.setup()
         loaders[in_memory] = iter(dm.train_dataloader())
     name, model = _model_for(dm)
