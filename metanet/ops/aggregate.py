@@ -2,7 +2,9 @@
 
 ``multi_aggregate`` computes several reductions of the same messages at once (the sum is
 computed once and reused by mean and std; counts once for mean, std and the scalers) and
-multiplies each by degree scalers. Output layout, scaler-major like PyG's
+multiplies each by degree scalers. Under the "auto" backend, CPU messages sorted by destination
+(a CSR ``ptr``) are reduced by one fused C kernel (:mod:`metanet.ops._fused`) where it is
+available. Output layout, scaler-major like PyG's
 ``DegreeScalerAggregation``::
 
     out[:, (s * len(aggrs) + a) * F : (s * len(aggrs) + a + 1) * F] = scaler_s * aggr_a(src)
@@ -15,7 +17,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from metanet.ops import _fused
+from metanet.ops.backend import get_backend
 from metanet.ops.reduce import (
+    STD_EPS,
     _check_index,
     _check_ptr,
     reduce_2d,
@@ -83,13 +88,15 @@ def multi_aggregate(
     count = segment_counts(index, ptr, dim_size)
     cnt = segment_divisor(index, ptr, dim_size, src.dtype)  # [N, 1], max(count, 1)
     results: dict[str, Tensor] = {}
-    if {"sum", "mean", "std"} & set(aggrs):
+    if ptr is not None and get_backend() == "auto" and _fused.available(src, aggrs):
+        results = _fused.aggregate(src, ptr.contiguous(), cnt, aggrs, STD_EPS)
+    elif {"sum", "mean", "std"} & set(aggrs):
         results["sum"] = reduce_2d(src, index, ptr, dim_size, "sum")
         results["mean"] = results["sum"] / cnt
     for op in ("max", "min"):
-        if op in aggrs:
+        if op in aggrs and op not in results:
             results[op] = reduce_2d(src, index, ptr, dim_size, op)
-    if "std" in aggrs:
+    if "std" in aggrs and "std" not in results:
         results["std"] = std_from_mean(src, results["mean"], index, ptr, cnt)
     out = torch.cat([results[a] for a in aggrs], dim=1)  # [N, A*F]
     if scalers == ("identity",):

@@ -4,10 +4,9 @@
 flatten and average-pool layers eight samples at a time, one per SIMD lane, with every layer's
 bias, activation and dropout fused into one pass over the data: on 8x8 images with 1-8 channels
 this is several times faster than the batched PyTorch ops of :mod:`metanet.zoo.batched`, whose
-time goes to memory traffic and per-op overhead. It is compiled once per machine with the system C
-compiler (``cc -O3``, AVX2/FMA where the CPU has them) into ``~/.cache/metanet/kernels`` (or
-``$METANET_CACHE/kernels``) and loaded with :mod:`ctypes`. Without a compiler, or with
-``METANET_NO_NATIVE=1``, :func:`library` returns ``None`` and the builder uses the PyTorch engine.
+time goes to memory traffic and per-op overhead. It is compiled once per machine and loaded by
+:mod:`metanet.ckernels`. Without a compiler, or with ``METANET_NO_NATIVE=1``, :func:`library`
+returns ``None`` and the builder uses the PyTorch engine.
 
 The kernels use float32 on the CPU; gradients equal the PyTorch engine's up to rounding (tested),
 dropout masks come from a counter-based hash of (step seed, network, layer, sample, feature).
@@ -17,73 +16,23 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from metanet import ckernels
+
 SOURCE = Path(__file__).with_name("_chain.c")
 OP_CODES = {"conv": 0, "linear": 1, "act": 2, "dropout": 3, "flatten": 4, "pool": 5}
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def _compile_flags() -> list[str]:
-    flags = ["-O3", "-std=c11", "-ffp-contract=fast", "-funroll-loops", "-fPIC", "-shared"]
-    if platform.machine() in ("x86_64", "AMD64") and {"avx2", "fma"} <= _cpu_flags():
-        flags += ["-mavx2", "-mfma"]
-    return flags
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("METANET_CACHE")
-    return Path(root) if root else Path.home() / ".cache" / "metanet"
 
 
 @functools.lru_cache(maxsize=1)
 def library() -> ctypes.CDLL | None:
     """The compiled kernels (built on first use), or ``None`` where they are unavailable (no C
     compiler, a failed compile, an unwritable cache folder: each with a warning naming why)."""
-    if os.environ.get("METANET_NO_NATIVE", "") not in ("", "0"):
-        return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None or not SOURCE.exists():
-        return None
-    flags = _compile_flags()
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
-    target = _cache_dir() / "kernels" / f"chain-{key}-{platform.machine()}.so"
-    fallback = "the zoo builder uses PyTorch ops instead"
-    try:
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-                out = Path(tmp) / target.name
-                cmd = [compiler, *flags, str(SOURCE), "-o", str(out), "-lm"]
-                done = subprocess.run(cmd, capture_output=True, text=True)
-                if done.returncode != 0:
-                    warnings.warn(f"metanet: compiling {SOURCE} failed; {fallback}:\n"
-                                  f"{done.stderr[-2000:]}", stacklevel=2)  # fmt: skip
-                    return None
-                os.replace(out, target)  # atomic: concurrent builders never load a partial file
-        lib = ctypes.CDLL(str(target))
-    except OSError as err:
-        warnings.warn(f"metanet: the native zoo kernels at {target} are unavailable ({err}); "
-                      f"{fallback}", stacklevel=2)  # fmt: skip
+    lib = ckernels.load(SOURCE, "chain", "the zoo builder uses PyTorch ops instead")
+    if lib is None:
         return None
     c_int, c_ptr = ctypes.c_int, ctypes.c_void_p
     lib.chain_ce_grad.argtypes = [c_int, c_ptr, c_int, c_int, c_int, c_ptr, c_ptr, c_ptr, c_ptr,
