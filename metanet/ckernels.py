@@ -67,7 +67,7 @@ def load(source: Path, stem: str, fallback: str) -> ctypes.CDLL | None:
             target.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
                 out = Path(tmp) / target.name
-                cmd = [compiler, *flags, str(source), "-o", str(out), "-lm"]
+                cmd = [compiler, *flags, str(source.resolve()), "-o", str(out), "-lm"]
                 done = subprocess.run(cmd, capture_output=True, text=True)
                 if done.returncode != 0:
                     warnings.warn(f"metanet: compiling {source} failed; {fallback}:\n"

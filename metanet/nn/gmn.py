@@ -104,28 +104,33 @@ class GMNLayer(nn.Module):
         self.norm = nn.LayerNorm(hidden)
         self.edge_update = EdgeUpdate(hidden, edge_dim) if update_edges else None
 
-    def _aggregate(self, m: Tensor, index: Tensor, ptr: Tensor, n: int, avg: float) -> Tensor:
-        return ops.multi_aggregate(
-            m, index, n, aggrs=self.aggregators, scalers=self.scalers, ptr=ptr,
-            avg_log_degree=avg,
+    def _aggregate(
+        self, scale: Tensor, shift: Tensor, sender_x: Tensor, receiver_x: Tensor,
+        sender: Tensor, ptr: Tensor, rows: Tensor | None, avg: float,
+    ) -> Tensor:  # fmt: skip
+        """PNA aggregation of the messages ``scale * (sender_x[sender] + receiver_x) + shift``
+        per receiving node (never stored: :func:`metanet.ops.film_multi_aggregate`)."""
+        return ops.film_multi_aggregate(
+            scale, shift, sender_x, receiver_x, sender, ptr, rows=rows, aggrs=self.aggregators,
+            scalers=self.scalers, avg_log_degree=avg,
         )  # fmt: skip
 
     def forward(
         self, h: Tensor, e: Tensor, g: GraphBatch, avg_log_degree: float
     ) -> tuple[Tensor, Tensor]:
         """``h [N, hidden], e [E, edge_dim] -> (h', e')``."""
-        n = h.size(0)
         node_parts = self.msg_nodes(h).chunk(4 if self.bidirectional else 2, dim=1)
         film = self.msg_edge(e).chunk(4 if self.bidirectional else 2, dim=1)
-        # forward direction: src j sends to dst i
-        m = node_parts[0].index_select(0, g.src) + node_parts[1].index_select(0, g.dst)
-        m = film[0] * m + film[1]
-        aggs = [h, self._aggregate(m, g.dst, g.dst_ptr, n, avg_log_degree)]
-        if self.bidirectional:
-            perm = g.src_perm
-            r = node_parts[2].index_select(0, g.rev_dst) + node_parts[3].index_select(0, g.rev_src)
-            r = film[2].index_select(0, perm) * r + film[3].index_select(0, perm)
-            aggs.append(self._aggregate(r, g.rev_src, g.src_ptr, n, avg_log_degree))
+        # forward direction: src j sends to dst i, m = s(e) * (A h_j + B h_i) + t(e)
+        inbound = self._aggregate(film[0], film[1], node_parts[0], node_parts[1], g.src,
+                                  g.dst_ptr, None, avg_log_degree)  # fmt: skip
+        aggs = [h, inbound]
+        if self.bidirectional:  # against the edges: dst sends to src, edges read in src order
+            outbound = self._aggregate(
+                film[2], film[3], node_parts[2], node_parts[3], g.rev_dst, g.src_ptr,
+                g.src_perm, avg_log_degree,
+            )  # fmt: skip
+            aggs.append(outbound)
         u = self.update(torch.cat(aggs, dim=1))
         h = self.norm(h + u if self.residual else u)
         if self.edge_update is not None:

@@ -1,9 +1,11 @@
 """The scatter-kernel core: grouped reductions used by every graph metanetwork.
 
 ``scatter`` (any index order), ``segment`` (CSR), ``scatter_softmax``, ``multi_aggregate``
-(PNA aggregators + degree scalers) and its module ``MultiAggregation``. Backends: native
-torch or torch-scatter; "auto" picks the fastest measured kernel per reduction
-(:data:`metanet.ops.backend.AUTO_TABLE`). Select with :func:`set_backend`,
+(PNA aggregators + degree scalers) and its module ``MultiAggregation``, and
+``film_multi_aggregate`` (the same of edge-conditioned messages that are never stored).
+Backends: native torch or torch-scatter; "auto" picks the fastest measured kernel per
+reduction (:data:`metanet.ops.backend.AUTO_TABLE`) and fuses the multi-aggregations in C
+(:mod:`metanet.ops._fused`). Select with :func:`set_backend`,
 :func:`use_backend` or ``METANET_SCATTER_BACKEND``.
 """
 
@@ -12,6 +14,7 @@ from metanet.ops.aggregate import (
     SCALERS,
     MultiAggregation,
     degree_statistics,
+    film_multi_aggregate,
     multi_aggregate,
 )
 from metanet.ops.backend import (
@@ -34,6 +37,7 @@ __all__ = [
     "MultiAggregation",
     "available_backends",
     "degree_statistics",
+    "film_multi_aggregate",
     "get_backend",
     "index_to_ptr",
     "multi_aggregate",

@@ -34,23 +34,36 @@ def library() -> ctypes.CDLL | None:
     if lib is None:
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    film = [ptr, ptr, ptr, i64, ptr, i64, ptr, i64, ptr, i64]  # sender, rows, 4 strided inputs
     for suffix, real in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):
-        fwd, bwd = getattr(lib, f"pna_forward_{suffix}"), getattr(lib, f"pna_backward_{suffix}")
-        fwd.argtypes = [i64, i64, ptr, ptr, real, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
-        bwd.argtypes = [i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
-        fwd.restype = bwd.restype = None
+        kernels = {
+            "pna_forward": [i64, i64, ptr, ptr, real, *[ptr] * 7],
+            "pna_backward": [i64, i64, *[ptr] * 10],
+            "film_pna_forward": [i64, i64, ptr, *film, real, *[ptr] * 7],
+            "film_pna_backward": [i64, i64, ptr, *film, *[ptr] * 11, i64, ptr],
+        }
+        for name, argtypes in kernels.items():
+            fn = getattr(lib, f"{name}_{suffix}")
+            fn.argtypes, fn.restype = argtypes, None
     return lib
 
 
-def available(x: Tensor, aggrs: tuple[str, ...]) -> bool:
-    """Whether the fused kernel can reduce ``x`` for ``aggrs`` on this machine."""
+def available(x: Tensor, aggrs: tuple[str, ...], *others: Tensor) -> bool:
+    """Whether the fused kernels can reduce ``x`` (and its companions ``others``, of the same
+    dtype) for ``aggrs`` on this machine."""
     return (
         x.device.type == "cpu"
         and x.dtype in DTYPES
-        and x.layout == torch.strided
+        and all(t.layout == torch.strided and t.stride(-1) == 1 for t in (x, *others))
+        and all(t.dtype == x.dtype and t.device == x.device for t in others)
         and FUSED.issuperset(aggrs)
         and library() is not None
     )
+
+
+def _rows_view(t: Tensor) -> Tensor:
+    """``t`` with unit column stride (its row stride is passed to the kernel)."""
+    return t if t.stride(-1) == 1 and t.stride(0) >= t.size(1) else t.contiguous()
 
 
 def _address(t: Tensor | None) -> int | None:
@@ -69,27 +82,15 @@ class _FusedAggregate(torch.autograd.Function):
         lib = library()
         x = x.contiguous()
         n, f = ptr.numel() - 1, x.size(1)
-        suffix = DTYPES[x.dtype]
-        total = x.new_empty(n, f)
-        mn = x.new_empty(n, f) if want_min else None
-        mx = x.new_empty(n, f) if want_max else None
-        sd = x.new_empty(n, f) if want_std else None
-        amin = torch.empty(n, f, dtype=torch.long) if want_min else None
-        amax = torch.empty(n, f, dtype=torch.long) if want_max else None
+        total, mn, mx, sd, amin, amax = _outputs(x, n, f, want_min, want_max, want_std)
         scratch = x.new_empty(f)  # held here: the kernel writes into it
-        getattr(lib, f"pna_forward_{suffix}")(
+        getattr(lib, f"pna_forward_{DTYPES[x.dtype]}")(
             n, f, _address(ptr), _address(x), eps, _address(total), _address(mn), _address(mx),
             _address(sd), _address(amin), _address(amax), _address(scratch),
         )  # fmt: skip
-        mean = inv = None
-        if want_std:
-            mean = total / count
-            zero = sd == 0
-            inv = (sd * count).reciprocal_().masked_fill_(zero, 0)  # 1 / (count * std)
+        mean, inv = _std_factors(total, sd, count)
         ctx.save_for_backward(x, ptr, mean, inv, amin, amax)
-        ctx.set_materialize_grads(False)
-        empty = x.new_empty(0)
-        return total, *(empty if t is None else t for t in (mn, mx, sd))
+        return _returned(ctx, total, mn, mx, sd)
 
     @staticmethod
     @once_differentiable
@@ -101,10 +102,7 @@ class _FusedAggregate(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return (None,) * 7
         n, f = ptr.numel() - 1, x.size(1)
-        g_sum = None if g_sum is None else g_sum.contiguous()
-        g_min = None if g_min is None or amin is None else g_min.contiguous()
-        g_max = None if g_max is None or amax is None else g_max.contiguous()
-        g_std = None if g_std is None or inv is None else (g_std * inv).contiguous()
+        g_sum, g_min, g_max, g_std = _backward_inputs(g_sum, g_min, g_max, g_std, amin, amax, inv)
         gx = torch.empty_like(x)
         getattr(library(), f"pna_backward_{DTYPES[x.dtype]}")(
             n, f, _address(ptr), _address(x), _address(g_sum), _address(g_std),
@@ -114,17 +112,122 @@ class _FusedAggregate(torch.autograd.Function):
         return gx, None, None, None, None, None, None
 
 
+def _outputs(x: Tensor, n: int, f: int, want_min: bool, want_max: bool, want_std: bool):
+    """Fresh output buffers of one fused reduction: sum, min, max, std, argmin, argmax."""
+    return (
+        x.new_empty(n, f),
+        x.new_empty(n, f) if want_min else None,
+        x.new_empty(n, f) if want_max else None,
+        x.new_empty(n, f) if want_std else None,
+        torch.empty(n, f, dtype=torch.long) if want_min else None,
+        torch.empty(n, f, dtype=torch.long) if want_max else None,
+    )
+
+
+def _std_factors(total: Tensor, sd: Tensor | None, count: Tensor):
+    """The segment means and ``1 / (count * std)`` (0 where std is 0) the std's gradient uses."""
+    if sd is None:
+        return None, None
+    inv = (sd * count).reciprocal_().masked_fill_(sd == 0, 0)
+    return total / count, inv
+
+
+def _returned(ctx, total: Tensor, *optional: Tensor | None) -> tuple[Tensor, ...]:
+    """A fused forward's outputs ``(sum, min, max, std)``, empty tensors for those not
+    requested (their gradients arrive as None: no zero-filled gradient buffers)."""
+    ctx.set_materialize_grads(False)
+    empty = total.new_empty(0)
+    return total, *(empty if t is None else t for t in optional)
+
+
+def _backward_inputs(g_sum, g_min, g_max, g_std, amin, amax, inv):
+    """Contiguous output gradients, None where an output was not requested or not used."""
+    return (
+        None if g_sum is None else g_sum.contiguous(),
+        None if g_min is None or amin is None else g_min.contiguous(),
+        None if g_max is None or amax is None else g_max.contiguous(),
+        None if g_std is None or inv is None else (g_std * inv).contiguous(),
+    )
+
+
+class _FilmAggregate(torch.autograd.Function):
+    """FiLM messages ``scale[r] * (a[sender[k]] + b[i]) + shift[r]`` (``r = rows[k]``, or ``k``)
+    of the CSR segments ``ptr``, reduced without being stored: ``(sum, min, max, std)``."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, scale: Tensor, shift: Tensor, a: Tensor, b: Tensor, sender: Tensor,
+        rows: Tensor | None, ptr: Tensor, count: Tensor, max_degree: int, want_min: bool,
+        want_max: bool, want_std: bool, eps: float,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+        scale, shift, a, b = (_rows_view(t) for t in (scale, shift, a, b))
+        n, f = ptr.numel() - 1, scale.size(1)
+        total, mn, mx, sd, amin, amax = _outputs(scale, n, f, want_min, want_max, want_std)
+        scratch = scale.new_empty((max_degree + 1) * f)  # held here: the kernel writes into it
+        getattr(library(), f"film_pna_forward_{DTYPES[scale.dtype]}")(
+            n, f, _address(ptr), _address(sender), _address(rows),
+            _address(scale), scale.stride(0), _address(shift), shift.stride(0),
+            _address(a), a.stride(0), _address(b), b.stride(0), eps,
+            _address(total), _address(mn), _address(mx), _address(sd), _address(amin),
+            _address(amax), _address(scratch),
+        )  # fmt: skip
+        mean, inv = _std_factors(total, sd, count)
+        ctx.save_for_backward(scale, shift, a, b, sender, rows, ptr, mean, inv, amin, amax)
+        ctx.max_degree = max_degree
+        return _returned(ctx, total, mn, mx, sd)
+
+    @staticmethod
+    @once_differentiable
+    def backward(  # type: ignore[override]
+        ctx, g_sum: Tensor | None, g_min: Tensor | None, g_max: Tensor | None,
+        g_std: Tensor | None,
+    ) -> tuple[Tensor | None, ...]:  # fmt: skip
+        scale, shift, a, b, sender, rows, ptr, mean, inv, amin, amax = ctx.saved_tensors
+        n, f = ptr.numel() - 1, scale.size(1)
+        g_sum, g_min, g_max, g_std = _backward_inputs(g_sum, g_min, g_max, g_std, amin, amax, inv)
+        d_scale = scale.new_empty(scale.shape)
+        d_shift = scale.new_empty(scale.shape)
+        d_a, d_b = a.new_zeros(a.size(0), f), b.new_empty(n, f)
+        scratch = scale.new_empty(3 * max(ctx.max_degree, 1) * f)
+        getattr(library(), f"film_pna_backward_{DTYPES[scale.dtype]}")(
+            n, f, _address(ptr), _address(sender), _address(rows),
+            _address(scale), scale.stride(0), _address(shift), shift.stride(0),
+            _address(a), a.stride(0), _address(b), b.stride(0),
+            _address(g_sum), _address(g_std), _address(mean if g_std is not None else None),
+            _address(g_min), _address(amin), _address(g_max), _address(amax),
+            _address(d_scale), _address(d_shift), _address(d_a), _address(d_b),
+            ctx.max_degree, _address(scratch),
+        )  # fmt: skip
+        return d_scale, d_shift, d_a, d_b, *(None,) * 9
+
+
+def film_aggregate(
+    scale: Tensor, shift: Tensor, a: Tensor, b: Tensor, sender: Tensor, rows: Tensor | None,
+    ptr: Tensor, count: Tensor, max_degree: int, aggrs: tuple[str, ...], eps: float,
+) -> dict[str, Tensor]:  # fmt: skip
+    """The reductions ``aggrs`` of the FiLM messages of :class:`_FilmAggregate` over the CSR
+    segments ``ptr``; ``{name: [N, F]}``. Inputs must be valid (the caller checks them)."""
+    outs = _FilmAggregate.apply(
+        scale, shift, a, b, sender, rows, ptr, count, max_degree, "min" in aggrs, "max" in aggrs,
+        "std" in aggrs, eps,
+    )  # fmt: skip
+    return _named(outs, count, aggrs)
+
+
+def _named(outs, count: Tensor, aggrs: tuple[str, ...]) -> dict[str, Tensor]:
+    total, mn, mx, sd = outs
+    out = {"sum": total, "mean": total / count}
+    for name, value in (("min", mn), ("max", mx), ("std", sd)):
+        if name in aggrs:
+            out[name] = value
+    return out
+
+
 def aggregate(
     x: Tensor, ptr: Tensor, count: Tensor, aggrs: tuple[str, ...], eps: float
 ) -> dict[str, Tensor]:
     """The reductions ``aggrs`` (a subset of ``sum, mean, min, max, std``) of ``x [E, F]`` over
     the CSR segments ``ptr [N+1]`` (int64), with ``count [N, 1]`` the row counts clamped to
     >= 1; ``{name: [N, F]}``. Inputs must be valid (:func:`multi_aggregate` checks them)."""
-    total, mn, mx, sd = _FusedAggregate.apply(
-        x, ptr, count, "min" in aggrs, "max" in aggrs, "std" in aggrs, eps
-    )  # fmt: skip
-    out = {"sum": total, "mean": total / count}
-    for name, value in (("min", mn), ("max", mx), ("std", sd)):
-        if name in aggrs:
-            out[name] = value
-    return out
+    outs = _FusedAggregate.apply(x, ptr, count, "min" in aggrs, "max" in aggrs, "std" in aggrs, eps)
+    return _named(outs, count, aggrs)

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from metanet.ops import _fused
+from metanet.ops import _kernels as K
 from metanet.ops.backend import get_backend
 from metanet.ops.reduce import (
     STD_EPS,
@@ -98,11 +99,90 @@ def multi_aggregate(
             results[op] = reduce_2d(src, index, ptr, dim_size, op)
     if "std" in aggrs and "std" not in results:
         results["std"] = std_from_mean(src, results["mean"], index, ptr, cnt)
+    return _combine(results, aggrs, scalers, count, cnt, avg_log_degree, avg_degree)
+
+
+def _combine(
+    results: dict[str, Tensor], aggrs: tuple[str, ...], scalers: tuple[str, ...], count: Tensor,
+    cnt: Tensor, avg_log_degree: float | None, avg_degree: float | None,
+) -> Tensor:  # fmt: skip
+    """The aggregations in ``aggrs`` order times each degree scaler: ``[N, S*A*F]``."""
     out = torch.cat([results[a] for a in aggrs], dim=1)  # [N, A*F]
     if scalers == ("identity",):
         return out
     factors = _scalers(scalers, count, cnt, avg_log_degree, avg_degree)
     return torch.cat([out * f for f in factors], dim=1)
+
+
+def film_multi_aggregate(
+    scale: Tensor,
+    shift: Tensor,
+    sender_x: Tensor,
+    receiver_x: Tensor,
+    sender: Tensor,
+    ptr: Tensor,
+    rows: Tensor | None = None,
+    aggrs: Sequence[str] = AGGREGATIONS,
+    scalers: Sequence[str] = ("identity",),
+    avg_log_degree: float | None = None,
+    avg_degree: float | None = None,
+) -> Tensor:
+    """:func:`multi_aggregate` of edge-conditioned (FiLM) messages, without storing them.
+
+    Row ``k`` of segment ``i`` (rows ``ptr[i]:ptr[i+1]``, one segment per receiving node) is
+    the message ``scale[r] * (sender_x[sender[k]] + receiver_x[i]) + shift[r]`` with ``r =
+    rows[k]`` (or ``k``): NG-GNN's and GMN's PNA message ``s(e) * (A h_j + B h_i) + t(e)``
+    with ``sender_x = A h``, ``receiver_x = B h`` and ``scale, shift`` the edge's FiLM maps.
+    ``rows`` reads edge-ordered ``scale/shift`` in another segment order, e.g. messages
+    against the edge direction, segmented by source.
+
+    Args:
+        scale, shift: ``[E, F]`` per-edge FiLM factors (column slices of a wider tensor are
+            read in place).
+        sender_x: ``[M, F]`` per-sender features; ``receiver_x``: ``[N, F]`` per-segment ones.
+        sender: ``[E]`` sender of each row (int64, in ``[0, M)``).
+        ptr: ``[N+1]`` CSR pointer of the rows.
+        rows: ``[E]`` permutation: row ``k`` reads ``scale/shift[rows[k]]`` (default identity).
+        aggrs, scalers, avg_log_degree, avg_degree: as :func:`multi_aggregate`.
+
+    Returns:
+        ``[N, len(scalers) * len(aggrs) * F]``, equal to ``multi_aggregate`` of the explicit
+        messages (one fused C pass under the "auto" backend on the CPU, else PyTorch ops).
+    """
+    aggrs = _check_names(aggrs, AGGREGATIONS, "aggrs")
+    scalers = _check_names(scalers, SCALERS, "scalers")
+    for name, t in (("scale", scale), ("shift", shift), ("sender_x", sender_x),
+                    ("receiver_x", receiver_x)):  # fmt: skip
+        if not isinstance(t, Tensor) or t.dim() != 2:
+            raise ValueError(f"{name} must be a 2-D tensor, got "
+                             f"{getattr(t, 'shape', type(t).__name__)}")  # fmt: skip
+    e, f = scale.shape
+    if shift.shape != scale.shape or sender_x.size(1) != f or receiver_x.size(1) != f:
+        raise ValueError(f"scale {tuple(scale.shape)}, shift {tuple(shift.shape)}, sender_x "
+                         f"{tuple(sender_x.shape)} and receiver_x {tuple(receiver_x.shape)} "
+                         "must share the feature width")  # fmt: skip
+    n = receiver_x.size(0)
+    _check_ptr(ptr, e)
+    if ptr.numel() != n + 1:
+        raise ValueError(f"ptr has {ptr.numel()} entries but receiver_x has {n} rows")
+    _check_index(sender, e, sender_x.size(0))
+    if rows is not None:
+        _check_index(rows, e, e)
+    ptr, sender = ptr.long().contiguous(), sender.long().contiguous()
+    rows = None if rows is None else rows.long().contiguous()
+    count = segment_counts(None, ptr, n)
+    cnt = segment_divisor(None, ptr, n, scale.dtype)
+    if get_backend() == "auto" and _fused.available(scale, aggrs, shift, sender_x, receiver_x):
+        max_degree = int(count.max()) if n else 0
+        results = _fused.film_aggregate(scale, shift, sender_x, receiver_x, sender, rows, ptr,
+                                        cnt, max_degree, aggrs, STD_EPS)  # fmt: skip
+        return _combine(results, aggrs, scalers, count, cnt, avg_log_degree, avg_degree)
+    if rows is not None:
+        scale, shift = scale.index_select(0, rows), shift.index_select(0, rows)
+    receiver = K.ptr_to_index(ptr)
+    m = sender_x.index_select(0, sender) + receiver_x.index_select(0, receiver)
+    m = torch.addcmul(shift, scale, m)
+    return multi_aggregate(m, receiver, n, aggrs, scalers, ptr, avg_log_degree, avg_degree)
 
 
 def _scalers(
@@ -197,4 +277,11 @@ class MultiAggregation(nn.Module):
         return f"aggrs={list(self.aggrs)}, scalers={list(self.scalers)}"
 
 
-__all__ = ["AGGREGATIONS", "SCALERS", "MultiAggregation", "degree_statistics", "multi_aggregate"]
+__all__ = [
+    "AGGREGATIONS",
+    "SCALERS",
+    "MultiAggregation",
+    "degree_statistics",
+    "film_multi_aggregate",
+    "multi_aggregate",
+]
