@@ -8,7 +8,7 @@ modulating queries, keys and values (NG's relational attention, after Diao & Loy
     a_ij = softmax_j(<q_ij, k_ij> / sqrt(d_head))  per head, over the incoming edges of i
     out_i = W_o sum_j a_ij v_ij
 
-The softmax runs over each node's incoming edges only (:func:`metanet.ops.scatter_softmax`;
+The softmax runs over each node's incoming edges only (:func:`metanet.ops.relational_attention`;
 NG's dense version attends over all node pairs with zero features for missing edges). With
 ``bidirectional`` a second attention runs over outgoing edges. A layer is
 ``h <- LN(h + W [attn_in, attn_out]); h <- LN(h + MLP(h))`` followed by the edge update
@@ -57,23 +57,14 @@ class RelationalAttention(nn.Module):
 
     def forward(self, h: Tensor, e: Tensor, g: GraphBatch) -> Tensor:
         """``h [N, hidden], e [E, edge_dim] -> [N, hidden]`` (heads concatenated)."""
-        n, hidden = h.shape
-        q, k, v = self.qkv_node(h).chunk(3, dim=1)
-        if self.reverse:
-            recv, send, ptr = g.rev_src, g.rev_dst, g.src_ptr
-            e = e.index_select(0, g.src_perm)
+        if self.reverse:  # outgoing edges: segments by source, edge terms read in that order
+            send, ptr, rows = g.rev_dst, g.src_ptr, g.src_perm
         else:
-            recv, send, ptr = g.dst, g.src, g.dst_ptr
-        parts = self.qkv_edge(e).chunk(4 if self.modulate_v else 3, dim=1)
-        qq = q.index_select(0, recv) + parts[0]
-        kk = k.index_select(0, send) + parts[1]
-        vv = v.index_select(0, send)
-        vv = vv * parts[3] + parts[2] if self.modulate_v else vv + parts[2]
-        m = recv.numel()
-        score = (qq * kk).view(m, self.heads, self.d_head).sum(-1) * self.scale
-        attn = ops.scatter_softmax(score, recv, dim=0, dim_size=n)
-        out = (attn.unsqueeze(-1) * vv.view(m, self.heads, self.d_head)).view(m, hidden)
-        return ops.segment(out, ptr, reduce="sum")
+            send, ptr, rows = g.src, g.dst_ptr, None
+        return ops.relational_attention(
+            self.qkv_node(h), self.qkv_edge(e), send, ptr, self.heads, rows=rows,
+            scale=self.scale,
+        )  # fmt: skip
 
 
 class NGTLayer(nn.Module):

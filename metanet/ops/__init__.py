@@ -2,7 +2,8 @@
 
 ``scatter`` (any index order), ``segment`` (CSR), ``scatter_softmax``, ``multi_aggregate``
 (PNA aggregators + degree scalers) and its module ``MultiAggregation``, and
-``film_multi_aggregate`` (the same of edge-conditioned messages that are never stored).
+``film_multi_aggregate`` (the same of edge-conditioned messages that are never stored), and
+``relational_attention`` (NG-T's edge-modulated attention over each node's edges).
 Backends: native torch or torch-scatter; "auto" picks the fastest measured kernel per
 reduction (:data:`metanet.ops.backend.AUTO_TABLE`) and fuses the multi-aggregations in C
 (:mod:`metanet.ops._fused`). Select with :func:`set_backend`,
@@ -17,6 +18,7 @@ from metanet.ops.aggregate import (
     film_multi_aggregate,
     multi_aggregate,
 )
+from metanet.ops.attention import relational_attention
 from metanet.ops.backend import (
     BACKENDS,
     HAS_TORCH_SCATTER,
@@ -42,6 +44,7 @@ __all__ = [
     "index_to_ptr",
     "multi_aggregate",
     "ptr_to_index",
+    "relational_attention",
     "scatter",
     "scatter_softmax",
     "segment",

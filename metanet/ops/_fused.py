@@ -41,7 +41,11 @@ def library() -> ctypes.CDLL | None:
             "pna_backward": [i64, i64, *[ptr] * 10],
             "film_pna_forward": [i64, i64, ptr, *film, real, *[ptr] * 7],
             "film_pna_backward": [i64, i64, ptr, *film, *[ptr] * 11, i64, ptr],
-        }
+            "attention_forward": [i64, i64, i64, real, ctypes.c_int, *[ptr] * 4, i64, ptr, i64,
+                                  ptr, i64, ptr],
+            "attention_backward": [i64, i64, i64, real, ctypes.c_int, *[ptr] * 4, i64, ptr, i64,
+                                   ptr, ptr, ptr, i64, ptr],
+        }  # fmt: skip
         for name, argtypes in kernels.items():
             fn = getattr(lib, f"{name}_{suffix}")
             fn.argtypes, fn.restype = argtypes, None
@@ -231,3 +235,54 @@ def aggregate(
     >= 1; ``{name: [N, F]}``. Inputs must be valid (:func:`multi_aggregate` checks them)."""
     outs = _FusedAggregate.apply(x, ptr, count, "min" in aggrs, "max" in aggrs, "std" in aggrs, eps)
     return _named(outs, count, aggrs)
+
+
+class _Attention(torch.autograd.Function):
+    """Edge-modulated multi-head attention per CSR segment (:func:`metanet.ops.
+    relational_attention`), with nothing per edge stored: the backward recomputes each
+    segment's queries, keys, values and attention."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, node_qkv: Tensor, edge_qkv: Tensor, sender: Tensor, rows: Tensor | None,
+        ptr: Tensor, heads: int, scale: float, max_degree: int,
+    ) -> Tensor:  # fmt: skip
+        node_qkv, edge_qkv = _rows_view(node_qkv), _rows_view(edge_qkv)
+        n, f = ptr.numel() - 1, node_qkv.size(1) // 3
+        modulate = int(edge_qkv.size(1) == 4 * f)
+        out = node_qkv.new_empty(n, f)
+        scratch = node_qkv.new_empty((3 * f + heads) * max(max_degree, 1))
+        getattr(library(), f"attention_forward_{DTYPES[node_qkv.dtype]}")(
+            n, f, heads, scale, modulate, _address(ptr), _address(sender), _address(rows),
+            _address(node_qkv), node_qkv.stride(0), _address(edge_qkv), edge_qkv.stride(0),
+            _address(out), max_degree, _address(scratch),
+        )  # fmt: skip
+        ctx.save_for_backward(node_qkv, edge_qkv, sender, rows, ptr)
+        ctx.config = (heads, scale, max_degree, modulate)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        node_qkv, edge_qkv, sender, rows, ptr = ctx.saved_tensors
+        heads, scale, max_degree, modulate = ctx.config
+        n, f = ptr.numel() - 1, node_qkv.size(1) // 3
+        d_node = node_qkv.new_zeros(node_qkv.shape)
+        d_edge = edge_qkv.new_empty(edge_qkv.shape)
+        scratch = node_qkv.new_empty((3 * f + 2 * heads) * max(max_degree, 1) + heads)
+        g_out = g_out.contiguous()  # held here while the kernel reads it
+        getattr(library(), f"attention_backward_{DTYPES[node_qkv.dtype]}")(
+            n, f, heads, scale, modulate, _address(ptr), _address(sender), _address(rows),
+            _address(node_qkv), node_qkv.stride(0), _address(edge_qkv), edge_qkv.stride(0),
+            _address(g_out), _address(d_node), _address(d_edge), max_degree,
+            _address(scratch),
+        )  # fmt: skip
+        return d_node, d_edge, None, None, None, None, None, None
+
+
+def attention(
+    node_qkv: Tensor, edge_qkv: Tensor, sender: Tensor, rows: Tensor | None, ptr: Tensor,
+    heads: int, scale: float, max_degree: int,
+) -> Tensor:  # fmt: skip
+    """``[N, F]``: the fused form of :func:`metanet.ops.relational_attention` (inputs valid)."""
+    return _Attention.apply(node_qkv, edge_qkv, sender, rows, ptr, heads, scale, max_degree)

@@ -5,12 +5,14 @@
  * rows are read while they sit in cache, instead of once per reduction with a fresh [E, F]
  * temporary for each as the separate PyTorch reductions do.
  *
- * Two row sources:
+ * Three kernels:
  *   pna_*       the rows are given: x [E, f];
  *   film_pna_*  the rows are FiLM messages built on the fly and never stored:
  *               m[k] = scale[r] * (a[sender[k]] + b[i]) + shift[r], r = rows ? rows[k] : k,
  *               for row k of segment i (GMN's / NG-GNN's edge-conditioned messages; `rows`
- *               reads the edges of a reverse direction through a permutation).
+ *               reads the edges of a reverse direction through a permutation);
+ *   attention_* edge-modulated multi-head attention over each segment (NG-T), likewise
+ *               computed per segment and never stored.
  *
  * Conventions (the same as metanet.ops.reduce):
  *   - empty segments give 0 for every reduction and -1 as arg-extreme;
@@ -29,14 +31,17 @@
 #define SEG_T float
 #define SEG_NAME(name) name##_f32
 #define SEG_SQRT sqrtf
+#define SEG_EXP expf
 #include __FILE__
 #undef SEG_T
 #undef SEG_NAME
 #undef SEG_SQRT
+#undef SEG_EXP
 
 #define SEG_T double
 #define SEG_NAME(name) name##_f64
 #define SEG_SQRT sqrt
+#define SEG_EXP exp
 #include __FILE__
 
 #else
@@ -207,6 +212,123 @@ void SEG_NAME(film_pna_backward)(int64_t n, int64_t f, const int64_t *ptr, const
                 das[c] += gu;
                 dbi[c] += gu;
             }
+        }
+    }
+}
+
+/* Edge-modulated attention of segment i (NG-T's relational attention; see
+ * metanet/ops/attention.py). Node rows nq [.., 3f] hold q | k | v, edge rows ne [.., 3f or 4f]
+ * hold the edge's q | k | v-shift (| v-scale with modulate). For row k (edge r = rows[k] or
+ * k, sender s = sender[k]): qq = q[i] + eq[r], kk = k[s] + ek[r], vv = v[s] * evs[r] + evh[r]
+ * (or v[s] + evh[r]); per head, softmax over the segment of <qq, kk> * scale. Fills
+ * qq / kk / vv [deg, f] and attn [deg, heads]. */
+static void SEG_NAME(attention_rows)(int64_t i, int64_t a0, int64_t deg, int64_t f,
+                                     int64_t heads, T scale, int modulate, const int64_t *sender,
+                                     const int64_t *rows, const T *nq, int64_t ld_n, const T *ne,
+                                     int64_t ld_e, T *qq, T *kk, T *vv, T *attn) {
+    const int64_t dh = f / heads;
+    const T *qi = nq + i * ld_n;
+    for (int64_t e = 0; e < deg; e++) {
+        const int64_t k = a0 + e, r = rows ? rows[k] : k;
+        const T *ns = nq + sender[k] * ld_n, *er = ne + r * ld_e;
+        T *q = qq + e * f, *kr = kk + e * f, *v = vv + e * f;
+        for (int64_t c = 0; c < f; c++) {
+            q[c] = qi[c] + er[c];
+            kr[c] = ns[f + c] + er[f + c];
+            v[c] = modulate ? ns[2 * f + c] * er[3 * f + c] + er[2 * f + c]
+                            : ns[2 * f + c] + er[2 * f + c];
+        }
+        for (int64_t h = 0; h < heads; h++) {
+            T dot = 0;
+            for (int64_t c = h * dh; c < (h + 1) * dh; c++) dot += q[c] * kr[c];
+            attn[e * heads + h] = dot * scale;
+        }
+    }
+    for (int64_t h = 0; h < heads; h++) {
+        T top = attn[h], total = 0;
+        for (int64_t e = 1; e < deg; e++)
+            top = attn[e * heads + h] > top ? attn[e * heads + h] : top;
+        for (int64_t e = 0; e < deg; e++) {
+            const T w = SEG_EXP(attn[e * heads + h] - top);
+            attn[e * heads + h] = w;
+            total += w;
+        }
+        for (int64_t e = 0; e < deg; e++) attn[e * heads + h] /= total;
+    }
+}
+
+/* out [n, f] = per head, the attention-weighted sum of the values of each segment (0 if
+ * empty). scratch: (3 f + heads) * max_degree values. */
+void SEG_NAME(attention_forward)(int64_t n, int64_t f, int64_t heads, T scale, int modulate,
+                                 const int64_t *ptr, const int64_t *sender, const int64_t *rows,
+                                 const T *nq, int64_t ld_n, const T *ne, int64_t ld_e, T *out,
+                                 int64_t max_degree, T *scratch) {
+    T *qq = scratch, *kk = qq + max_degree * f, *vv = kk + max_degree * f;
+    T *attn = vv + max_degree * f;
+    const int64_t dh = f / heads;
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t a0 = ptr[i], deg = ptr[i + 1] - ptr[i];
+        T *o = out + i * f;
+        memset(o, 0, sizeof(T) * f);
+        if (deg <= 0) continue;
+        SEG_NAME(attention_rows)(i, a0, deg, f, heads, scale, modulate, sender, rows, nq, ld_n,
+                                 ne, ld_e, qq, kk, vv, attn);
+        for (int64_t e = 0; e < deg; e++)
+            for (int64_t h = 0; h < heads; h++) {
+                const T a = attn[e * heads + h];
+                for (int64_t c = h * dh; c < (h + 1) * dh; c++) o[c] += a * vv[e * f + c];
+            }
+    }
+}
+
+/* Gradients of attention_forward: dn [N, 3f] (accumulated, must start at 0) and de [E, 3f or
+ * 4f] (every edge row written). scratch: (3 f + 2 heads) * max_degree + heads values. */
+void SEG_NAME(attention_backward)(int64_t n, int64_t f, int64_t heads, T scale, int modulate,
+                                  const int64_t *ptr, const int64_t *sender, const int64_t *rows,
+                                  const T *nq, int64_t ld_n, const T *ne, int64_t ld_e,
+                                  const T *gout, T *dn, T *de, int64_t max_degree, T *scratch) {
+    T *qq = scratch, *kk = qq + max_degree * f, *vv = kk + max_degree * f;
+    T *attn = vv + max_degree * f, *ds = attn + max_degree * heads, *acc = ds + max_degree * heads;
+    const int64_t dh = f / heads, we = modulate ? 4 * f : 3 * f;
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t a0 = ptr[i], deg = ptr[i + 1] - ptr[i];
+        if (deg <= 0) continue;
+        const T *go = gout + i * f;
+        SEG_NAME(attention_rows)(i, a0, deg, f, heads, scale, modulate, sender, rows, nq, ld_n,
+                                 ne, ld_e, qq, kk, vv, attn);
+        for (int64_t h = 0; h < heads; h++) acc[h] = 0;
+        for (int64_t e = 0; e < deg; e++)
+            for (int64_t h = 0; h < heads; h++) {
+                T dot = 0; /* d loss / d attn */
+                for (int64_t c = h * dh; c < (h + 1) * dh; c++) dot += vv[e * f + c] * go[c];
+                ds[e * heads + h] = dot;
+                acc[h] += attn[e * heads + h] * dot;
+            }
+        T *dqi = dn + i * 3 * f;
+        for (int64_t e = 0; e < deg; e++) {
+            const int64_t k = a0 + e, r = rows ? rows[k] : k, s = sender[k];
+            const T *ns = nq + s * ld_n, *er = ne + r * ld_e;
+            T *dns = dn + s * 3 * f, *der = de + r * we;
+            for (int64_t h = 0; h < heads; h++) {
+                const T a = attn[e * heads + h];
+                const T g = a * (ds[e * heads + h] - acc[h]) * scale; /* d loss / d <qq, kk> */
+                for (int64_t c = h * dh; c < (h + 1) * dh; c++) {
+                    const T dq = g * kk[e * f + c], dk = g * qq[e * f + c];
+                    dqi[c] += dq;
+                    der[c] = dq;
+                    dns[f + c] += dk;
+                    der[f + c] = dk;
+                    der[2 * f + c] = a * go[c];
+                }
+            }
+            if (modulate)
+                for (int64_t c = 0; c < f; c++) {
+                    const T dv = der[2 * f + c];
+                    dns[2 * f + c] += dv * er[3 * f + c];
+                    der[3 * f + c] = dv * ns[2 * f + c];
+                }
+            else
+                for (int64_t c = 0; c < f; c++) dns[2 * f + c] += der[2 * f + c];
         }
     }
 }
