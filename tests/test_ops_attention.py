@@ -113,24 +113,9 @@ def test_relational_attention_rejects_bad_input():
 @pytest.mark.parametrize("bidirectional", [True, False])
 def test_ngt_outputs_and_gradients_agree_across_backends(bidirectional):
     """The fused attention changes nothing NG-T computes on a real network's graph."""
-    from torch_geometric.data import Batch
+    from backend_agreement import assert_backends_agree, mlp_batch
 
-    from metanet.graph import from_module
     from metanet.nn.ngt import NGT
 
-    torch.manual_seed(4)
-    nets = [torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
-            for _ in range(3)]  # fmt: skip
-    batch = Batch.from_data_list([from_module(net) for net in nets])
     model = NGT(hidden=8, edge_dim=8, num_layers=2, heads=2, bidirectional=bidirectional)
-    model.calibrate(batch)
-    results = {}
-    for name in ("auto", "native"):
-        model.zero_grad()
-        with ops.use_backend(name):
-            out = model(batch)
-        out.square().sum().backward()
-        results[name] = (out.detach(), [p.grad.clone() for p in model.parameters()])
-    torch.testing.assert_close(results["auto"][0], results["native"][0], atol=1e-5, rtol=1e-4)
-    for a, b in zip(results["auto"][1], results["native"][1]):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert_backends_agree(model, mlp_batch(seed=4, hidden=8))

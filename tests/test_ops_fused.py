@@ -191,24 +191,9 @@ def test_gmn_outputs_and_gradients_agree_across_backends(bidirectional):
     """The fused kernels change nothing a GMN computes: its outputs and every parameter's
     gradient match the separate PyTorch reductions (native backend) on a real network's
     graph."""
-    from torch_geometric.data import Batch
+    from backend_agreement import assert_backends_agree, mlp_batch
 
-    from metanet.graph import from_module
     from metanet.nn.gmn import GMN
 
-    torch.manual_seed(3)
-    nets = [torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.ReLU(), torch.nn.Linear(7, 3))
-            for _ in range(3)]  # fmt: skip
-    batch = Batch.from_data_list([from_module(net) for net in nets])
     model = GMN(hidden=8, num_layers=2, bidirectional=bidirectional)
-    model.calibrate(batch)
-    results = {}
-    for name in ("auto", "native"):
-        model.zero_grad()
-        with ops.use_backend(name):
-            out = model(batch)
-        out.square().sum().backward()
-        results[name] = (out.detach(), [p.grad.clone() for p in model.parameters()])
-    torch.testing.assert_close(results["auto"][0], results["native"][0], atol=1e-5, rtol=1e-4)
-    for a, b in zip(results["auto"][1], results["native"][1]):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert_backends_agree(model, mlp_batch(seed=3, hidden=7))
