@@ -98,7 +98,7 @@ def to_reference_format(graphs: list[ParamGraph]) -> list[dict]:
         out.append(
             {
                 "x": g.x[:, :1].clone(),
-                "edge_index": g.edge_index.clone(),
+                "edge_index": g.edge_index.long(),  # metanet stores int32; PyG scatters need int64
                 "edge_attr": g.edge_attr.clone(),
                 "layer_layout": torch.bincount(layer).tolist(),
             }

@@ -313,14 +313,15 @@ void SEG_NAME(attention_backward)(int64_t n, int64_t f, int64_t heads, T scale, 
                 const T a = attn[e * heads + h];
                 const T g = a * (ds[e * heads + h] - acc[h]) * scale; /* d loss / d <qq, kk> */
                 for (int64_t c = h * dh; c < (h + 1) * dh; c++) {
-                    const T dq = g * kk[e * f + c], dk = g * qq[e * f + c];
-                    dqi[c] += dq;
-                    der[c] = dq;
-                    dns[f + c] += dk;
-                    der[f + c] = dk;
+                    der[c] = g * kk[e * f + c];
+                    der[f + c] = g * qq[e * f + c];
                     der[2 * f + c] = a * go[c];
                 }
             }
+            /* node gradients from the edge row just written (separate loops: dqi and dns may
+             * be the same row of dn on a self-loop) */
+            for (int64_t c = 0; c < f; c++) dqi[c] += der[c];
+            for (int64_t c = 0; c < f; c++) dns[f + c] += der[f + c];
             if (modulate)
                 for (int64_t c = 0; c < f; c++) {
                     const T dv = der[2 * f + c];
