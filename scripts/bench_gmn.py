@@ -24,6 +24,7 @@ Usage::
 
     python scripts/bench_gmn.py --ref-path /work/.mirror/mkofinas+neural-graphs/repo
     python scripts/bench_gmn.py --no-ref            # metanet only
+    python scripts/bench_gmn.py --unfused           # also each metanet model on PyTorch ops only
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 from torch_geometric.data import Batch
@@ -46,6 +48,7 @@ sys.path.insert(0, str(ROOT))
 from metanet.graph import ParamGraph, from_module  # noqa: E402
 from metanet.nn.gmn import GMN, NGGNN  # noqa: E402
 from metanet.nn.ngt import NGT  # noqa: E402
+from metanet.ops import _fused  # noqa: E402
 from metanet.weightspace import WeightSpace, permute, random_permutation  # noqa: E402
 from metanet.zoo.architectures import build_module  # noqa: E402
 
@@ -65,6 +68,7 @@ WORKLOADS = {
 
 
 # ----------------------------------------------------------------------------- data
+UNFUSED = ", PyTorch ops only"  # suffix of the rows timed without metanet's C kernels
 PNA = "neural-graphs PNA (GNNForGeneralization)"
 RT = "neural-graphs RT (DynamicRelationalTransformer)"
 
@@ -308,6 +312,8 @@ def main() -> None:
     ap.add_argument("--ref-path", type=Path,
                     default=Path("/work/.mirror/mkofinas+neural-graphs/repo"))  # fmt: skip
     ap.add_argument("--no-ref", action="store_true", help="skip the reference")
+    ap.add_argument("--unfused", action="store_true",
+                    help="also time every metanet model without its fused C kernels")
     ap.add_argument("--workloads", default="cnn,mlp", help=f"comma list of {list(WORKLOADS)}")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--hidden", type=int, default=32)
@@ -344,6 +350,12 @@ def main() -> None:
                 t = time_train_step(model, batch, args.iters)
                 best[name] = min(best.get(name, float("inf")), t)
                 errors[name] = equivariance_error(model, batch, batch_p)
+                if args.unfused:  # the same model on the PyTorch ops a machine without cc runs
+                    with mock.patch.object(_fused, "library", lambda: None):
+                        t = time_train_step(model, batch, args.iters)
+                        key = name + UNFUSED
+                        best[key] = min(best.get(key, float("inf")), t)
+                        errors[key] = equivariance_error(model, batch, batch_p)
             if python is not None:
                 layout = to_reference_format(graphs)[0]["layer_layout"]
                 with tempfile.TemporaryDirectory() as tmp:
@@ -385,6 +397,14 @@ def main() -> None:
             print(f"| {wl} | {size} | {name} | - | - | {err} |")
         else:
             print(f"| {wl} | {size} | {name} | {nps:.0f} | {ms:.1f} | {err:.1e} |")
+    if args.unfused:
+        print("\n| workload | model | fused C kernels / PyTorch ops throughput |")
+        print("| --- | --- | ---: |")
+        for wl in args.workloads.split(","):
+            by = {r[2]: r[3] for r in rows if r[0] == wl}
+            for name in metanet_models(args.hidden, args.layers):
+                if by.get(name) and by.get(name + UNFUSED):
+                    print(f"| {wl} | {name} | {by[name] / by[name + UNFUSED]:.2f}x |")
     ref = {"NG-GNN": PNA, "NG-T": RT}
     ours = {"NG-GNN": "metanet NG-GNN (reference config)", "NG-T": "metanet NG-T"}
     if python is not None:
