@@ -1,13 +1,16 @@
-"""The fused CSR multi-aggregation kernel (``_segment.c``): PNA's sum, min, max and std of every
-segment in one pass over its rows, and their gradient in one more.
+"""The fused CSR kernels of ``_segment.c`` as autograd functions: one C pass per segment (a
+receiving node's rows) forward, one backward, under the "auto" backend for CPU float32/float64.
 
-:func:`multi_aggregate` uses it under the "auto" backend for CPU float32/float64 messages
-sorted by destination (a CSR ``ptr``), where the separate reductions of
-:mod:`metanet.ops._kernels` each read the ``[E, F]`` messages again and allocate ``[E, F]``
-temporaries (the gathered means of the std, the extreme masks of the backward). Results equal
-the separate kernels' up to rounding; min/max ties send the gradient to the first extreme row,
-like torch-scatter's ``segment_csr``. Without a C compiler, or with ``METANET_NO_NATIVE=1``,
-:func:`available` is ``False`` and the separate kernels run.
+* :func:`aggregate` (``multi_aggregate``): PNA's sum, min, max and std of given messages, where
+  the separate reductions of :mod:`metanet.ops._kernels` each read the ``[E, F]`` messages again
+  and allocate ``[E, F]`` temporaries (the gathered means of the std, the extreme masks);
+* :func:`film_aggregate` (``film_multi_aggregate``): the same of FiLM messages built in the
+  kernel from node and edge terms, so that no ``[E, F]`` message, gather or product is stored;
+* :func:`attention` (``relational_attention``): NG-T's edge-modulated attention, likewise.
+
+Results equal the PyTorch path up to rounding; min/max ties send the gradient to the first
+extreme row, like torch-scatter's ``segment_csr``. Without a C compiler, or with
+``METANET_NO_NATIVE=1``, :func:`available` is ``False`` and the PyTorch path runs.
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ def available(x: Tensor, aggrs: tuple[str, ...], *others: Tensor) -> bool:
     return (
         x.device.type == "cpu"
         and x.dtype in DTYPES
-        and all(t.layout == torch.strided and t.stride(-1) == 1 for t in (x, *others))
+        and all(t.layout == torch.strided for t in (x, *others))
         and all(t.dtype == x.dtype and t.device == x.device for t in others)
         and FUSED.issuperset(aggrs)
         and library() is not None
