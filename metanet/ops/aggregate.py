@@ -24,6 +24,7 @@ from metanet.ops.reduce import (
     STD_EPS,
     _check_index,
     _check_ptr,
+    max_segment_length,
     reduce_2d,
     segment_counts,
     segment_divisor,
@@ -173,7 +174,7 @@ def film_multi_aggregate(
     count = segment_counts(None, ptr, n)
     cnt = segment_divisor(None, ptr, n, scale.dtype)
     if get_backend() == "auto" and _fused.available(scale, aggrs, shift, sender_x, receiver_x):
-        max_degree = int(count.max()) if n else 0
+        max_degree = max_segment_length(ptr)
         results = _fused.film_aggregate(scale, shift, sender_x, receiver_x, sender, rows, ptr,
                                         cnt, max_degree, aggrs, STD_EPS)  # fmt: skip
         return _combine(results, aggrs, scalers, count, cnt, avg_log_degree, avg_degree)

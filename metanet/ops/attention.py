@@ -23,7 +23,7 @@ from torch import Tensor
 from metanet.ops import _fused
 from metanet.ops import _kernels as K
 from metanet.ops.backend import get_backend
-from metanet.ops.reduce import _check_index, _check_ptr, segment, segment_counts
+from metanet.ops.reduce import _check_index, _check_ptr, max_segment_length, segment
 from metanet.ops.softmax import scatter_softmax
 
 
@@ -73,8 +73,7 @@ def relational_attention(
     ptr, sender = ptr.long().contiguous(), sender.long().contiguous()
     rows = None if rows is None else rows.long().contiguous()
     if get_backend() == "auto" and _fused.available(node_qkv, ("sum",), edge_qkv):
-        degree = segment_counts(None, ptr, n)
-        max_degree = int(degree.max()) if n else 0
+        max_degree = max_segment_length(ptr)
         return _fused.attention(node_qkv, edge_qkv, sender, rows, ptr, heads, scale, max_degree)
     if rows is not None:
         edge_qkv = edge_qkv.index_select(0, rows)

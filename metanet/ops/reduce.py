@@ -111,6 +111,15 @@ def segment_counts(index: Tensor | None, ptr: Tensor | None, n: int) -> Tensor:
     return torch.bincount(index, minlength=n)
 
 
+def max_segment_length(ptr: Tensor) -> int:
+    """The most rows of any segment of the CSR pointer ``ptr`` (0 for none); cached per pointer,
+    as every layer of a graph model asks for it again (one host sync per batch)."""
+    entry = K.ptr_cache(ptr)
+    if "max_length" not in entry:
+        entry["max_length"] = int(ptr.diff().max()) if ptr.numel() > 1 else 0
+    return entry["max_length"]
+
+
 def segment_divisor(index: Tensor | None, ptr: Tensor | None, n: int, dtype: torch.dtype) -> Tensor:
     """Row counts clamped to >= 1 as ``[n, 1]`` of ``dtype`` (the divisor of means); cached per
     CSR pointer (do not modify the result in place)."""
