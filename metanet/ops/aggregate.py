@@ -24,6 +24,7 @@ from metanet.ops.reduce import (
     STD_EPS,
     _check_index,
     _check_ptr,
+    check_segments,
     max_segment_length,
     reduce_2d,
     segment_counts,
@@ -163,14 +164,7 @@ def film_multi_aggregate(
                          f"{tuple(sender_x.shape)} and receiver_x {tuple(receiver_x.shape)} "
                          "must share the feature width")  # fmt: skip
     n = receiver_x.size(0)
-    _check_ptr(ptr, e)
-    if ptr.numel() != n + 1:
-        raise ValueError(f"ptr has {ptr.numel()} entries but receiver_x has {n} rows")
-    _check_index(sender, e, sender_x.size(0))
-    if rows is not None:
-        _check_index(rows, e, e)
-    ptr, sender = ptr.long().contiguous(), sender.long().contiguous()
-    rows = None if rows is None else rows.long().contiguous()
+    ptr, sender, rows = check_segments(ptr, e, (n, "receiver_x"), sender, sender_x.size(0), rows)
     count = segment_counts(None, ptr, n)
     cnt = segment_divisor(None, ptr, n, scale.dtype)
     if get_backend() == "auto" and _fused.available(scale, aggrs, shift, sender_x, receiver_x):

@@ -23,7 +23,7 @@ from torch import Tensor
 from metanet.ops import _fused
 from metanet.ops import _kernels as K
 from metanet.ops.backend import get_backend
-from metanet.ops.reduce import _check_index, _check_ptr, max_segment_length, segment
+from metanet.ops.reduce import check_segments, max_segment_length, segment
 from metanet.ops.softmax import scatter_softmax
 
 
@@ -63,15 +63,8 @@ def relational_attention(
     if heads < 1 or f % heads:
         raise ValueError(f"heads={heads} must divide the width F = {f}")
     e = edge_qkv.size(0)
-    _check_ptr(ptr, e)
-    if ptr.numel() != n + 1:
-        raise ValueError(f"ptr has {ptr.numel()} entries but node_qkv has {n} rows")
-    _check_index(sender, e, n)
-    if rows is not None:
-        _check_index(rows, e, e)
+    ptr, sender, rows = check_segments(ptr, e, (n, "node_qkv"), sender, n, rows)
     scale = 1.0 / math.sqrt(f // heads) if scale is None else float(scale)
-    ptr, sender = ptr.long().contiguous(), sender.long().contiguous()
-    rows = None if rows is None else rows.long().contiguous()
     if get_backend() == "auto" and _fused.available(node_qkv, ("sum",), edge_qkv):
         max_degree = max_segment_length(ptr)
         return _fused.attention(node_qkv, edge_qkv, sender, rows, ptr, heads, scale, max_degree)

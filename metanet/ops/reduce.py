@@ -111,6 +111,25 @@ def segment_counts(index: Tensor | None, ptr: Tensor | None, n: int) -> Tensor:
     return torch.bincount(index, minlength=n)
 
 
+def check_segments(
+    ptr: Tensor, rows: int, receivers: tuple[int, str], sender: Tensor, senders: int,
+    order: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Validate the segment structure of a fused message op: CSR ``ptr`` over ``rows`` rows
+    with one segment per receiver (``receivers = (count, what holds them)`` for the error),
+    ``sender [rows]`` in ``[0, senders)`` and an optional row order ``order [rows]``; returns
+    them as contiguous int64."""
+    _check_ptr(ptr, rows)
+    if ptr.numel() != receivers[0] + 1:
+        raise ValueError(f"ptr has {ptr.numel()} entries but {receivers[1]} has "
+                         f"{receivers[0]} rows")  # fmt: skip
+    _check_index(sender, rows, senders)
+    if order is not None:
+        _check_index(order, rows, rows)
+        order = order.long().contiguous()
+    return ptr.long().contiguous(), sender.long().contiguous(), order
+
+
 def max_segment_length(ptr: Tensor) -> int:
     """The most rows of any segment of the CSR pointer ``ptr`` (0 for none); cached per pointer,
     as every layer of a graph model asks for it again (one host sync per batch)."""
