@@ -358,6 +358,22 @@ def table_of_rows(rows: Sequence[dict[str, Any]]) -> str:
     return "\n\n".join(out)
 
 
+def run_name(model: str, seed: int, key: dict[str, Any]) -> str:
+    """The run folder of one (model, seed) fit: every setting that makes it another experiment
+    (train runs, epoch budget, patience, config overrides) is in the name, so that a fit never
+    writes over the checkpoints and logs of another budget's fit."""
+    parts = [model]
+    if key.get("train_runs"):
+        parts.append(f"n{key['train_runs']}")
+    if key.get("epochs_budget") is not None:
+        parts.append(f"e{key['epochs_budget']}")
+    if key.get("patience") is not None:
+        parts.append(f"p{key['patience']}")
+    if key.get("variant"):
+        parts.append(hashlib.sha1(key["variant"].encode()).hexdigest()[:8])
+    return "-".join([*parts, f"s{seed}"])
+
+
 def run_table(
     models, zoo_path, seeds, epochs, graph_zoo: bool, tag: str, groups: list[str] | None = None,
     train_runs: int | None = None, lrs: Sequence[float | None] = (None,),
@@ -401,9 +417,8 @@ def run_table(
                                    train_runs=train_runs)  # fmt: skip
                 else:
                     config = os.path.join(ROOT, "configs", "predict_gen", f"{model}.yaml")
-                    suffix = f"-{hashlib.sha1(variant.encode()).hexdigest()[:8]}" * bool(variant)
                     run_dir = os.path.join(ROOT, "runs", "bench_generalization", tag,
-                                           f"{model}{suffix}-s{seed}")  # fmt: skip
+                                           run_name(model, seed, key))  # fmt: skip
                     r = sweep_config(config, zoo_path, seed, epochs[model], run_dir, lrs,
                                      extra, patience, done, on_trial)  # fmt: skip
             except Exception as err:  # noqa: BLE001 - reported in the table, the rest goes on

@@ -145,3 +145,27 @@ def test_an_interrupted_sweep_resumes_from_its_finished_trials(tmp_path, monkeyp
     # another epoch budget is another sweep: nothing is reused
     bench.run_table(["dws"], "/z.h5", [0], {"dws": 3}, **kwargs)
     assert calls[3:] == [1e-3, 3e-3]
+
+
+def test_fits_of_other_budgets_get_their_own_run_folders(tmp_path, monkeypatch):
+    """A fit with another epoch budget, patience, train-run count or config override writes to a
+    folder of its own, never over the checkpoints of an earlier experiment."""
+    bench = _bench()
+    folders = []
+
+    def fake_fit(config, zoo, seed, epochs, run_dir, extra, patience):
+        folders.append(os.path.relpath(run_dir, os.path.join(ROOT, "runs", "bench_generalization")))
+        return {"kendall_tau": 0.5, "r2": 0.5, "val_tau": 0.5, "seconds": 1.0, "epochs": 2}
+
+    monkeypatch.setattr(bench, "fit_config", fake_fit)
+    base = dict(graph_zoo=False, tag="digits-cnn", lrs=[1e-3], out=str(tmp_path / "r.jsonl"))
+    bench.run_table(["gmn"], "/z.h5", [0], {"gmn": 5}, patience=2, **base)
+    bench.run_table(["gmn"], "/z.h5", [0], {"gmn": 10}, patience=2, **base)
+    bench.run_table(["gmn"], "/z.h5", [0], {"gmn": 5}, **base)
+    bench.run_table(["gmn"], "/z.h5", [1], {"gmn": 5}, train_runs=700, **base)
+    bench.run_table(["gmn"], "/z.h5", [1], {"gmn": 5}, overrides=["a.b=1"], **base)
+    assert folders[:4] == [
+        "digits-cnn/gmn-e5-p2-s0-lr0.001", "digits-cnn/gmn-e10-p2-s0-lr0.001",
+        "digits-cnn/gmn-e5-s0-lr0.001", "digits-cnn/gmn-n700-e5-s1-lr0.001",
+    ]  # fmt: skip
+    assert len(set(folders)) == 5
