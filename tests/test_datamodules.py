@@ -153,7 +153,7 @@ def test_classification_targets_and_bad_arguments(zoo_path):
     with pytest.raises(KeyError, match="no metric 'nope'"):
         WeightSpaceDataModule(zoo_path, target="nope").setup()
     with pytest.raises(ValueError, match="no weight space"):
-        WeightSpaceDataModule(zoo_path, group=arch_name(CNN_BN)).setup()
+        WeightSpaceDataModule(zoo_path, group=arch_name(CNN_BN), splits=(0.6, 0.2, 0.2)).setup()
     with pytest.raises(ValueError, match="sum to 1"):
         WeightSpaceDataModule(zoo_path, splits=(0.5, 0.2, 0.1))
     with pytest.raises(KeyError, match="no architecture"):
@@ -262,3 +262,40 @@ def test_one_group_graph_batches_equal_collated_graphs_of_every_record(zoo_path)
             assert all(torch.equal(sd[k], params[k][j]) for k in params)
         seen += len(y)
     assert seen == len(rid) and len(rid) % 5 != 0
+
+
+def test_every_requested_split_gets_a_run_and_too_few_runs_is_an_error(tmp_path):
+    def zoo(runs: int) -> str:
+        path = tmp_path / f"runs{runs}.h5"
+        with ZooWriter(path, attrs={"name": "few"}) as w:
+            w.add(MLP, *_records(MLP, runs=runs, ckpts=2, seed=5))
+        return str(path)
+
+    # 6 runs at 0.8 / 0.1 / 0.1 round to 5 / 1 / 0: the test split takes a train run
+    dm = WeightSpaceDataModule(zoo(6), splits=(0.8, 0.1, 0.1))
+    dm.setup()
+    assert [len(dm.split_run_ids(s)) for s in ("train", "val", "test")] == [4, 1, 1]
+    two = WeightSpaceDataModule(zoo(3), splits=(0.9, 0.1))  # no test split asked for
+    two.setup()
+    assert [len(two.split_run_ids(s)) for s in ("train", "val")] == [2, 1]
+    assert len(two.splits["test"][1]) == 0
+    big = WeightSpaceDataModule(zoo(40), splits=(0.7, 0.1, 0.2))  # plain rounding, untouched
+    big.setup()
+    assert [len(big.split_run_ids(s)) for s in ("train", "val", "test")] == [28, 4, 8]
+    with pytest.raises(ValueError, match=r"2 runs, too few for splits \(0.7, 0.1, 0.2\)"):
+        WeightSpaceDataModule(zoo(2), splits=(0.7, 0.1, 0.2)).setup()
+
+
+@pytest.mark.parametrize("module", [WeightSpaceDataModule, ParamGraphDataModule])
+def test_a_target_constant_over_a_split_is_an_error(tmp_path, module):
+    params, metrics = _records(MLP, runs=10, ckpts=2, seed=6)
+    metrics["test_acc"] = [0.1] * len(metrics["test_acc"])  # every network at chance
+    path = tmp_path / "flat.h5"
+    with ZooWriter(path, attrs={"name": "flat"}) as w:
+        w.add(MLP, params, metrics)
+    with pytest.raises(ValueError, match=r"'test_acc' is constant \(0.1\) over the 16 records "
+                                         r"of the train split"):  # fmt: skip
+        module(str(path)).setup()
+    dm = module(str(path), target="train_acc")  # another metric of the same zoo varies
+    dm.setup()
+    assert len(dm.targets["train"]) == 16

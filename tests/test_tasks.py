@@ -126,6 +126,35 @@ def test_generalization_fit_test_plot_and_checkpoint(zoo_path, tmp_path):
         torch.testing.assert_close(again.predict_accuracy(ws), task.predict_accuracy(ws))
 
 
+def test_a_diverged_fit_stops_with_an_error_and_keeps_earlier_checkpoints(zoo_path, tmp_path):
+    """A NaN training loss ends the fit with ``TrainingDivergedError`` naming the step, instead
+    of training on (and checkpointing) NaN; the checkpoint of the epoch before is untouched."""
+    from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+    from metanet.tasks import TrainingDivergedError
+
+    class Diverge(Callback):  # what a far too large learning rate does, made deterministic
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if trainer.current_epoch == 1 and batch_idx == 1:
+                with torch.no_grad():
+                    next(module.model.parameters()).fill_(float("nan"))
+
+    dm = _ws_dm(zoo_path)
+    task = GeneralizationTask(_small_nfn(mode="NP"), lr=3e-3)
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), filename="e{epoch}", save_top_k=-1,
+                           auto_insert_metric_name=False)  # fmt: skip
+    trainer = _trainer(tmp_path, epochs=3)
+    trainer.callbacks[:0] = [Diverge(), ckpt]
+    steps = len(dm.train_dataloader())
+    where = rf"loss is nan at step {steps + 2} \(epoch 1\);"  # the 2nd step of epoch 1
+    with pytest.raises(TrainingDivergedError, match=where):
+        trainer.fit(task, dm)
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["e0.ckpt"]  # no checkpoint of NaN weights
+    saved = torch.load(str(tmp_path / "ckpt" / "e0.ckpt"), weights_only=True)
+    assert saved["epoch"] == 0
+    assert all(torch.isfinite(v).all() for v in saved["state_dict"].values())
+
+
 def test_generalization_learns_on_a_real_zoo(zoo_path, tmp_path):
     """StatNN's MLP head fits the training split: the train loss drops well below its start."""
     from metanet.nn.statnn import StatNN

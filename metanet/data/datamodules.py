@@ -267,6 +267,8 @@ class _ZooDataModule(L.LightningDataModule):
             mask = assignment == s_i
             self.splits[split] = (gid_a[mask], rid_a[mask])
             self.targets[split] = y_t[torch.from_numpy(mask)]
+        if self.task != "classification":
+            self._check_targets_vary()
         if self.normalize_target_flag and len(self.targets["train"]) > 0:
             train = self.targets["train"].double()
             self.target_mean = float(train.mean())
@@ -305,6 +307,16 @@ class _ZooDataModule(L.LightningDataModule):
             last[r] = max(last.get(r, e), e)
         return np.array([e == last[r] for r, e in zip(run.tolist(), epoch.tolist())])
 
+    def _check_targets_vary(self) -> None:
+        """A regression target that is constant over a split cannot be learned (train) or
+        ranked (val / test: Kendall's tau is undefined): refuse it by name."""
+        for split, y in self.targets.items():
+            if len(y) >= 2 and float(y.max() - y.min()) == 0.0:
+                raise ValueError(
+                    f"target '{self.target}' is constant ({float(y[0]):g}) over the {len(y)} "
+                    f"records of the {split} split: nothing to learn or rank"
+                )
+
     def _split_runs(self, run_keys: list[tuple[str, Any]]) -> np.ndarray:
         """Split index (0 train, 1 val, 2 test, -1 left out by ``train_runs``) per record; runs
         are never divided."""
@@ -314,6 +326,18 @@ class _ZooDataModule(L.LightningDataModule):
         n_train = int(round(self.fractions[0] * n))
         n_val = int(round(self.fractions[1] * n))
         n_val = n - n_train if self.fractions[2] == 0.0 else min(n_val, n - n_train)
+        counts = [n_train, n_val, n - n_train - n_val]
+        wanted = [i for i, f in enumerate(self.fractions) if f > 0]
+        if n < len(wanted):
+            raise ValueError(
+                f"the zoo has {n} runs, too few for splits {tuple(self.fractions)} (one run "
+                f"each at least); add runs or change the split fractions"
+            )
+        for i in wanted:  # rounding left a requested split empty: it takes a run of the largest
+            if counts[i] == 0:
+                counts[int(np.argmax(counts))] -= 1
+                counts[i] = 1
+        n_train, n_val = counts[0], counts[1]
         split_of_run = np.empty(n, dtype=np.int64)
         split_of_run[order[:n_train]] = 0
         split_of_run[order[n_train : n_train + n_val]] = 1
@@ -435,7 +459,9 @@ class WeightSpaceDataModule(_ZooDataModule):
         group: architecture group (default: the zoo's only group with a weight space).
         target: metric to predict (``test_acc``; ``label`` for INR classification).
         task: ``"regression"`` or ``"classification"`` (default: classification for ``label``).
-        splits: train/val(/test) fractions of the training runs (sum 1).
+        splits: train/val(/test) fractions of the training runs (sum 1); rounding never leaves
+            a split with a fraction above 0 without a run, and a zoo with fewer runs than
+            splits is an error.
         seed: seeds the split and the shuffling.
         batch_size, num_workers: DataLoader settings.
         normalize_target: standardize regression targets with the train split's mean/std.

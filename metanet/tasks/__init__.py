@@ -16,6 +16,7 @@ Every task takes its metanetwork as ``model``: a factory ``WeightSpaceSpec -> nn
 weight-space models (built in ``setup()`` from the data module's spec) or a graph model.
 """
 
+from metanet.tasks._common import TrainingDivergedError
 from metanet.tasks.base import MetanetTask
 from metanet.tasks.generalization import GeneralizationTask
 from metanet.tasks.inr import INRClassificationTask
@@ -24,4 +25,5 @@ __all__ = [
     "GeneralizationTask",
     "INRClassificationTask",
     "MetanetTask",
+    "TrainingDivergedError",
 ]

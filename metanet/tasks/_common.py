@@ -37,6 +37,10 @@ class TaskConfigError(ValueError):
     """A task was given a metanetwork or data it cannot use (the message says which and why)."""
 
 
+class TrainingDivergedError(RuntimeError):
+    """A fit's training loss became NaN or infinite (the message says at which step)."""
+
+
 # ------------------------------------------------------------------------------------------------
 # metanetwork factories
 # ------------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from metanet.tasks._common import (
     PAYLOAD_KEY,
     PAYLOAD_VERSION,
     TaskConfigError,
+    TrainingDivergedError,
     archs_of,
     build_metanetwork,
     check_input,
@@ -159,6 +160,28 @@ class MetanetTask(L.LightningModule):
 
     def on_predict_start(self) -> None:
         self._statistics_before_evaluation()
+
+    # -- divergence -----------------------------------------------------------------------------
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Stop a diverged fit with :class:`TrainingDivergedError` instead of training on NaN.
+        On the CPU every step's loss is checked (no device sync to pay); on accelerators the
+        epoch's mean loss is, in :meth:`on_train_epoch_end`."""
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if isinstance(loss, torch.Tensor) and loss.device.type == "cpu":
+            self._check_finite(loss, f"step {self.global_step} (epoch {self.current_epoch})")
+
+    def on_train_epoch_end(self) -> None:
+        loss = self.trainer.callback_metrics.get("train/loss") if self._trainer else None
+        if isinstance(loss, torch.Tensor):
+            self._check_finite(loss, f"the end of epoch {self.current_epoch}")
+
+    def _check_finite(self, loss: torch.Tensor, where: str) -> None:
+        if not bool(torch.isfinite(loss.detach()).all()):
+            raise TrainingDivergedError(
+                f"{type(self).__name__}: the training loss is {float(loss):g} at {where}; the "
+                f"fit diverged (lower the learning rate, lr={self.hparams.lr:g}); checkpoints "
+                "written before are kept"
+            )
 
     def read_datamodule(self, datamodule: Any) -> None:
         """Hook for subclasses: read what the task needs from the data module (before build)."""
