@@ -164,24 +164,30 @@ class MetanetTask(L.LightningModule):
     # -- divergence -----------------------------------------------------------------------------
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Stop a diverged fit with :class:`TrainingDivergedError` instead of training on NaN.
-        On the CPU every step's loss is checked (no device sync to pay); on accelerators the
-        epoch's mean loss is, in :meth:`on_train_epoch_end`."""
+        On the CPU every step's loss is checked at once (no device sync to pay); on accelerators
+        the steps' finiteness is accumulated on the device and read once per epoch."""
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
-        if isinstance(loss, torch.Tensor) and loss.device.type == "cpu":
-            self._check_finite(loss, f"step {self.global_step} (epoch {self.current_epoch})")
+        if not isinstance(loss, torch.Tensor):
+            return
+        finite = torch.isfinite(loss.detach()).all()
+        if loss.device.type == "cpu":
+            if not bool(finite):
+                self._diverged(f"{float(loss):g} at step {self.global_step} "
+                               f"(epoch {self.current_epoch})")  # fmt: skip
+        else:
+            seen = getattr(self, "_steps_finite", None)
+            self._steps_finite = finite if seen is None else seen & finite
 
     def on_train_epoch_end(self) -> None:
-        loss = self.trainer.callback_metrics.get("train/loss") if self._trainer else None
-        if isinstance(loss, torch.Tensor):
-            self._check_finite(loss, f"the end of epoch {self.current_epoch}")
+        finite, self._steps_finite = getattr(self, "_steps_finite", None), None
+        if finite is not None and not bool(finite):
+            self._diverged(f"NaN/inf in epoch {self.current_epoch}")
 
-    def _check_finite(self, loss: torch.Tensor, where: str) -> None:
-        if not bool(torch.isfinite(loss.detach()).all()):
-            raise TrainingDivergedError(
-                f"{type(self).__name__}: the training loss is {float(loss):g} at {where}; the "
-                f"fit diverged (lower the learning rate, lr={self.hparams.lr:g}); checkpoints "
-                "written before are kept"
-            )
+    def _diverged(self, what: str) -> None:
+        raise TrainingDivergedError(
+            f"{type(self).__name__}: the training loss is {what}; the fit diverged (lower the "
+            f"learning rate, lr={self.hparams.lr:g}); checkpoints written before are kept"
+        )
 
     def read_datamodule(self, datamodule: Any) -> None:
         """Hook for subclasses: read what the task needs from the data module (before build)."""
