@@ -74,6 +74,7 @@ class MetanetTask(L.LightningModule):
         self.graph_kwargs: dict[str, Any] = {}
         self.archs: list[dict] = []
         self.weight_normalization: dict[str, Any] | None = None
+        self._steps_finite: torch.Tensor | None = None  # this epoch's steps, on accelerators
 
     # -- building -------------------------------------------------------------------------------
     def build(
@@ -175,11 +176,11 @@ class MetanetTask(L.LightningModule):
                 self._diverged(f"{float(loss):g} at step {self.global_step} "
                                f"(epoch {self.current_epoch})")  # fmt: skip
         else:
-            seen = getattr(self, "_steps_finite", None)
+            seen = self._steps_finite
             self._steps_finite = finite if seen is None else seen & finite
 
     def on_train_epoch_end(self) -> None:
-        finite, self._steps_finite = getattr(self, "_steps_finite", None), None
+        finite, self._steps_finite = self._steps_finite, None
         if finite is not None and not bool(finite):
             self._diverged(f"NaN/inf in epoch {self.current_epoch}")
 
